@@ -1,0 +1,1 @@
+"""Algorithms: the GRPO family (``grpo``) and OPEFO (``opefo``)."""

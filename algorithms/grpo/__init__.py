@@ -1,0 +1,35 @@
+"""The GRPO family (pure torch, no Ray): group advantages, registered policy losses, aggregation."""
+
+from opefo_rllib.algorithms.grpo.advantages import (
+    ADV_ESTIMATORS,
+    get_adv_est,
+    group_advantages,
+    register_adv_est,
+)
+from opefo_rllib.algorithms.grpo.losses import (
+    AGG_MODES,
+    POLICY_LOSSES,
+    PolicyLossConfig,
+    aggregate_loss,
+    entropy_bonus,
+    get_policy_loss,
+    policy_loss,
+    register_policy_loss,
+    token_covariance,
+)
+
+__all__ = [
+    "ADV_ESTIMATORS",
+    "AGG_MODES",
+    "POLICY_LOSSES",
+    "PolicyLossConfig",
+    "aggregate_loss",
+    "entropy_bonus",
+    "get_adv_est",
+    "get_policy_loss",
+    "group_advantages",
+    "policy_loss",
+    "register_adv_est",
+    "register_policy_loss",
+    "token_covariance",
+]

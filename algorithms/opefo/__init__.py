@@ -1,0 +1,32 @@
+"""OPEFO: On-Policy Entropy Flow Optimization (arXiv 2605.11491).
+
+The math (pure torch, no Ray): per-token stats, entropy-flow estimators, balancing weights, loss.
+"""
+
+from opefo_rllib.algorithms.opefo.entropy_flow import (
+    BALANCE_MODES,
+    ESTIMATORS,
+    FlowTotals,
+    balance_lambda,
+    balance_weights,
+    entropy_flow,
+    flow_diagnostics,
+    flow_totals,
+)
+from opefo_rllib.algorithms.opefo.loss import opefo_loss
+from opefo_rllib.algorithms.opefo.token_stats import TokenStats, token_stats, token_stats_from_hidden
+
+__all__ = [
+    "BALANCE_MODES",
+    "ESTIMATORS",
+    "FlowTotals",
+    "TokenStats",
+    "balance_lambda",
+    "balance_weights",
+    "entropy_flow",
+    "flow_diagnostics",
+    "flow_totals",
+    "opefo_loss",
+    "token_stats",
+    "token_stats_from_hidden",
+]

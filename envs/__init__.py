@@ -1,0 +1,1 @@
+"""Verifiable-reward text environments (installed as ``opefo_rllib.envs``)."""
