@@ -19,5 +19,5 @@ def test_readme_has_python_examples():
 def test_readme_python_block_runs(index, tmp_path):
     script = tmp_path / f"readme_block_{index}.py"
     script.write_text(BLOCKS[index])
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, cwd=README.parent)
     assert proc.returncode == 0, f"README block {index} failed:\n{BLOCKS[index]}\n{proc.stderr[-3000:]}"

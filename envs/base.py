@@ -1,0 +1,185 @@
+"""TextEnv: the Gymnasium base class of every verifiable-reward text environment.
+
+An episode is a prompt (observation) answered by model responses (actions). A subclass says
+how to draw a problem and how to score a response:
+
+    class MyEnv(TextEnv):
+        def sample_problem(self, rng): return Problem(id=..., prompt=..., answer=...)
+        def score(self, problem, response): return VerifyResult(reward=..., correct=...)
+
+Single-turn tasks terminate after one step. Multi-turn tasks override ``step`` (see
+``RetryWithFeedback``) and return a new observation with ``terminated=False``.
+
+The trainer does not step envs one at a time: it draws many problems with
+``sample_problems(n)`` and scores many responses at once with ``score_batch_async``, which
+subclasses with a slow verifier (math-verify) override to verify in parallel worker processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import string
+from concurrent.futures import Future
+from typing import Any, Sequence
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+
+from opefo_rllib.envs.verifier import VerifyResult
+
+__all__ = ["Problem", "UnicodeText", "TextEnv", "RetryWithFeedback"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """One task instance: what the model is asked, and what the verifier checks against."""
+
+    id: str
+    prompt: str
+    answer: str
+    meta: dict = dataclasses.field(default_factory=dict, compare=False)
+
+
+class UnicodeText(spaces.Text):
+    """A ``gymnasium.spaces.Text`` that contains any str of allowed length, whatever its
+    characters (a model can emit any Unicode); ``sample()`` draws from printable ASCII."""
+
+    def __init__(self, max_length: int, min_length: int = 0, seed: int | None = None):
+        super().__init__(max_length=max_length, min_length=min_length, charset=string.printable, seed=seed)
+
+    def contains(self, x: Any) -> bool:
+        return isinstance(x, str) and self.min_length <= len(x) <= self.max_length
+
+    def __repr__(self) -> str:
+        return f"UnicodeText({self.min_length}, {self.max_length})"
+
+
+class TextEnv(gym.Env):
+    """Base class of verifiable-reward text environments (Gymnasium API, text in and out).
+
+    Args:
+        max_prompt_chars: observation space length limit.
+        max_response_chars: action space length limit (longer responses are cut, keeping the end).
+    """
+
+    metadata = {"render_modes": ["ansi"], "render_fps": 1}
+
+    def __init__(self, max_prompt_chars: int = 8192, max_response_chars: int = 65536, render_mode: str | None = None):
+        self.observation_space = UnicodeText(max_prompt_chars)
+        self.action_space = UnicodeText(max_response_chars)
+        self.max_response_chars = max_response_chars
+        self.render_mode = render_mode
+        self.problem: Problem | None = None
+        self.turn = 0
+        self._last_text = ""
+
+    # ------------------------------------------------------------------ subclass hooks
+    def sample_problem(self, rng: np.random.Generator) -> Problem:
+        """Draw the next problem (rng is the env's seeded generator)."""
+        raise NotImplementedError
+
+    def score(self, problem: Problem, response: str) -> VerifyResult:
+        """Score one response; must never raise on bad model output (score 0 instead)."""
+        raise NotImplementedError
+
+    def score_batch_async(self, problems: Sequence[Problem], responses: Sequence[str]) -> list[Future]:
+        """Score many responses; one Future[VerifyResult] each. Override for parallel verifiers."""
+        if len(problems) != len(responses):
+            raise ValueError(f"score_batch: {len(problems)} problems but {len(responses)} responses")
+        futures = []
+        for problem, response in zip(problems, responses):
+            fut: Future = Future()
+            fut.set_result(self.score(problem, response))
+            futures.append(fut)
+        return futures
+
+    # ------------------------------------------------------------------ batch API
+    def sample_problems(self, n: int) -> list[Problem]:
+        """Draw n problems (the trainer's batch path; no episode state is touched)."""
+        return [self.sample_problem(self.np_random) for _ in range(n)]
+
+    def score_batch(self, problems: Sequence[Problem], responses: Sequence[str]) -> list[VerifyResult]:
+        return [f.result() for f in self.score_batch_async(problems, responses)]
+
+    # ------------------------------------------------------------------ Gymnasium API
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[str, dict]:
+        """Start an episode. ``options={"problem": Problem}`` poses a given problem."""
+        super().reset(seed=seed)
+        problem = (options or {}).get("problem")
+        self.problem = problem if problem is not None else self.sample_problem(self.np_random)
+        self.turn = 0
+        self._last_text = self.problem.prompt
+        return self.problem.prompt, self._info()
+
+    def step(self, action: str) -> tuple[str, float, bool, bool, dict]:
+        """Score the response; single-turn: terminated=True and an empty observation."""
+        if self.problem is None:
+            raise RuntimeError(f"{type(self).__name__}.step() called before reset()")
+        response = self._clip(action)
+        result = self.score(self.problem, response)
+        self.turn += 1
+        self._last_text = self.problem.prompt + response
+        return "", float(result.reward), True, False, {**self._info(), **result.as_info()}
+
+    def render(self) -> str | None:
+        return self._last_text if self.render_mode == "ansi" else None
+
+    def _info(self) -> dict:
+        return {"task_id": self.problem.id, "turn": self.turn}
+
+    def _clip(self, response: Any) -> str:
+        text = response if isinstance(response, str) else str(response)
+        return text[-self.max_response_chars:]
+
+
+class RetryWithFeedback(TextEnv):
+    """Multi-turn wrapper: a wrong answer gets ``max_retries`` more tries, with feedback.
+
+    The observation after a wrong answer is the whole conversation so far plus the feedback;
+    the episode ends on a correct answer or when the retries run out. Reward: the verifier's
+    reward of the final answer, times ``retry_discount`` per retry used.
+    """
+
+    def __init__(
+        self,
+        env: TextEnv,
+        max_retries: int = 1,
+        feedback: str = "\nThat is not correct. Try again.\n",
+        retry_discount: float = 1.0,
+    ):
+        super().__init__(env.observation_space.max_length * (max_retries + 2), env.max_response_chars)
+        if max_retries < 0:
+            raise ValueError(f"max_retries must be >= 0, got {max_retries}")
+        self.env, self.max_retries, self.feedback, self.retry_discount = env, max_retries, feedback, retry_discount
+        self._transcript = ""
+
+    def sample_problem(self, rng: np.random.Generator) -> Problem:
+        return self.env.sample_problem(rng)
+
+    def score(self, problem: Problem, response: str) -> VerifyResult:
+        return self.env.score(problem, response)
+
+    def score_batch_async(self, problems, responses) -> list[Future]:
+        return self.env.score_batch_async(problems, responses)
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[str, dict]:
+        obs, info = super().reset(seed=seed, options=options)
+        self._transcript = obs
+        return obs, info
+
+    def step(self, action: str) -> tuple[str, float, bool, bool, dict]:
+        if self.problem is None:
+            raise RuntimeError("RetryWithFeedback.step() called before reset()")
+        response = self._clip(action)
+        result = self.score(self.problem, response)
+        self.turn += 1
+        self._transcript += response
+        info = {**self._info(), **result.as_info()}
+        if result.correct or self.turn > self.max_retries:
+            reward = float(result.reward) * self.retry_discount ** (self.turn - 1)
+            self._last_text = self._transcript
+            return "", reward, True, False, info
+        self._transcript += self.feedback
+        self._last_text = self._transcript
+        return self._transcript[-self.observation_space.max_length:], 0.0, False, False, info
