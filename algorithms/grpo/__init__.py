@@ -19,6 +19,8 @@ from opefo_rllib.algorithms.grpo.losses import (
 )
 
 __all__ = [
+    "GRPO",
+    "GRPOConfig",
     "ADV_ESTIMATORS",
     "AGG_MODES",
     "POLICY_LOSSES",
@@ -33,3 +35,12 @@ __all__ = [
     "register_policy_loss",
     "token_covariance",
 ]
+
+
+def __getattr__(name: str):
+    # The RLlib classes import Ray; the math above does not, so they load on first use.
+    if name in ('GRPO', 'GRPOConfig'):
+        import importlib
+
+        return getattr(importlib.import_module("opefo_rllib.algorithms.grpo.grpo"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

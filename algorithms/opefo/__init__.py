@@ -17,6 +17,8 @@ from opefo_rllib.algorithms.opefo.loss import opefo_loss
 from opefo_rllib.algorithms.opefo.token_stats import TokenStats, token_stats, token_stats_from_hidden
 
 __all__ = [
+    "OPEFO",
+    "OPEFOConfig",
     "BALANCE_MODES",
     "ESTIMATORS",
     "FlowTotals",
@@ -30,3 +32,12 @@ __all__ = [
     "token_stats",
     "token_stats_from_hidden",
 ]
+
+
+def __getattr__(name: str):
+    # The RLlib classes import Ray; the math above does not, so they load on first use.
+    if name in ('OPEFO', 'OPEFOConfig'):
+        import importlib
+
+        return getattr(importlib.import_module("opefo_rllib.algorithms.opefo.opefo"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,129 @@
+"""EngineFleet: engines in Ray actors, prompt groups dispatched whole, weights versioned.
+
+Each engine actor holds one Engine (HF here; vLLM and SGLang fit the same protocol). A batch
+of prompt groups (one prompt, G samples each) is split into contiguous shares, one per engine,
+so a group is never split; results come back per engine as ObjectRefs, so the caller can
+verify one engine's groups while the others still generate.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Mapping, Sequence
+
+import ray
+
+from opefo_rllib.fleet.engine import GenerationResult, SamplingConfig
+
+__all__ = ["EngineFleet", "EngineActor", "make_engine"]
+
+
+def make_engine(kind: str, **kwargs):
+    """Build an engine by name ("hf")."""
+    if kind == "hf":
+        from opefo_rllib.fleet.hf_engine import HFEngine
+
+        return HFEngine(**kwargs)
+    raise ValueError(f"unknown engine {kind!r}; available here: 'hf'")
+
+
+@ray.remote
+class EngineActor:
+    """A Ray actor around one engine."""
+
+    def __init__(self, kind: str, engine_kwargs: dict):
+        self.engine = make_engine(kind, **engine_kwargs)
+
+    def generate(self, prompts, n, sampling, seed):
+        start = time.perf_counter()
+        out = self.engine.generate(prompts, n, sampling, seed)
+        return out, time.perf_counter() - start
+
+    def load_weights(self, weights, version):
+        start = time.perf_counter()
+        self.engine.load_weights(weights, version)
+        return time.perf_counter() - start
+
+    def weight_version(self):
+        return self.engine.weight_version()
+
+
+class EngineFleet:
+    """A fleet of engine actors.
+
+    Args:
+        kind: engine name ("hf").
+        num_engines: engine actors.
+        engine_kwargs: keyword arguments of the engine (model_path, eos_token_id, ...).
+        num_cpus_per_engine: Ray CPUs reserved per engine (fractional, so engines fit 2 cores).
+        generate_timeout_s, sync_timeout_s: a call past these ends in a TimeoutError naming
+            the engine and the step, never a silent hang.
+    """
+
+    def __init__(self, kind: str = "hf", num_engines: int = 1, engine_kwargs: dict | None = None,
+                 num_cpus_per_engine: float = 0.5, generate_timeout_s: float = 600.0, sync_timeout_s: float = 120.0):
+        if num_engines < 1:
+            raise ValueError(f"num_engines must be >= 1, got {num_engines}")
+        self.kind, self.engine_kwargs = kind, dict(engine_kwargs or {})
+        self.generate_timeout_s, self.sync_timeout_s = generate_timeout_s, sync_timeout_s
+        self.actors = [EngineActor.options(num_cpus=num_cpus_per_engine).remote(kind, self.engine_kwargs)
+                       for _ in range(num_engines)]
+        self.version = 0
+
+    def __len__(self) -> int:
+        return len(self.actors)
+
+    def submit(self, prompts: Sequence[Sequence[int]], n: int, sampling: SamplingConfig,
+               seed: int) -> list[tuple[range, ray.ObjectRef]]:
+        """Split the prompt groups into one contiguous share per engine and start generation.
+
+        Returns (prompt indices, ObjectRef of (results, seconds)) per busy engine.
+        """
+        shares = _split(len(prompts), len(self.actors))
+        return [(idx, actor.generate.remote([prompts[i] for i in idx], n, sampling, seed + 7919 * e))
+                for e, (actor, idx) in enumerate(zip(self.actors, shares)) if len(idx)]
+
+    def wait_any(self, pending: list[tuple[range, ray.ObjectRef]], step: int):
+        """Block until one engine's share is done; returns (indices, results, seconds, rest)."""
+        refs = [ref for _, ref in pending]
+        ready, _ = ray.wait(refs, num_returns=1, timeout=self.generate_timeout_s)
+        if not ready:
+            engines = [self.actors.index(a) for a in self.actors][: len(pending)]
+            raise TimeoutError(f"generation timed out after {self.generate_timeout_s:g} s at step {step} "
+                               f"(engines {engines} of {len(self.actors)} still busy)")
+        i = refs.index(ready[0])
+        idx, ref = pending[i]
+        results, seconds = ray.get(ref)
+        return idx, results, seconds, pending[:i] + pending[i + 1:]
+
+    def sync_weights(self, weights: Mapping[str, Any], version: int, step: int) -> float:
+        """Push weights to every engine (one object-store copy) and check the versions."""
+        start = time.perf_counter()
+        ref = ray.put(dict(weights))
+        calls = [actor.load_weights.remote(ref, version) for actor in self.actors]
+        ready, not_ready = ray.wait(calls, num_returns=len(calls), timeout=self.sync_timeout_s)
+        if not_ready:
+            stuck = [i for i, c in enumerate(calls) if c in not_ready]
+            raise TimeoutError(f"weight sync to version {version} timed out after {self.sync_timeout_s:g} s "
+                               f"at step {step} (engines {stuck})")
+        ray.get(calls)
+        versions = ray.get([a.weight_version.remote() for a in self.actors])
+        if any(v != version for v in versions):
+            raise RuntimeError(f"weight sync at step {step}: engines report versions {versions}, expected {version}")
+        self.version = version
+        return time.perf_counter() - start
+
+    def shutdown(self) -> None:
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []
+
+
+def _split(n_items: int, n_parts: int) -> list[range]:
+    base, extra = divmod(n_items, n_parts)
+    out, start = [], 0
+    for p in range(n_parts):
+        size = base + (p < extra)
+        out.append(range(start, start + size))
+        start += size
+    return out

@@ -1,0 +1,150 @@
+"""DeepSpeedTorchLearner: an RLlib TorchLearner whose module trains under DeepSpeed.
+
+RLlib's TorchLearner assumes torch.optim optimizers and DDP (``no_sync``); DeepSpeed's ZeRO
+optimizers are neither. This base keeps RLlib's module building, optimizer registration and
+checkpointing, and replaces the rest:
+
+* ``_make_modules_ddp_if_necessary``: instead of DDP, wrap the module's Hugging Face model and
+  its registered AdamW in ``deepspeed.initialize`` (ZeRO stage 0-3, optional bf16, gradient
+  clipping), with caller-managed gradient accumulation: any number of micro-batch
+  ``backward`` calls, then exactly one ``step``.
+* ``compute_gradients`` / ``apply_gradients`` / ``_uncompiled_update``: not used; subclasses
+  implement ``update_from_rollouts`` (called through ``LearnerGroup.foreach_learner``).
+* CPU (gloo) here, NCCL on GPUs; a single-process group is created when none exists.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+import torch
+from ray.rllib.core import DEFAULT_MODULE_ID
+from ray.rllib.core.learner.torch.torch_learner import TorchLearner
+from ray.rllib.utils.annotations import override
+
+__all__ = ["DeepSpeedTorchLearner", "ensure_process_group"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure_process_group(backend: str) -> None:
+    """Create a one-process torch.distributed group on localhost if none exists."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+        os.environ.setdefault(key, value)
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+
+
+class DeepSpeedTorchLearner(TorchLearner):
+    """TorchLearner + DeepSpeed. Config fields read: zero_stage, bf16, lr, grad_clip,
+    weight_decay, adam_betas, adam_eps, lr_warmup_steps, learner_num_threads."""
+
+    ds_engine: Any = None
+
+    @override(TorchLearner)
+    def build(self) -> None:
+        threads = getattr(self.config, "learner_num_threads", None)
+        if threads:
+            torch.set_num_threads(int(threads))
+        super().build()
+
+    @override(TorchLearner)
+    def configure_optimizers_for_module(self, module_id, config=None) -> None:
+        module = self._module[module_id]
+        params = [p for p in module.parameters() if p.requires_grad]
+        c = self.config
+        optimizer = torch.optim.AdamW(params, lr=c.lr, betas=tuple(c.adam_betas), eps=c.adam_eps,
+                                      weight_decay=c.weight_decay)
+        self.register_optimizer(module_id=module_id, optimizer=optimizer, params=params, lr_or_lr_schedule=c.lr)
+
+    def deepspeed_config(self) -> dict:
+        c = self.config
+        return {
+            "train_micro_batch_size_per_gpu": 1,  # informational: accumulation is caller-managed
+            "gradient_accumulation_steps": 1,
+            "managed_gradient_accumulation": False,
+            "gradient_clipping": float(c.grad_clip) if c.grad_clip else 0.0,
+            "zero_optimization": {"stage": int(c.zero_stage)},
+            "bf16": {"enabled": bool(c.bf16)},
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+
+    @override(TorchLearner)
+    def _make_modules_ddp_if_necessary(self) -> None:
+        import deepspeed
+
+        on_gpu = torch.cuda.is_available() and self._device.type == "cuda"
+        ensure_process_group("nccl" if on_gpu else "gloo")
+        module = self._module[DEFAULT_MODULE_ID]
+        optimizer = self.get_optimizer(DEFAULT_MODULE_ID)
+        warmup = max(0, int(getattr(self.config, "lr_warmup_steps", 0)))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+        self.ds_engine, self.ds_optimizer, _, self.ds_scheduler = deepspeed.initialize(
+            model=module.lm, optimizer=optimizer, lr_scheduler=scheduler, config=self.deepspeed_config())
+
+    # RLlib's gradient path is replaced by update_from_rollouts.
+    @override(TorchLearner)
+    def compute_gradients(self, loss_per_module, **kwargs):
+        raise NotImplementedError("DeepSpeedTorchLearner trains through update_from_rollouts()")
+
+    @override(TorchLearner)
+    def compute_loss_for_module(self, *, module_id, config, batch, fwd_out):
+        raise NotImplementedError("DeepSpeedTorchLearner trains through update_from_rollouts()")
+
+    @override(TorchLearner)
+    def apply_gradients(self, gradients_dict) -> None:
+        raise NotImplementedError("DeepSpeedTorchLearner trains through update_from_rollouts()")
+
+    def optimizer_step(self) -> dict[str, float]:
+        """The one optimizer step after all micro-batch backward passes of an update."""
+        norm = None
+        if int(self.config.zero_stage) == 0:  # DeepSpeed reports no norm at stage 0: measure it
+            grads = [p.grad for p in self.ds_engine.module.parameters() if p.grad is not None]
+            norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+        self.ds_engine.step()
+        norm = self.ds_engine.get_global_grad_norm() if norm is None else norm
+        lr = self.ds_optimizer.param_groups[0]["lr"] if hasattr(self.ds_optimizer, "param_groups") else self.config.lr
+        return {"grad_norm": float(norm) if norm is not None else float("nan"), "lr": float(lr)}
+
+    def policy_weights(self) -> dict[str, torch.Tensor]:
+        """A CPU copy of the Hugging Face model's state dict (gathered under ZeRO-3)."""
+        lm = self._module[DEFAULT_MODULE_ID].lm
+        if int(self.config.zero_stage) == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(lm.parameters()), modifier_rank=None):
+                return {k: v.detach().to("cpu", copy=True) for k, v in lm.state_dict().items()}
+        return {k: v.detach().to("cpu", copy=True) for k, v in lm.state_dict().items()}
+
+    @override(TorchLearner)
+    def get_state(self, components=None, *, not_components=None, **kwargs):
+        state = super().get_state(components, not_components=not_components, **kwargs)
+        state["torch_rng"] = torch.get_rng_state().numpy()
+        state["lr_scheduler"] = self.ds_scheduler.state_dict() if self.ds_scheduler is not None else None
+        return state
+
+    @override(TorchLearner)
+    def set_state(self, state) -> None:
+        super().set_state(state)
+        if state.get("torch_rng") is not None:
+            torch.set_rng_state(torch.as_tensor(state["torch_rng"], dtype=torch.uint8))
+        if state.get("lr_scheduler") is not None and self.ds_scheduler is not None:
+            self.ds_scheduler.load_state_dict(state["lr_scheduler"])
+        restore = getattr(self.ds_engine.optimizer, "_restore_from_bit16_weights", None)
+        if restore is not None and int(self.config.zero_stage) in (1, 2):
+            restore()  # ZeRO keeps flat fp32 copies: refresh them from the loaded weights

@@ -1,0 +1,1 @@
+"""Policy models: the character tokenizer, the tiny default model, the RLModule wrapper."""

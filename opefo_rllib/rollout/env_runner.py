@@ -1,0 +1,143 @@
+"""LLMEnvRunner: an RLlib EnvRunner that turns text-env prompts into on-policy rollouts.
+
+One ``sample()``: draw B problems from the Gymnasium text env, send the B prompt groups to
+the engine fleet (G samples each, each group whole on one engine), and verify each engine's
+groups as soon as that engine is done, so verification overlaps the generation of the rest.
+Every rollout carries its prompt group and the weight version that generated it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Any
+
+from ray.rllib.core import DEFAULT_MODULE_ID
+from ray.rllib.env.env_runner import EnvRunner
+from ray.rllib.utils.annotations import override
+from ray.rllib.utils.checkpoints import Checkpointable
+
+from opefo_rllib.envs import TextEnv, make_env
+from opefo_rllib.fleet.engine import SamplingConfig
+from opefo_rllib.fleet.fleet import EngineFleet
+from opefo_rllib.rollout.batch import Rollout
+
+__all__ = ["LLMEnvRunner"]
+
+
+class LLMEnvRunner(EnvRunner, Checkpointable):
+    """Samples ``prompts_per_batch`` x ``group_size`` responses per call from the engine fleet."""
+
+    def __init__(self, *, config, **kwargs):
+        super().__init__(config=config, **kwargs)
+        from opefo_rllib.models.tiny import load_policy  # noqa: F401  (fail early on a bad model path)
+        from opefo_rllib.models.tiny import resolve_model_path
+        from opefo_rllib.models.tokenizer import CharTokenizer
+
+        c = self.config
+        self.env: TextEnv = make_env(c.env, **dict(c.env_config or {}))
+        if getattr(self.env, "max_turns", 1) > 1:
+            raise ValueError(f"env {c.env!r} is multi-turn; the trainer samples single-turn envs only for now")
+        self.env.reset(seed=c.seed if c.seed is not None else 0)
+        model_dir = resolve_model_path(c.model_path)
+        self.tokenizer = CharTokenizer.load(model_dir)
+        self.sampling = SamplingConfig(temperature=c.temperature, max_new_tokens=c.max_new_tokens,
+                                       top_p=c.top_p, top_k=c.top_k, seed=c.seed or 0)
+        self.fleet = EngineFleet(
+            kind=c.engine, num_engines=c.num_engines,
+            engine_kwargs={"model_path": str(model_dir), "eos_token_id": self.tokenizer.eos_token_id,
+                           "pad_token_id": self.tokenizer.pad_token_id, "dtype": c.engine_dtype},
+            num_cpus_per_engine=c.num_cpus_per_engine, generate_timeout_s=c.generate_timeout_s,
+            sync_timeout_s=c.weight_sync_timeout_s)
+        self._group_ids = itertools.count()
+        self._sample_calls = 0
+        self.last_timings: dict[str, float] = {}
+
+    @override(EnvRunner)
+    def assert_healthy(self):
+        assert self.fleet is not None and len(self.fleet) > 0, "LLMEnvRunner has no engines"
+
+    @override(EnvRunner)
+    def get_spaces(self):
+        spaces = (self.env.observation_space, self.env.action_space)
+        return {"__env__": spaces, DEFAULT_MODULE_ID: spaces}
+
+    @override(EnvRunner)
+    def sample(self, **kwargs) -> list[Rollout]:
+        c = self.config
+        step = self._sample_calls
+        problems = self.env.sample_problems(c.prompts_per_batch)
+        prompts = [self.tokenizer.encode(p.prompt) for p in problems]
+        group_ids = [next(self._group_ids) for _ in problems]
+        start = time.perf_counter()
+        pending = self.fleet.submit(prompts, c.group_size, self.sampling, seed=(c.seed or 0) * 100_003 + step)
+        verifying = []  # (prompt indices, results, futures)
+        gen_done = start
+        while pending:
+            idx, results, _, pending = self.fleet.wait_any(pending, step)
+            gen_done = time.perf_counter()
+            texts, probs = [], []
+            for k, group in zip(idx, results):
+                for res in group:
+                    texts.append(self.tokenizer.decode(res.response_ids))
+                    probs.append(problems[k])
+            verifying.append((idx, results, texts, self.env.score_batch_async(probs, texts)))
+        verify_start = time.perf_counter()
+        rollouts = []
+        for idx, results, texts, futures in verifying:
+            flat = [res for group in results for res in group]
+            for res, text, fut in zip(flat, texts, futures):
+                verdict = fut.result()
+                k = idx[res.prompt_index]
+                rollouts.append(Rollout(
+                    group_id=group_ids[k], prompt_ids=prompts[k], response_ids=res.response_ids,
+                    sampling_logp=res.sampling_logp, reward=float(verdict.reward), weight_version=res.weight_version,
+                    correct=bool(verdict.correct), finished=res.finished, task_id=problems[k].id,
+                    prompt_text=problems[k].prompt, response_text=text,
+                    info={"format_ok": verdict.format_ok, "timed_out": verdict.timed_out,
+                          "error": verdict.error is not None}))
+        end = time.perf_counter()
+        self.last_timings = {"generate_s": gen_done - start, "verify_s": end - verify_start}
+        self._sample_calls += 1
+        n_tokens = sum(len(r.response_ids) for r in rollouts)
+        self.num_env_steps_sampled_lifetime += len(rollouts)
+        self.last_timings["response_tokens"] = n_tokens
+        return rollouts
+
+    @override(EnvRunner)
+    def get_metrics(self) -> dict:
+        return {}
+
+    def sync_weights(self, weights, version: int, step: int) -> float:
+        return self.fleet.sync_weights(weights, version, step)
+
+    @override(Checkpointable)
+    def get_ctor_args_and_kwargs(self):
+        return (), {"config": self.config}
+
+    @override(Checkpointable)
+    def get_state(self, components=None, *, not_components=None, **kwargs) -> dict[str, Any]:
+        state: dict[str, Any] = {"sample_calls": self._sample_calls,
+                                 "next_group_id": next(self._group_ids),
+                                 "env_rng": self.env.np_random.bit_generator.state}
+        self._group_ids = itertools.count(state["next_group_id"])
+        dataset = getattr(self.env, "dataset", None)
+        if dataset is not None:
+            state["dataset"] = dataset.state_dict()
+        return state
+
+    @override(Checkpointable)
+    def set_state(self, state: dict[str, Any]) -> None:
+        if not state or "sample_calls" not in state:
+            return  # RLlib's initial module-state sync: nothing of ours in it
+        self._sample_calls = int(state["sample_calls"])
+        self._group_ids = itertools.count(int(state["next_group_id"]))
+        self.env.np_random.bit_generator.state = state["env_rng"]
+        if "dataset" in state and getattr(self.env, "dataset", None) is not None:
+            self.env.dataset.load_state_dict(state["dataset"])
+
+    @override(EnvRunner)
+    def stop(self) -> None:
+        if getattr(self, "fleet", None) is not None:
+            self.fleet.shutdown()
+            self.fleet = None
