@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
+from gymnasium.utils import seeding
 
 from opefo_rllib.envs.verifier import VerifyResult
 
@@ -95,6 +96,10 @@ class TextEnv(gym.Env):
         return futures
 
     # ------------------------------------------------------------------ batch API
+    def seed_problems(self, seed: int) -> None:
+        """Seed the problem stream without drawing a problem (the trainer's start)."""
+        self._np_random, self._np_random_seed = seeding.np_random(seed)
+
     def sample_problems(self, n: int) -> list[Problem]:
         """Draw n problems (the trainer's batch path; no episode state is touched)."""
         return [self.sample_problem(self.np_random) for _ in range(n)]

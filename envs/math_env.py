@@ -62,6 +62,10 @@ class MathEnv(TextEnv):
     def verifier(self) -> MathVerifier:
         return self._verifier if self._verifier is not None else shared_math_verifier()
 
+    def seed_problems(self, seed: int) -> None:
+        super().seed_problems(seed)
+        self.dataset.reseed(seed)
+
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         if seed is not None:
             self.dataset.reseed(seed)

@@ -10,6 +10,7 @@ A key that is neither is an error naming the key and the file.
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,18 @@ RLLIB_KEYS = {"env", "env_config", "lr", "grad_clip", "seed", "num_learners"}
 
 class ConfigError(ValueError):
     pass
+
+
+_FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)$")
+
+
+def _coerce(value: Any) -> Any:
+    """YAML 1.1 reads ``5e-4`` (no dot) as a string; a user means the number."""
+    if isinstance(value, str) and _FLOAT.match(value.strip()):
+        return float(value)
+    if isinstance(value, dict):
+        return {k: _coerce(v) for k, v in value.items()}
+    return value
 
 
 def config_fields() -> set[str]:
@@ -66,7 +79,7 @@ def load_run_config(paths: list[str | Path] | None = None) -> dict:
     for p in paths or []:
         part = _read(Path(p))
         _check_keys(part, str(p))
-        data.update(part)
+        data.update({k: _coerce(v) for k, v in part.items()})
     return data
 
 
@@ -78,7 +91,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         key, raw = item.split("=", 1)
         key = key.strip()
         _check_keys({key: None}, f"--set {item}")
-        data[key] = yaml.safe_load(raw)
+        data[key] = _coerce(yaml.safe_load(raw))
     return data
 
 

@@ -37,15 +37,24 @@ def test_check_env_passes_for_every_registered_env(name):
 
 
 def test_builtins_are_registered_with_gymnasium_and_ray_tune():
-    from ray.tune.registry import ENV_CREATOR, _global_registry
+    # In a fresh interpreter: importing the package is all it takes.
+    import subprocess
+    import sys
 
-    for name in ("opefo/Arithmetic-v0", "opefo/Countdown-v0", "opefo/Math-v0", "opefo/ArithmeticRetry-v0"):
-        assert name in gym.registry
-        assert _global_registry.contains(ENV_CREATOR, name)
-    creator = _global_registry.get(ENV_CREATOR, "opefo/Arithmetic-v0")
-    env = creator({"max_digits": 1, "ops": ["+"]})
-    obs, _ = env.reset(seed=0)
-    assert isinstance(env, ArithmeticEnv) and len(obs) == 4  # "a+b="
+    code = """
+import gymnasium as gym
+import opefo_rllib.envs
+from ray.tune.registry import ENV_CREATOR, _global_registry
+for name in ("opefo/Arithmetic-v0", "opefo/Countdown-v0", "opefo/Math-v0", "opefo/ArithmeticRetry-v0"):
+    assert name in gym.registry, name
+    assert _global_registry.contains(ENV_CREATOR, name), name
+env = _global_registry.get(ENV_CREATOR, "opefo/Arithmetic-v0")({"max_digits": 1, "ops": ["+"]})
+obs, _ = env.reset(seed=0)
+assert type(env).__name__ == "ArithmeticEnv" and len(obs) == 4, obs  # "a+b="
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
 
 
 def test_reset_with_seed_is_deterministic_and_seeds_differ():

@@ -205,6 +205,19 @@ class GRPO(Algorithm):
     def get_default_config(cls) -> GRPOConfig:
         return GRPOConfig()
 
+    @classmethod
+    @override(Algorithm)
+    def default_resource_request(cls, config):
+        """RLlib's bundles (main process, learners) plus one bundle per engine actor, so Tune
+        reserves the inference fleet with the rest of the trial (engines are created inside the
+        trial's placement group)."""
+        from ray.tune.execution.placement_groups import PlacementGroupFactory
+
+        base = super().default_resource_request(config)
+        cfg = config if isinstance(config, AlgorithmConfig) else cls.get_default_config().update_from_dict(config)
+        engine_bundles = [{"CPU": cfg.num_cpus_per_engine} for _ in range(cfg.num_engines)]
+        return PlacementGroupFactory(bundles=list(base.bundles) + engine_bundles, strategy=cfg.placement_strategy)
+
     @override(Algorithm)
     def setup(self, config) -> None:
         super().setup(config)

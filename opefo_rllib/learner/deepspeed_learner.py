@@ -34,18 +34,23 @@ def _free_port() -> int:
 
 
 def ensure_process_group(backend: str) -> None:
-    """Create a one-process torch.distributed group on localhost if none exists."""
+    """Create a one-process torch.distributed group on localhost if none exists.
+
+    The address goes in ``init_method`` rather than in MASTER_ADDR / MASTER_PORT, so child
+    processes (which inherit the environment) do not try to bind the same port.
+    """
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         return
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
-        os.environ.setdefault(key, value)
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # launched by a distributed launcher
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+        return
+    os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's engine reads it
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
+                               init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
 
 
 class DeepSpeedTorchLearner(TorchLearner):

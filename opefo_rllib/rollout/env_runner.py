@@ -38,7 +38,7 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
         self.env: TextEnv = make_env(c.env, **dict(c.env_config or {}))
         if getattr(self.env, "max_turns", 1) > 1:
             raise ValueError(f"env {c.env!r} is multi-turn; the trainer samples single-turn envs only for now")
-        self.env.reset(seed=c.seed if c.seed is not None else 0)
+        self.env.seed_problems(c.seed if c.seed is not None else 0)  # draws nothing: no item is skipped
         model_dir = resolve_model_path(c.model_path)
         self.tokenizer = CharTokenizer.load(model_dir)
         self.sampling = SamplingConfig(temperature=c.temperature, max_new_tokens=c.max_new_tokens,

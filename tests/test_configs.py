@@ -1,0 +1,54 @@
+"""Shipped run configs load and validate; bad keys and values are named."""
+
+from pathlib import Path
+
+import pytest
+
+from opefo_rllib.run_config import ConfigError, apply_overrides, build_algo_config, load_run_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+OVERLAYS = sorted((CONFIGS / "overlays").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", ["tiny_cpu.yaml", "qwen2.5-math-7b_opefo.yaml", "qwen3-4b-base_opefo.yaml"])
+def test_shipped_configs_validate(name):
+    config = build_algo_config(load_run_config([CONFIGS / name]))
+    assert config.prompts_per_batch >= 1
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.stem)
+def test_every_overlay_validates_on_top_of_the_default(overlay):
+    data = load_run_config([CONFIGS / "tiny_cpu.yaml", overlay])
+    config = build_algo_config(data)
+    if "grpo" in overlay.stem or overlay.stem in ("clip_higher", "clip_cov", "kl_cov", "entropy_bonus"):
+        assert type(config).__name__ == "GRPOConfig" and config.balance_mode == "none"
+    else:
+        assert type(config).__name__ == "OPEFOConfig"
+
+
+def test_overlay_base_chain_and_values():
+    config = build_algo_config(load_run_config([CONFIGS / "tiny_cpu.yaml", CONFIGS / "overlays" / "clip_higher.yaml"]))
+    assert (config.policy_loss, config.eps_low, config.eps_high, config.num_updates_per_batch) == ("ppo_clip", 0.2, 0.28, 8)
+    assert config.strict_on_policy is False
+    qwen3 = load_run_config([CONFIGS / "qwen3-4b-base_opefo.yaml"])
+    assert qwen3["max_new_tokens"] == 8000 and qwen3["group_size"] == 8  # from its base
+
+
+def test_errors_name_the_key_or_field(tmp_path):
+    with pytest.raises(ConfigError, match="unknown key 'grup_size'.*'group_size'"):
+        apply_overrides(load_run_config([CONFIGS / "tiny_cpu.yaml"]), ["grup_size=4"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("tiny: [unclosed\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_run_config([bad])
+    for override, field in (["balance_mode=sideways", "'balance_mode'"], ["group_size=0", "'group_size'"],
+                            ["top_p=0.9", "'top_p'"], ["num_updates_per_batch=4", "'num_updates_per_batch'"],
+                            ["zero_stage=5", "'zero_stage'"]):
+        data = apply_overrides(load_run_config([CONFIGS / "tiny_cpu.yaml"]), [override])
+        with pytest.raises(ConfigError, match=field):
+            build_algo_config(data)
+
+
+def test_yaml_numbers_without_a_dot_are_numbers():
+    data = apply_overrides(load_run_config([CONFIGS / "tiny_cpu.yaml"]), ["lr=5e-4"])
+    assert build_algo_config(data).lr == 5e-4
