@@ -20,8 +20,9 @@ __all__ = ["HFCausalLMModule"]
 
 
 class HFCausalLMModule(TorchRLModule):
-    """model_config keys: ``model_path`` (local dir or "tiny-default"), ``dtype`` ("float32" |
-    "bfloat16"), ``gradient_checkpointing`` (bool), ``logits_chunk_size`` (int)."""
+    """model_config keys: ``model_path`` (local dir or "tiny-default"), or ``hf_config`` (a dict of
+    a transformers config, e.g. ``{"model_type": "qwen2", ...}``, to build a fresh model),
+    ``dtype`` ("float32" | "bfloat16"), ``gradient_checkpointing`` (bool), ``logits_chunk_size``."""
 
     @override(TorchRLModule)
     def setup(self) -> None:
@@ -29,7 +30,13 @@ class HFCausalLMModule(TorchRLModule):
 
         cfg = self.model_config or {}
         dtype = getattr(torch, cfg.get("dtype", "float32"))
-        self.lm, _ = load_policy(cfg.get("model_path", "tiny-default"), dtype=dtype)
+        if cfg.get("hf_config"):
+            from transformers import AutoConfig, AutoModelForCausalLM
+
+            hf = dict(cfg["hf_config"])
+            self.lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(hf.pop("model_type"), **hf), dtype=dtype)
+        else:
+            self.lm, _ = load_policy(cfg.get("model_path", "tiny-default"), dtype=dtype)
         if cfg.get("gradient_checkpointing"):
             self.lm.gradient_checkpointing_enable()
             self.lm.config.use_cache = False

@@ -1,0 +1,106 @@
+"""The tiny model builder, the RLModule, the HF engine and the engine fleet."""
+
+import hashlib
+
+import pytest
+import torch
+
+from opefo_rllib.fleet.engine import SamplingConfig
+from opefo_rllib.fleet.hf_engine import HFEngine
+from opefo_rllib.models.tiny import TINY_DEFAULT_PATH, resolve_model_path
+from opefo_rllib.models.tokenizer import CharTokenizer
+
+TOK = CharTokenizer.load(TINY_DEFAULT_PATH)
+
+
+def test_tokenizer_round_trips_and_rejects_foreign_files(tmp_path):
+    ids = TOK.encode("12+34=")
+    assert ids[0] == TOK.bos_token_id and TOK.decode(ids[1:] + [TOK.eos_token_id, 9]) == "12+34="
+    (tmp_path / "opefo_char_tokenizer.json").write_text('{"type": "bpe"}')
+    with pytest.raises(ValueError, match="not a character tokenizer"):
+        CharTokenizer.load(tmp_path)
+
+
+def test_shipped_tiny_model_is_small_and_loads_offline():
+    size = sum(f.stat().st_size for f in TINY_DEFAULT_PATH.iterdir())
+    assert size < 10 * 2**20
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(TINY_DEFAULT_PATH)
+    assert model.config.vocab_size == len(TOK)
+    with pytest.raises(FileNotFoundError, match="local directories only"):
+        resolve_model_path("Qwen/Qwen2.5-0.5B")
+
+
+@pytest.mark.slow
+def test_make_tiny_is_deterministic(tmp_path):
+    from opefo_rllib.models.make_tiny import main
+
+    digests = []
+    for run in ("a", "b"):
+        main(["--out", str(tmp_path / run), "--steps", "3", "--batch", "8"])
+        digests.append(hashlib.sha256((tmp_path / run / "model.safetensors").read_bytes()).hexdigest())
+    assert digests[0] == digests[1]
+
+
+def test_hf_engine_samples_are_seeded_and_logprobs_are_of_the_sampled_distribution():
+    engine = HFEngine(str(TINY_DEFAULT_PATH), eos_token_id=TOK.eos_token_id)
+    prompts = [TOK.encode("12+3="), TOK.encode("7*8=")]
+    cfg = SamplingConfig(temperature=0.7, max_new_tokens=5)
+    a, b = engine.generate(prompts, 3, cfg, seed=5), engine.generate(prompts, 3, cfg, seed=5)
+    assert [[r.response_ids for r in g] for g in a] == [[r.response_ids for r in g] for g in b]
+    res = a[1][2]
+    assert res.prompt_index == 1 and res.sample_index == 2 and len(res.sampling_logp) == len(res.response_ids)
+    # Recompute the log-prob of each sampled token at temperature 0.7 with a plain forward pass.
+    ids = torch.tensor([prompts[1] + res.response_ids])
+    with torch.no_grad():
+        logits = engine.model(ids).logits[0, len(prompts[1]) - 1:-1] / 0.7
+    ref = torch.log_softmax(logits, -1).gather(-1, torch.tensor(res.response_ids)[:, None])[:, 0]
+    torch.testing.assert_close(torch.tensor(res.sampling_logp), ref, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="full distribution"):
+        engine.generate(prompts, 1, SamplingConfig(top_p=0.9))
+
+
+def test_rl_module_builds_from_a_config_without_weights():
+    from opefo_rllib.envs import ArithmeticEnv
+    from opefo_rllib.models.rl_module import HFCausalLMModule
+
+    env = ArithmeticEnv()
+    module = HFCausalLMModule(observation_space=env.observation_space, action_space=env.action_space,
+                              model_config={"hf_config": {"model_type": "qwen2", "vocab_size": 40, "hidden_size": 16,
+                                                          "intermediate_size": 32, "num_hidden_layers": 1,
+                                                          "num_attention_heads": 2, "num_key_value_heads": 1}})
+    ids = torch.randint(40, (2, 7))
+    out = module.sequence_token_stats(ids, torch.ones_like(ids))
+    assert out.logp.shape == (2, 6) and bool((out.entropy > 0).all())
+
+
+@pytest.mark.slow
+def test_fleet_of_two_engines_keeps_every_group_on_one_engine():
+    import ray
+
+    from opefo_rllib.fleet.fleet import EngineFleet, _split
+
+    assert [list(r) for r in _split(5, 2)] == [[0, 1, 2], [3, 4]]
+    assert [len(r) for r in _split(1, 3)] == [1, 0, 0]
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        fleet = EngineFleet("hf", num_engines=2, engine_kwargs={"model_path": str(TINY_DEFAULT_PATH),
+                                                                  "eos_token_id": TOK.eos_token_id})
+        prompts = [TOK.encode(f"{i}+1=") for i in range(5)]
+        pending = fleet.submit(prompts, 3, SamplingConfig(max_new_tokens=4), seed=0)
+        assert [list(idx) for idx, _ in pending] == [[0, 1, 2], [3, 4]]
+        seen = []
+        while pending:
+            idx, results, seconds, pending = fleet.wait_any(pending, step=0)
+            assert len(results) == len(idx) and all(len(group) == 3 for group in results)
+            seen += list(idx)
+        assert sorted(seen) == list(range(5))
+        from transformers import AutoModelForCausalLM
+
+        state = AutoModelForCausalLM.from_pretrained(TINY_DEFAULT_PATH).state_dict()
+        assert fleet.sync_weights(state, version=7, step=0) >= 0
+        assert fleet.version == 7
+        fleet.shutdown()
+    finally:
+        ray.shutdown()
