@@ -146,3 +146,14 @@ def test_zero_stages_give_the_zero_0_update(engine, stage):
     other, m_other = _update_deltas(engine, zero_stage=stage)
     assert m_ref["learner/loss"] == pytest.approx(m_other["learner/loss"], abs=1e-6)
     _assert_grads_close(ref, other)
+
+
+def test_truncated_importance_sampling_is_off_by_default_and_logged_when_on(engine):
+    batch = _rollout_batch(engine)
+    off = _build_learner().update_from_rollouts(batch, step=0)
+    assert off["rollout/tis_enabled"] == 0.0 and "rollout/tis_weight_mean" not in off
+    skewed = dict(batch, sampling_logp=batch["sampling_logp"] - 0.5 * batch["response_mask"])  # engine less sure
+    on = _build_learner(tis_cap=1.2).update_from_rollouts(skewed, step=0)
+    # pi_learner / pi_engine = e^0.5 = 1.65 on every response token, capped at 1.2.
+    assert on["rollout/tis_enabled"] == 1.0 and on["rollout/tis_weight_mean"] == pytest.approx(1.2, rel=1e-5)
+    assert on["rollout/tis_clipped_frac"] == 1.0

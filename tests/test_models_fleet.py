@@ -104,3 +104,43 @@ def test_fleet_of_two_engines_keeps_every_group_on_one_engine():
         fleet.shutdown()
     finally:
         ray.shutdown()
+
+
+@pytest.mark.slow
+def test_a_killed_engine_is_restarted_and_its_groups_generated_again():
+    import ray
+
+    from opefo_rllib.fleet.fleet import EngineFleet
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        kwargs = {"model_path": str(TINY_DEFAULT_PATH), "eos_token_id": TOK.eos_token_id}
+        fleet = EngineFleet("hf", num_engines=2, engine_kwargs=kwargs, sync_timeout_s=60)
+        from transformers import AutoModelForCausalLM
+
+        state = {k: v * 1.0 for k, v in AutoModelForCausalLM.from_pretrained(TINY_DEFAULT_PATH).state_dict().items()}
+        fleet.sync_weights(state, version=3, step=0)
+        prompts = [TOK.encode(f"{i}*2=") for i in range(6)]
+        cfg = SamplingConfig(max_new_tokens=4)
+
+        def run(kill: bool):
+            pending = fleet.submit(prompts, 2, cfg, seed=11)
+            if kill:
+                ray.kill(fleet.actors[0])
+            out = {}
+            while pending:
+                idx, results, _, pending = fleet.wait_any(pending, step=1)
+                out.update({k: [(r.response_ids, r.weight_version) for r in g] for k, g in zip(idx, results)})
+            return out
+
+        clean = run(kill=False)
+        killed = run(kill=True)
+        assert fleet.restarts == 1
+        assert killed == clean  # same samples, none lost or duplicated, same weight version
+        assert {v for group in killed.values() for _, v in group} == {3}
+        ray.kill(fleet.actors[1])  # a dead engine during a weight sync comes back too
+        fleet.sync_weights(state, version=4, step=2)
+        assert fleet.restarts == 2 and fleet.version == 4
+        fleet.shutdown()
+    finally:
+        ray.shutdown()

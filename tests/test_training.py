@@ -71,9 +71,17 @@ def test_two_iterations_with_build_algo_log_every_tag(ray_session, tmp_path, cls
     algo = config.build_algo()
     try:
         results = [algo.train() for _ in range(2)]
+        if cls_name == "OPEFOConfig":  # an engine dies: the next iteration still gets its full batch
+            import ray
+
+            ray.kill(algo.env_runner.fleet.actors[0])
+            killed = algo.train()
+            assert killed["fleet/engine_restarts"] == 1
+            assert killed["rollout/num_samples"] == SMALL["prompts_per_batch"] * SMALL["group_size"]
+            assert killed["rollout/logprob_gap_max"] < 1e-4  # the restarted engine has the current weights
     finally:
         algo.stop()
-    assert algo.iteration == 2
+    assert algo.iteration == (3 if cls_name == "OPEFOConfig" else 2)
     for r in results:
         assert 0.0 <= r["rollout/reward_mean"] <= 1.0 and r["learner/optimizer_steps"] == 1
     # The batch of iteration 2 was sampled after the first weight sync: engine == learner.

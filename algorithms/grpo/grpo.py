@@ -44,7 +44,7 @@ GRPO_DEFAULTS: dict[str, Any] = {
     "adv_estimator": "grpo", "policy_loss": "pg", "loss_agg_mode": "token-mean",
     "eps_low": 0.2, "eps_high": 0.2, "clip_ratio_c": None,
     "clip_cov_ratio": 2e-4, "clip_cov_lb": 1.0, "clip_cov_ub": 5.0, "kl_cov_ratio": 2e-3, "kl_cov_coef": 1.0,
-    "entropy_coef": 0.0, "strict_on_policy": True, "num_updates_per_batch": 1, "micro_batch_size": None,
+    "entropy_coef": 0.0, "tis_cap": None, "strict_on_policy": True, "num_updates_per_batch": 1, "micro_batch_size": None,
     # entropy flow (GRPO logs it; OPEFO balances it)
     "entropy_flow_estimator": "exact", "balance_mode": "none", "static_lambda": 0.0,
     "balance_fraction": 1.0, "max_abs_lambda": None,
@@ -96,7 +96,7 @@ class GRPOConfig(AlgorithmConfig):
                  entropy_coef=NotProvided, strict_on_policy=NotProvided, num_updates_per_batch=NotProvided,
                  micro_batch_size=NotProvided, prompts_per_batch=NotProvided, weight_decay=NotProvided,
                  adam_betas=NotProvided, adam_eps=NotProvided, lr_warmup_steps=NotProvided,
-                 entropy_flow_estimator=NotProvided, **kwargs) -> "GRPOConfig":
+                 entropy_flow_estimator=NotProvided, tis_cap=NotProvided, **kwargs) -> "GRPOConfig":
         """Objective and optimisation settings (plus RLlib's own, e.g. ``lr``, ``grad_clip``)."""
         super().training(**kwargs)
         return self._set(
@@ -106,7 +106,7 @@ class GRPOConfig(AlgorithmConfig):
             strict_on_policy=strict_on_policy, num_updates_per_batch=num_updates_per_batch,
             micro_batch_size=micro_batch_size, prompts_per_batch=prompts_per_batch, weight_decay=weight_decay,
             adam_betas=adam_betas, adam_eps=adam_eps, lr_warmup_steps=lr_warmup_steps,
-            entropy_flow_estimator=entropy_flow_estimator)
+            entropy_flow_estimator=entropy_flow_estimator, tis_cap=tis_cap)
 
     def generation(self, *, temperature=NotProvided, max_new_tokens=NotProvided, top_p=NotProvided,
                    top_k=NotProvided, group_size=NotProvided) -> "GRPOConfig":
@@ -178,6 +178,8 @@ def validate_fields(c: Any) -> None:
             _fail(field, getattr(c, field), "must be an integer >= 1")
     if c.micro_batch_size is not None and (not isinstance(c.micro_batch_size, int) or c.micro_batch_size < 1):
         _fail("micro_batch_size", c.micro_batch_size, "must be None (whole batch) or an integer >= 1")
+    if c.tis_cap is not None and not c.tis_cap > 0:
+        _fail("tis_cap", c.tis_cap, "truncated importance sampling cap C must be > 0 (or None: off)")
     if c.zero_stage not in (0, 1, 2, 3):
         _fail("zero_stage", c.zero_stage, "DeepSpeed ZeRO stage must be 0, 1, 2 or 3")
     if not c.temperature > 0:
@@ -250,6 +252,7 @@ class GRPO(Algorithm):
         lengths = torch.tensor([len(r.response_ids) for r in rollouts], dtype=torch.float32)
         metrics.update({
             "rollout/reward_mean": float(rewards.mean()),
+            "rollout/num_samples": float(len(rollouts)),
             "rollout/accuracy": sum(r.correct for r in rollouts) / len(rollouts),
             "rollout/response_length_mean": float(lengths.mean()),
             "rollout/truncated_frac": sum(not r.finished for r in rollouts) / len(rollouts),
@@ -264,6 +267,7 @@ class GRPO(Algorithm):
             "time/weight_sync_s": sync_s,
             "time/step_s": t3 - t0,
             "throughput/tokens_per_s": float(lengths.sum()) / max(t3 - t0, 1e-9),
+            "fleet/engine_restarts": float(runner.fleet.restarts),
         })
         for key, value in metrics.items():
             self.metrics.log_value(key, value, window=1)

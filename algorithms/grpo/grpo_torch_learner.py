@@ -94,6 +94,16 @@ class GRPOTorchLearner(DeepSpeedTorchLearner):
         # KL(engine || learner) per sequence, estimated from the sampled tokens, averaged.
         metrics["rollout/logprob_kl"] = float(((batch["sampling_logp"] - logp) * mask).sum()) / n
 
+        # Optional truncated importance sampling against the engines' numeric mismatch:
+        # w_t *= min(pi_learner / pi_engine, C), detached (off unless tis_cap is set).
+        metrics["rollout/tis_enabled"] = float(c.tis_cap is not None)
+        if c.tis_cap is not None:
+            tis = torch.exp(logp - batch["sampling_logp"]).clamp(max=float(c.tis_cap))
+            weights = weights * torch.where(mask.bool(), tis, torch.ones_like(tis))
+            metrics["rollout/tis_weight_mean"] = float((tis * mask).sum()) / max(n_tok, 1.0)
+            metrics["rollout/tis_clipped_frac"] = float(((logp - batch["sampling_logp"]).exp() > c.tis_cap)[mask.bool()]
+                                                        .float().mean()) if n_tok else 0.0
+
         # --- training pass: num_updates_per_batch optimizer steps (1 = strict on-policy).
         old_logp = logp  # the policy that sampled (equal to the current one before the first step)
         loss_cfg = self.loss_config()

@@ -66,51 +66,94 @@ class EngineFleet:
             raise ValueError(f"num_engines must be >= 1, got {num_engines}")
         self.kind, self.engine_kwargs = kind, dict(engine_kwargs or {})
         self.generate_timeout_s, self.sync_timeout_s = generate_timeout_s, sync_timeout_s
-        self.actors = [EngineActor.options(num_cpus=num_cpus_per_engine).remote(kind, self.engine_kwargs)
-                       for _ in range(num_engines)]
+        self.num_cpus_per_engine = num_cpus_per_engine
+        self.actors = [self._start_actor() for _ in range(num_engines)]
         self.version = 0
+        self.restarts = 0
+        self._weights_ref = None  # the last synced weights, for engines that restart
+
+    def _start_actor(self):
+        return EngineActor.options(num_cpus=self.num_cpus_per_engine).remote(self.kind, self.engine_kwargs)
+
+    def _restart(self, engine: int, step: int) -> None:
+        """Replace a dead engine and load the current weights and version into it."""
+        try:
+            ray.kill(self.actors[engine])
+        except Exception:  # noqa: BLE001 - it is already gone
+            pass
+        actor = self._start_actor()
+        if self._weights_ref is not None:
+            ready, _ = ray.wait([actor.load_weights.remote(self._weights_ref, self.version)],
+                                timeout=self.sync_timeout_s)
+            if not ready:
+                raise TimeoutError(f"restarted engine {engine} did not load weights version {self.version} "
+                                   f"within {self.sync_timeout_s:g} s at step {step}")
+        self.actors[engine] = actor
+        self.restarts += 1
 
     def __len__(self) -> int:
         return len(self.actors)
 
     def submit(self, prompts: Sequence[Sequence[int]], n: int, sampling: SamplingConfig,
-               seed: int) -> list[tuple[range, ray.ObjectRef]]:
+               seed: int) -> list[tuple]:
         """Split the prompt groups into one contiguous share per engine and start generation.
 
-        Returns (prompt indices, ObjectRef of (results, seconds)) per busy engine.
+        Returns one pending entry per busy engine: (prompt indices, ObjectRef, engine, call args).
         """
         shares = _split(len(prompts), len(self.actors))
-        return [(idx, actor.generate.remote([prompts[i] for i in idx], n, sampling, seed + 7919 * e))
-                for e, (actor, idx) in enumerate(zip(self.actors, shares)) if len(idx)]
+        pending = []
+        for e, idx in enumerate(shares):
+            if len(idx):
+                args = ([prompts[i] for i in idx], n, sampling, seed + 7919 * e)
+                pending.append((idx, self.actors[e].generate.remote(*args), e, args))
+        return pending
 
-    def wait_any(self, pending: list[tuple[range, ray.ObjectRef]], step: int):
-        """Block until one engine's share is done; returns (indices, results, seconds, rest)."""
-        refs = [ref for _, ref in pending]
+    def wait_any(self, pending: list[tuple], step: int, max_restarts: int = 2):
+        """Block until one engine's share is done; returns (indices, results, seconds, rest).
+
+        An engine that died is restarted with the current weights and version, and its whole
+        share is generated again (same seed): no sample lost, none duplicated, still on-policy.
+        """
+        refs = [entry[1] for entry in pending]
         ready, _ = ray.wait(refs, num_returns=1, timeout=self.generate_timeout_s)
         if not ready:
-            engines = [self.actors.index(a) for a in self.actors][: len(pending)]
+            engines = sorted(entry[2] for entry in pending)
             raise TimeoutError(f"generation timed out after {self.generate_timeout_s:g} s at step {step} "
                                f"(engines {engines} of {len(self.actors)} still busy)")
         i = refs.index(ready[0])
-        idx, ref = pending[i]
-        results, seconds = ray.get(ref)
-        return idx, results, seconds, pending[:i] + pending[i + 1:]
+        idx, ref, engine, args = pending[i]
+        rest = pending[:i] + pending[i + 1:]
+        for attempt in range(max_restarts + 1):
+            try:
+                results, seconds = ray.get(ref)
+                return idx, results, seconds, rest
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+                if attempt == max_restarts:
+                    raise RuntimeError(f"engine {engine} died {attempt + 1} times at step {step}: {e}") from e
+                self._restart(engine, step)
+                ref = self.actors[engine].generate.remote(*args)
+        raise AssertionError("unreachable")
 
     def sync_weights(self, weights: Mapping[str, Any], version: int, step: int) -> float:
         """Push weights to every engine (one object-store copy) and check the versions."""
         start = time.perf_counter()
         ref = ray.put(dict(weights))
+        self._weights_ref = ref
         calls = [actor.load_weights.remote(ref, version) for actor in self.actors]
         ready, not_ready = ray.wait(calls, num_returns=len(calls), timeout=self.sync_timeout_s)
         if not_ready:
             stuck = [i for i, c in enumerate(calls) if c in not_ready]
             raise TimeoutError(f"weight sync to version {version} timed out after {self.sync_timeout_s:g} s "
                                f"at step {step} (engines {stuck})")
-        ray.get(calls)
+        self.version = version
+        for engine, call in enumerate(calls):
+            try:
+                ray.get(call)
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                self._restart(engine, step)  # a dead engine comes back with these weights
         versions = ray.get([a.weight_version.remote() for a in self.actors])
         if any(v != version for v in versions):
             raise RuntimeError(f"weight sync at step {step}: engines report versions {versions}, expected {version}")
-        self.version = version
         return time.perf_counter() - start
 
     def shutdown(self) -> None:
