@@ -19,12 +19,17 @@ __all__ = ["EngineFleet", "EngineActor", "make_engine"]
 
 
 def make_engine(kind: str, **kwargs):
-    """Build an engine by name ("hf")."""
+    """Build an engine by name: "hf", or "sglang" (GPU only; not run on CPU machines)."""
     if kind == "hf":
         from opefo_rllib.fleet.hf_engine import HFEngine
 
         return HFEngine(**kwargs)
-    raise ValueError(f"unknown engine {kind!r}; available here: 'hf'")
+    if kind == "sglang":
+        from opefo_rllib.fleet.sglang_engine import SGLangEngine
+
+        kwargs.pop("num_threads", None)
+        return SGLangEngine(**kwargs)
+    raise ValueError(f"unknown engine {kind!r}; available: 'hf', 'sglang' (the vLLM engine is not implemented yet)")
 
 
 @ray.remote
