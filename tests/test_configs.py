@@ -8,6 +8,7 @@ from opefo_rllib.run_config import ConfigError, apply_overrides, build_algo_conf
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 OVERLAYS = sorted((CONFIGS / "overlays").glob("*.yaml"))
+LAYOUTS = sorted((CONFIGS / "layouts").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("name", ["tiny_cpu.yaml", "qwen2.5-math-7b_opefo.yaml", "qwen3-4b-base_opefo.yaml"])
@@ -52,3 +53,14 @@ def test_errors_name_the_key_or_field(tmp_path):
 def test_yaml_numbers_without_a_dot_are_numbers():
     data = apply_overrides(load_run_config([CONFIGS / "tiny_cpu.yaml"]), ["lr=5e-4"])
     assert build_algo_config(data).lr == 5e-4
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda p: p.stem)
+def test_gpu_layouts_validate_on_the_paper_recipe(layout):
+    from opefo_rllib.algorithms.grpo.grpo import GRPO
+
+    config = build_algo_config(load_run_config([CONFIGS / "qwen2.5-math-7b_opefo.yaml", layout]))
+    bundles = GRPO.default_resource_request(config).bundles
+    engine_bundles = bundles[-config.num_engines:]
+    assert all(b.get("GPU") == config.num_gpus_per_engine for b in engine_bundles)
+    assert config.colocate_engines == (layout.stem == "colocated_gpu")

@@ -95,6 +95,17 @@ def test_two_iterations_with_build_algo_log_every_tag(ray_session, tmp_path, cls
     assert "entropy_flow/delta" in other["histograms"] and other["text"]
 
 
+def test_colocated_layout_releases_engine_memory_around_each_update(ray_session, tmp_path):
+    config = _small_config(tmp_path).fleet(colocate_engines=True)
+    algo = config.build_algo()
+    try:
+        results = [algo.train() for _ in range(2)]
+    finally:
+        algo.stop()
+    assert [r["fleet/memory_releases"] for r in results] == [1.0, 2.0]
+    assert results[1]["rollout/logprob_gap_max"] < 1e-4  # resumed engines sample the updated policy
+
+
 def test_tune_tuner_runs_opefo_by_name(ray_session, tmp_path):
     from ray import tune
 

@@ -35,7 +35,8 @@ GRPO_DEFAULTS: dict[str, Any] = {
     "model_path": "tiny-default", "model_dtype": "float32", "gradient_checkpointing": False,
     "logits_chunk_size": 1024,
     # generation and the engine fleet
-    "engine": "hf", "num_engines": 1, "num_cpus_per_engine": 0.5, "engine_dtype": "float32",
+    "engine": "hf", "num_engines": 1, "num_cpus_per_engine": 0.5, "num_gpus_per_engine": 0.0,
+    "colocate_engines": False, "engine_dtype": "float32",
     "temperature": 1.0, "max_new_tokens": 8, "top_p": 1.0, "top_k": 0,
     "generate_timeout_s": 600.0, "weight_sync_timeout_s": 120.0,
     # batch
@@ -115,10 +116,12 @@ class GRPOConfig(AlgorithmConfig):
                          group_size=group_size)
 
     def fleet(self, *, engine=NotProvided, num_engines=NotProvided, num_cpus_per_engine=NotProvided,
-              engine_dtype=NotProvided, generate_timeout_s=NotProvided,
-              weight_sync_timeout_s=NotProvided) -> "GRPOConfig":
-        """The inference fleet: engine kind ("hf"), engine actors, their CPUs, timeouts."""
+              num_gpus_per_engine=NotProvided, colocate_engines=NotProvided, engine_dtype=NotProvided,
+              generate_timeout_s=NotProvided, weight_sync_timeout_s=NotProvided) -> "GRPOConfig":
+        """The inference fleet: engine kind ("hf" | "vllm" | "sglang"), engine actors, their CPUs and
+        GPUs, colocation (engines release their memory while the learner trains), timeouts."""
         return self._set(engine=engine, num_engines=num_engines, num_cpus_per_engine=num_cpus_per_engine,
+                         num_gpus_per_engine=num_gpus_per_engine, colocate_engines=colocate_engines,
                          engine_dtype=engine_dtype, generate_timeout_s=generate_timeout_s,
                          weight_sync_timeout_s=weight_sync_timeout_s)
 
@@ -178,6 +181,9 @@ def validate_fields(c: Any) -> None:
             _fail(field, getattr(c, field), "must be an integer >= 1")
     if c.micro_batch_size is not None and (not isinstance(c.micro_batch_size, int) or c.micro_batch_size < 1):
         _fail("micro_batch_size", c.micro_batch_size, "must be None (whole batch) or an integer >= 1")
+    if c.num_gpus_per_engine < 0 or c.num_cpus_per_engine < 0:
+        _fail("num_gpus_per_engine" if c.num_gpus_per_engine < 0 else "num_cpus_per_engine",
+              min(c.num_gpus_per_engine, c.num_cpus_per_engine), "must be >= 0")
     if c.tis_cap is not None and not c.tis_cap > 0:
         _fail("tis_cap", c.tis_cap, "truncated importance sampling cap C must be > 0 (or None: off)")
     if c.zero_stage not in (0, 1, 2, 3):
@@ -217,7 +223,9 @@ class GRPO(Algorithm):
 
         base = super().default_resource_request(config)
         cfg = config if isinstance(config, AlgorithmConfig) else cls.get_default_config().update_from_dict(config)
-        engine_bundles = [{"CPU": cfg.num_cpus_per_engine} for _ in range(cfg.num_engines)]
+        engine_bundles = [{"CPU": cfg.num_cpus_per_engine, **({"GPU": cfg.num_gpus_per_engine}
+                                                               if cfg.num_gpus_per_engine else {})}
+                          for _ in range(cfg.num_engines)]
         return PlacementGroupFactory(bundles=list(base.bundles) + engine_bundles, strategy=cfg.placement_strategy)
 
     @override(Algorithm)
@@ -241,8 +249,12 @@ class GRPO(Algorithm):
         batch = collate(rollouts, pad_id=runner.tokenizer.pad_token_id)
         batch["advantages"] = group_advantages(batch["rewards"], batch["group_ids"], c.adv_estimator)
         t1 = time.perf_counter()
+        if c.colocate_engines:  # engines share the learners' devices: free their memory meanwhile
+            runner.fleet.release_memory()
         results = self.learner_group.foreach_learner(lambda learner, b=batch, s=step: learner.update_from_rollouts(b, s))
         metrics = _first_result(results)
+        if c.colocate_engines:
+            runner.fleet.resume_memory()
         t2 = time.perf_counter()
         sync_s = self.sync_fleet_weights(step)
         t3 = time.perf_counter()
@@ -268,6 +280,7 @@ class GRPO(Algorithm):
             "time/step_s": t3 - t0,
             "throughput/tokens_per_s": float(lengths.sum()) / max(t3 - t0, 1e-9),
             "fleet/engine_restarts": float(runner.fleet.restarts),
+            "fleet/memory_releases": float(runner.fleet.memory_releases),
         })
         for key, value in metrics.items():
             self.metrics.log_value(key, value, window=1)

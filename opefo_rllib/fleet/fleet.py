@@ -57,6 +57,18 @@ class EngineActor:
     def weight_version(self):
         return self.engine.weight_version()
 
+    def release_memory(self) -> bool:
+        fn = getattr(self.engine, "release_memory", None)
+        if fn is not None:
+            fn()
+        return fn is not None
+
+    def resume_memory(self) -> bool:
+        fn = getattr(self.engine, "resume_memory", None)
+        if fn is not None:
+            fn()
+        return fn is not None
+
 
 class EngineFleet:
     """A fleet of engine actors.
@@ -66,24 +78,28 @@ class EngineFleet:
         num_engines: engine actors.
         engine_kwargs: keyword arguments of the engine (model_path, eos_token_id, ...).
         num_cpus_per_engine: Ray CPUs reserved per engine (fractional, so engines fit 2 cores).
+        num_gpus_per_engine: Ray GPUs per engine (1: disaggregated; a fraction: shared with learners).
         generate_timeout_s, sync_timeout_s: a call past these ends in a TimeoutError naming
             the engine and the step, never a silent hang.
     """
 
     def __init__(self, kind: str = "hf", num_engines: int = 1, engine_kwargs: dict | None = None,
-                 num_cpus_per_engine: float = 0.5, generate_timeout_s: float = 600.0, sync_timeout_s: float = 120.0):
+                 num_cpus_per_engine: float = 0.5, generate_timeout_s: float = 600.0, sync_timeout_s: float = 120.0,
+                 num_gpus_per_engine: float = 0.0):
         if num_engines < 1:
             raise ValueError(f"num_engines must be >= 1, got {num_engines}")
         self.kind, self.engine_kwargs = kind, dict(engine_kwargs or {})
         self.generate_timeout_s, self.sync_timeout_s = generate_timeout_s, sync_timeout_s
-        self.num_cpus_per_engine = num_cpus_per_engine
+        self.num_cpus_per_engine, self.num_gpus_per_engine = num_cpus_per_engine, num_gpus_per_engine
+        self.memory_releases = 0
         self.actors = [self._start_actor() for _ in range(num_engines)]
         self.version = 0
         self.restarts = 0
         self._weights_ref = None  # the last synced weights, for engines that restart
 
     def _start_actor(self):
-        return EngineActor.options(num_cpus=self.num_cpus_per_engine).remote(self.kind, self.engine_kwargs)
+        return EngineActor.options(num_cpus=self.num_cpus_per_engine,
+                                   num_gpus=self.num_gpus_per_engine).remote(self.kind, self.engine_kwargs)
 
     def _restart(self, engine: int, step: int) -> None:
         """Replace a dead engine and load the current weights and version into it."""
@@ -165,6 +181,14 @@ class EngineFleet:
         if any(v != version for v in versions):
             raise RuntimeError(f"weight sync at step {step}: engines report versions {versions}, expected {version}")
         return time.perf_counter() - start
+
+    def release_memory(self) -> None:
+        """Colocated layout: engines free their device memory while the learner trains."""
+        ray.get([a.release_memory.remote() for a in self.actors], timeout=self.sync_timeout_s)
+        self.memory_releases += 1
+
+    def resume_memory(self) -> None:
+        ray.get([a.resume_memory.remote() for a in self.actors], timeout=self.sync_timeout_s)
 
     def shutdown(self) -> None:
         for a in self.actors:

@@ -37,6 +37,16 @@ class HFEngine:
     def weight_version(self) -> int:
         return self._version
 
+    def release_memory(self) -> None:
+        """Colocation: move the weights off the accelerator while the learner trains."""
+        self._device = next(self.model.parameters()).device
+        self.model.to("cpu")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def resume_memory(self) -> None:
+        self.model.to(getattr(self, "_device", "cpu"))
+
     def load_weights(self, weights: Mapping[str, Any], version: int) -> None:
         state = {k: torch.as_tensor(v) for k, v in weights.items()}
         missing, unexpected = self.model.load_state_dict(state, strict=False)

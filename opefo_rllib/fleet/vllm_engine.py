@@ -63,6 +63,13 @@ class VLLMEngine:
     def weight_version(self) -> int:
         return self._version
 
+    def release_memory(self) -> None:
+        """Colocation (GPU): vLLM's sleep mode frees weights and KV cache (needs enable_sleep_mode=True)."""
+        self.llm.sleep(level=1)
+
+    def resume_memory(self) -> None:
+        self.llm.wake_up()
+
     def generate(self, prompts: Sequence[Sequence[int]], n: int, sampling: SamplingConfig,
                  seed: int | None = None) -> list[list[GenerationResult]]:
         from vllm import SamplingParams

@@ -47,7 +47,8 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
             kind=c.engine, num_engines=c.num_engines,
             engine_kwargs={"model_path": str(model_dir), "eos_token_id": self.tokenizer.eos_token_id,
                            "pad_token_id": self.tokenizer.pad_token_id, "dtype": c.engine_dtype},
-            num_cpus_per_engine=c.num_cpus_per_engine, generate_timeout_s=c.generate_timeout_s,
+            num_cpus_per_engine=c.num_cpus_per_engine, num_gpus_per_engine=c.num_gpus_per_engine,
+            generate_timeout_s=c.generate_timeout_s,
             sync_timeout_s=c.weight_sync_timeout_s)
         self._group_ids = itertools.count()
         self._sample_calls = 0
