@@ -17,10 +17,12 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yam
 
 
 def _default_config() -> Path:
-    """configs/tiny_cpu.yaml of a source checkout, else the copy shipped in the package."""
-    if DEFAULT_CONFIG.exists():
-        return DEFAULT_CONFIG
-    return Path(__file__).resolve().parent / "configs" / "tiny_cpu.yaml"
+    """configs/tiny_cpu.yaml of the source checkout (the README installs it editable)."""
+    if not DEFAULT_CONFIG.exists():
+        from opefo_rllib.run_config import ConfigError
+
+        raise ConfigError(f"default config {DEFAULT_CONFIG} not found (not a source checkout?); pass --config FILE")
+    return DEFAULT_CONFIG
 
 
 def _fmt_eta(seconds: float) -> str:

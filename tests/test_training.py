@@ -140,7 +140,7 @@ def test_cli_trains_checkpoints_and_resumes_in_a_new_process(tmp_path):
     data = tmp_path / "problems.jsonl"
     data.write_text("".join(json.dumps({"id": f"p{i}", "problem": f"{i}+{i % 7}", "answer": str(i + i % 7)}) + "\n"
                             for i in range(40)))
-    common = ["--set", f"env=opefo/Math-v0", "--set",
+    common = ["--set", "env=opefo/Math-v0", "--set",
               f"env_config={{data_files: {data}, template: '{{problem}}='}}",
               "--set", "prompts_per_batch=4", "--set", "group_size=4", "--set", "max_new_tokens=6",
               "--set", "checkpoint_every=2", "--set", "ray={num_cpus: 2}"]

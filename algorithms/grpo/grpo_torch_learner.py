@@ -98,11 +98,11 @@ class GRPOTorchLearner(DeepSpeedTorchLearner):
         # w_t *= min(pi_learner / pi_engine, C), detached (off unless tis_cap is set).
         metrics["rollout/tis_enabled"] = float(c.tis_cap is not None)
         if c.tis_cap is not None:
-            tis = torch.exp(logp - batch["sampling_logp"]).clamp(max=float(c.tis_cap))
+            ratio = torch.exp(logp - batch["sampling_logp"])
+            tis = ratio.clamp(max=float(c.tis_cap))
             weights = weights * torch.where(mask.bool(), tis, torch.ones_like(tis))
             metrics["rollout/tis_weight_mean"] = float((tis * mask).sum()) / max(n_tok, 1.0)
-            metrics["rollout/tis_clipped_frac"] = float(((logp - batch["sampling_logp"]).exp() > c.tis_cap)[mask.bool()]
-                                                        .float().mean()) if n_tok else 0.0
+            metrics["rollout/tis_clipped_frac"] = float((ratio > c.tis_cap)[mask.bool()].float().mean()) if n_tok else 0.0
 
         # --- training pass: num_updates_per_batch optimizer steps (1 = strict on-policy).
         old_logp = logp  # the policy that sampled (equal to the current one before the first step)

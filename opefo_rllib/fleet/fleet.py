@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 
 import ray
 
-from opefo_rllib.fleet.engine import GenerationResult, SamplingConfig
+from opefo_rllib.fleet.engine import SamplingConfig
 
 __all__ = ["EngineFleet", "EngineActor", "make_engine"]
 

@@ -48,13 +48,9 @@ class HFEngine:
         self.model.to(getattr(self, "_device", "cpu"))
 
     def load_weights(self, weights: Mapping[str, Any], version: int) -> None:
-        state = {k: torch.as_tensor(v) for k, v in weights.items()}
-        missing, unexpected = self.model.load_state_dict(state, strict=False)
-        missing = [m for m in missing if not (m == "lm_head.weight" and self.model.config.tie_word_embeddings)]
-        if missing or unexpected:
-            raise ValueError(f"HFEngine.load_weights: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        if getattr(self.model.config, "tie_word_embeddings", False):
-            self.model.tie_weights()
+        from opefo_rllib.models.tiny import load_policy_weights
+
+        load_policy_weights(self.model, {k: torch.as_tensor(v) for k, v in weights.items()}, "HFEngine.load_weights")
         self._version = int(version)
 
     @torch.no_grad()

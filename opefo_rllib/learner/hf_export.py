@@ -15,17 +15,14 @@ __all__ = ["export_hf_policy"]
 def export_hf_policy(base_model_path: str, weights: Mapping[str, torch.Tensor], directory: str) -> str:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from opefo_rllib.models.tiny import resolve_model_path
+    from opefo_rllib.models.tiny import load_policy_weights, resolve_model_path
 
     src = resolve_model_path(base_model_path)
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     config = AutoConfig.from_pretrained(src)
     model = AutoModelForCausalLM.from_config(config)
-    missing, unexpected = model.load_state_dict(dict(weights), strict=False)
-    missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]
-    if missing or unexpected:
-        raise ValueError(f"export_hf_policy: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    load_policy_weights(model, weights, "export_hf_policy")
     model.save_pretrained(out, safe_serialization=True)
     for f in src.iterdir():  # tokenizer files travel with the weights
         if f.is_file() and ("tokenizer" in f.name or f.name in ("special_tokens_map.json", "vocab.json", "merges.txt")):

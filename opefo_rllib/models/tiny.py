@@ -13,7 +13,7 @@ import torch
 
 from opefo_rllib.models.tokenizer import CharTokenizer
 
-__all__ = ["TINY_DEFAULT_PATH", "tiny_qwen2_config", "load_policy", "resolve_model_path"]
+__all__ = ["TINY_DEFAULT_PATH", "tiny_qwen2_config", "load_policy", "load_policy_weights", "resolve_model_path"]
 
 TINY_DEFAULT_PATH = Path(__file__).resolve().parent / "tiny_default"
 TINY_DEFAULT = "tiny-default"
@@ -54,3 +54,15 @@ def load_policy(path: str | Path, dtype: torch.dtype = torch.float32):
 
         tokenizer = AutoTokenizer.from_pretrained(p)
     return model, tokenizer
+
+
+def load_policy_weights(model, weights, where: str) -> None:
+    """Load a full state dict into ``model``; a tied ``lm_head.weight`` may be absent. Any other
+    missing or unexpected key is an error naming ``where``."""
+    missing, unexpected = model.load_state_dict(dict(weights), strict=False)
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    missing = [m for m in missing if not (m == "lm_head.weight" and tied)]
+    if missing or unexpected:
+        raise ValueError(f"{where}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if tied:
+        model.tie_weights()

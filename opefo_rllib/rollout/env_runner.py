@@ -8,7 +8,6 @@ Every rollout carries its prompt group and the weight version that generated it.
 
 from __future__ import annotations
 
-import itertools
 import time
 from typing import Any
 
@@ -30,7 +29,6 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
 
     def __init__(self, *, config, **kwargs):
         super().__init__(config=config, **kwargs)
-        from opefo_rllib.models.tiny import load_policy  # noqa: F401  (fail early on a bad model path)
         from opefo_rllib.models.tiny import resolve_model_path
         from opefo_rllib.models.tokenizer import CharTokenizer
 
@@ -50,7 +48,7 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
             num_cpus_per_engine=c.num_cpus_per_engine, num_gpus_per_engine=c.num_gpus_per_engine,
             generate_timeout_s=c.generate_timeout_s,
             sync_timeout_s=c.weight_sync_timeout_s)
-        self._group_ids = itertools.count()
+        self._next_group_id = 0
         self._sample_calls = 0
         self.last_timings: dict[str, float] = {}
 
@@ -69,7 +67,8 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
         step = self._sample_calls
         problems = self.env.sample_problems(c.prompts_per_batch)
         prompts = [self.tokenizer.encode(p.prompt) for p in problems]
-        group_ids = [next(self._group_ids) for _ in problems]
+        group_ids = list(range(self._next_group_id, self._next_group_id + len(problems)))
+        self._next_group_id += len(problems)
         start = time.perf_counter()
         pending = self.fleet.submit(prompts, c.group_size, self.sampling, seed=(c.seed or 0) * 100_003 + step)
         verifying = []  # (prompt indices, results, futures)
@@ -119,9 +118,8 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
     @override(Checkpointable)
     def get_state(self, components=None, *, not_components=None, **kwargs) -> dict[str, Any]:
         state: dict[str, Any] = {"sample_calls": self._sample_calls,
-                                 "next_group_id": next(self._group_ids),
+                                 "next_group_id": self._next_group_id,
                                  "env_rng": self.env.np_random.bit_generator.state}
-        self._group_ids = itertools.count(state["next_group_id"])
         dataset = getattr(self.env, "dataset", None)
         if dataset is not None:
             state["dataset"] = dataset.state_dict()
@@ -132,7 +130,7 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
         if not state or "sample_calls" not in state:
             return  # RLlib's initial module-state sync: nothing of ours in it
         self._sample_calls = int(state["sample_calls"])
-        self._group_ids = itertools.count(int(state["next_group_id"]))
+        self._next_group_id = int(state["next_group_id"])
         self.env.np_random.bit_generator.state = state["env_rng"]
         if "dataset" in state and getattr(self.env, "dataset", None) is not None:
             self.env.dataset.load_state_dict(state["dataset"])
