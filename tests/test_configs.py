@@ -64,3 +64,5 @@ def test_gpu_layouts_validate_on_the_paper_recipe(layout):
     engine_bundles = bundles[-config.num_engines:]
     assert all(b.get("GPU") == config.num_gpus_per_engine for b in engine_bundles)
     assert config.colocate_engines == (layout.stem == "colocated_gpu")
+    assert config.weight_sync == "native"
+    assert config.weight_transfer_backend == ("ipc" if config.colocate_engines else "nccl")

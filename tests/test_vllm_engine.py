@@ -58,10 +58,17 @@ def _engine_checks():
     assert _max_gap(model, prompts, results) < LOGPROB_TOLERANCE  # the new weights are the ones sampled
     with pytest.raises(ValueError, match="full distribution"):
         engine.generate(prompts, 1, SamplingConfig(top_p=0.9))
+    # vLLM labels every output token with the weight version it ran under; a label that is not the
+    # engine's version (here: set behind its back) is refused as off-policy, not returned.
+    engine.llm.update_weight_version("99")
+    with pytest.raises(RuntimeError, match="off-policy tokens"):
+        engine.generate(prompts, 2, SamplingConfig(max_new_tokens=4), seed=3)
     print("vllm engine checks passed")
 
 
-def test_three_iterations_with_two_vllm_engines_survive_a_killed_engine(tmp_path):
+@pytest.mark.parametrize("weight_sync", ["native", "object_store"])
+def test_three_iterations_with_two_vllm_engines_survive_a_killed_engine(tmp_path, weight_sync):
+    """native: vLLM's weight-transfer API (opefo_gloo backend on CPU); object_store: the fallback."""
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -71,19 +78,31 @@ def test_three_iterations_with_two_vllm_engines_survive_a_killed_engine(tmp_path
         from opefo_rllib.algorithms.opefo import OPEFOConfig
 
         config = (OPEFOConfig().training(prompts_per_batch=4).generation(group_size=4, max_new_tokens=6)
-                  .fleet(engine="vllm", num_engines=2, num_cpus_per_engine=0.5, generate_timeout_s=300)
+                  .fleet(engine="vllm", num_engines=2, num_cpus_per_engine=0.5, generate_timeout_s=300,
+                         weight_sync=weight_sync, weight_sync_timeout_s=60)
                   .logging(tensorboard_dir=str(tmp_path / "tb")))
         algo = config.build_algo()
         try:
+            fleet = algo.env_runner.fleet
+            assert fleet.native_backend == ("opefo_gloo" if weight_sync == "native" else None)
             results = [algo.train() for _ in range(2)]
-            ray.kill(algo.env_runner.fleet.actors[0])
+            ray.kill(fleet.actors[0])  # dies before generation: restarted with the current weights
             results.append(algo.train())
+            if weight_sync == "native":
+                # the group was built once, then rebuilt around the restarted engine
+                assert results[-1]["fleet/transfer_group_builds"] == 2
+                # an engine that dies right before a native sync: restart, rebuild, retry
+                ray.kill(fleet.actors[1])
+                algo.sync_fleet_weights(algo.training_iteration)
+                assert fleet.restarts == 2 and fleet.group_builds == 3
+                results.append(algo.train())
         finally:
             algo.stop()
         for r in results:
             assert r["rollout/num_samples"] == 16
             assert r["rollout/logprob_gap_max"] < LOGPROB_TOLERANCE
-        assert results[-1]["fleet/engine_restarts"] == 1
+            assert r["fleet/native_weight_sync"] == float(weight_sync == "native")
+        assert results[2]["fleet/engine_restarts"] == 1
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
         files = list((tmp_path / "tb").glob("events.out.tfevents.*"))

@@ -39,6 +39,7 @@ GRPO_DEFAULTS: dict[str, Any] = {
     "colocate_engines": False, "engine_dtype": "float32",
     "temperature": 1.0, "max_new_tokens": 8, "top_p": 1.0, "top_k": 0,
     "generate_timeout_s": 600.0, "weight_sync_timeout_s": 120.0,
+    "weight_sync": "auto", "weight_transfer_backend": "auto", "weight_transfer_address": "127.0.0.1",
     # batch
     "prompts_per_batch": 16, "group_size": 8,
     # objective
@@ -117,13 +118,20 @@ class GRPOConfig(AlgorithmConfig):
 
     def fleet(self, *, engine=NotProvided, num_engines=NotProvided, num_cpus_per_engine=NotProvided,
               num_gpus_per_engine=NotProvided, colocate_engines=NotProvided, engine_dtype=NotProvided,
-              generate_timeout_s=NotProvided, weight_sync_timeout_s=NotProvided) -> "GRPOConfig":
+              generate_timeout_s=NotProvided, weight_sync_timeout_s=NotProvided, weight_sync=NotProvided,
+              weight_transfer_backend=NotProvided, weight_transfer_address=NotProvided) -> "GRPOConfig":
         """The inference fleet: engine kind ("hf" | "vllm" | "sglang"), engine actors, their CPUs and
-        GPUs, colocation (engines release their memory while the learner trains), timeouts."""
+        GPUs, colocation (engines release their memory while the learner trains), timeouts, and how
+        weights reach the engines: ``weight_sync`` "native" (vLLM's weight-transfer API, backend
+        ``weight_transfer_backend``: "auto" | "nccl" | "ipc" | "opefo_gloo"; the learner's store listens
+        on ``weight_transfer_address``), "object_store" (state dict through Ray's object store), or
+        "auto" (native where the engine has it, else object_store)."""
         return self._set(engine=engine, num_engines=num_engines, num_cpus_per_engine=num_cpus_per_engine,
                          num_gpus_per_engine=num_gpus_per_engine, colocate_engines=colocate_engines,
                          engine_dtype=engine_dtype, generate_timeout_s=generate_timeout_s,
-                         weight_sync_timeout_s=weight_sync_timeout_s)
+                         weight_sync_timeout_s=weight_sync_timeout_s, weight_sync=weight_sync,
+                         weight_transfer_backend=weight_transfer_backend,
+                         weight_transfer_address=weight_transfer_address)
 
     def policy_model(self, *, model_path=NotProvided, model_dtype=NotProvided, gradient_checkpointing=NotProvided,
                      logits_chunk_size=NotProvided) -> "GRPOConfig":
@@ -172,6 +180,8 @@ def validate_fields(c: Any) -> None:
     """Check the project's config fields; the error names the bad field."""
     choices = {"adv_estimator": ADV_ESTIMATORS, "policy_loss": POLICY_LOSSES, "loss_agg_mode": AGG_MODES,
                "entropy_flow_estimator": ESTIMATORS, "balance_mode": BALANCE_MODES, "engine": ("hf", "vllm", "sglang"),
+               "weight_sync": ("auto", "native", "object_store"),
+               "weight_transfer_backend": ("auto", "nccl", "ipc", "opefo_gloo"),
                "model_dtype": ("float32", "bfloat16"), "engine_dtype": ("float32", "bfloat16")}
     for field, allowed in choices.items():
         if getattr(c, field) not in allowed:
@@ -201,6 +211,9 @@ def validate_fields(c: Any) -> None:
                   "the learner does not apply the same truncation")
     if c.group_size < 2 and c.adv_estimator in ("grpo", "rloo"):
         _fail("group_size", c.group_size, f"{c.adv_estimator!r} advantages need at least 2 responses per prompt")
+    if c.weight_sync == "native" and c.engine != "vllm":
+        _fail("weight_sync", c.weight_sync, f"native weight transfer is vLLM's API; engine is {c.engine!r} "
+              "(use 'auto' or 'object_store')")
     if c.num_learners > 1:
         _fail("num_learners", c.num_learners, "this version trains with one (local or remote) learner")
 
@@ -281,6 +294,8 @@ class GRPO(Algorithm):
             "throughput/tokens_per_s": float(lengths.sum()) / max(t3 - t0, 1e-9),
             "fleet/engine_restarts": float(runner.fleet.restarts),
             "fleet/memory_releases": float(runner.fleet.memory_releases),
+            "fleet/native_weight_sync": float(runner.fleet.native_backend is not None),
+            "fleet/transfer_group_builds": float(runner.fleet.group_builds),
         })
         for key, value in metrics.items():
             self.metrics.log_value(key, value, window=1)
@@ -293,9 +308,37 @@ class GRPO(Algorithm):
 
     def sync_fleet_weights(self, step: int) -> float:
         """Push the learner's weights and version to every engine (before the next sample)."""
-        weights, version = _first_result(self.learner_group.foreach_learner(
-            lambda learner: (learner.policy_weights(), learner.weight_version)))
-        return self.env_runner.sync_weights(weights, version, step)
+        fleet = self.env_runner.fleet
+        if fleet.native_backend is None:
+            weights, version = _first_result(self.learner_group.foreach_learner(
+                lambda learner: (learner.policy_weights(), learner.weight_version)))
+            return self.env_runner.sync_weights(weights, version, step)
+        return self._sync_native(fleet, step)
+
+    def _sync_native(self, fleet, step: int) -> float:
+        """vLLM's weight-transfer API, driven from the learner; one retry after restarting engines."""
+        c = self.config
+        start = time.perf_counter()
+        fleet.weights_provider = lambda: _first_result(self.learner_group.foreach_learner(
+            lambda learner: learner.policy_weights()))
+        for attempt in range(2):
+            try:
+                actors, sizes, backend, rebuild = fleet.native_targets()
+
+                def push(learner, a=actors, s=sizes, b=backend, r=rebuild or attempt > 0):
+                    return learner.push_weights_native(a, s, b, step, c.weight_sync_timeout_s, r,
+                                                       c.weight_transfer_address)
+
+                version = _first_result(self.learner_group.foreach_learner(push))
+            except Exception:  # noqa: BLE001 - recover once, then let it out
+                if attempt:
+                    raise
+                version = _first_result(self.learner_group.foreach_learner(lambda learner: learner.weight_version))
+                fleet.recover_native_sync(version, step)
+                continue
+            fleet.confirm_native_sync(version, step)
+            return time.perf_counter() - start
+        raise AssertionError("unreachable")
 
     @override(Algorithm)
     def restore_from_path(self, path, *args, **kwargs) -> None:

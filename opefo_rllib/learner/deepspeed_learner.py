@@ -15,6 +15,8 @@ checkpointing, and replaces the rest:
 
 from __future__ import annotations
 
+import contextlib
+
 import os
 import socket
 from typing import Any
@@ -128,13 +130,20 @@ class DeepSpeedTorchLearner(TorchLearner):
 
     def policy_weights(self) -> dict[str, torch.Tensor]:
         """A CPU copy of the Hugging Face model's state dict (gathered under ZeRO-3)."""
+        with self._gathered_policy() as lm:
+            return {k: v.detach().to("cpu", copy=True) for k, v in lm.state_dict().items()}
+
+    @contextlib.contextmanager
+    def _gathered_policy(self):
+        """The Hugging Face model with whole parameters (ZeRO-3 gathers them for the duration)."""
         lm = self._module[DEFAULT_MODULE_ID].lm
         if int(self.config.zero_stage) == 3:
             import deepspeed
 
             with deepspeed.zero.GatheredParameters(list(lm.parameters()), modifier_rank=None):
-                return {k: v.detach().to("cpu", copy=True) for k, v in lm.state_dict().items()}
-        return {k: v.detach().to("cpu", copy=True) for k, v in lm.state_dict().items()}
+                yield lm
+        else:
+            yield lm
 
     @override(TorchLearner)
     def get_state(self, components=None, *, not_components=None, **kwargs):

@@ -41,13 +41,20 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
         self.tokenizer = CharTokenizer.load(model_dir)
         self.sampling = SamplingConfig(temperature=c.temperature, max_new_tokens=c.max_new_tokens,
                                        top_p=c.top_p, top_k=c.top_k, seed=c.seed or 0)
+        engine_kwargs = {"model_path": str(model_dir), "eos_token_id": self.tokenizer.eos_token_id,
+                         "pad_token_id": self.tokenizer.pad_token_id, "dtype": c.engine_dtype}
+        if c.engine == "vllm":
+            engine_kwargs["colocated"] = c.colocate_engines
+            if c.weight_sync != "object_store":
+                engine_kwargs["weight_transfer_backend"] = c.weight_transfer_backend
         self.fleet = EngineFleet(
-            kind=c.engine, num_engines=c.num_engines,
-            engine_kwargs={"model_path": str(model_dir), "eos_token_id": self.tokenizer.eos_token_id,
-                           "pad_token_id": self.tokenizer.pad_token_id, "dtype": c.engine_dtype},
+            kind=c.engine, num_engines=c.num_engines, engine_kwargs=engine_kwargs,
             num_cpus_per_engine=c.num_cpus_per_engine, num_gpus_per_engine=c.num_gpus_per_engine,
             generate_timeout_s=c.generate_timeout_s,
             sync_timeout_s=c.weight_sync_timeout_s)
+        if c.weight_sync == "native" and self.fleet.native_backend is None:
+            raise ValueError("config field 'weight_sync' = 'native': the installed vLLM has no weight-transfer API "
+                             "(LLM.init_weight_transfer_engine); use 'auto' or 'object_store'")
         self._next_group_id = 0
         self._sample_calls = 0
         self.last_timings: dict[str, float] = {}
