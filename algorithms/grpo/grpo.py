@@ -247,6 +247,9 @@ class GRPO(Algorithm):
         from opefo_rllib.logging_tb import TensorBoardLogger
 
         self.tb = TensorBoardLogger(self.config.tensorboard_dir or self.logdir)
+        # A restarted engine under native sync loads the learner's current weights from here.
+        self.env_runner.fleet.weights_provider = lambda: _first_result(self.learner_group.foreach_learner(
+            lambda learner: learner.policy_weights()))
 
     @override(Algorithm)
     def training_step(self) -> None:
@@ -319,8 +322,6 @@ class GRPO(Algorithm):
         """vLLM's weight-transfer API, driven from the learner; one retry after restarting engines."""
         c = self.config
         start = time.perf_counter()
-        fleet.weights_provider = lambda: _first_result(self.learner_group.foreach_learner(
-            lambda learner: learner.policy_weights()))
         for attempt in range(2):
             try:
                 actors, sizes, backend, rebuild = fleet.native_targets()

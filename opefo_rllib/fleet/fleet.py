@@ -134,6 +134,8 @@ class EngineFleet:
         if len(backends) != 1:
             raise RuntimeError(f"engines disagree on their weight-transfer backend: {sorted(map(str, backends))}")
         self.native_backend: str | None = backends.pop()
+        # workers per engine (ranks in a transfer group); a restarted engine has the same
+        self.world_sizes: list[int] = ray.get([a.world_size.remote() for a in self.actors])
         self._group_stale = True  # the native transfer group must be (re)built before the next sync
         self.group_builds = 0
 
@@ -167,8 +169,7 @@ class EngineFleet:
         """What the learner's NativeWeightSender needs: (actors, workers per engine, backend, rebuild?)."""
         if self.native_backend is None:
             raise RuntimeError("this fleet's engines have no native weight-transfer backend")
-        sizes = ray.get([a.world_size.remote() for a in self.actors], timeout=self.sync_timeout_s)
-        return list(self.actors), sizes, self.native_backend, self._group_stale
+        return list(self.actors), list(self.world_sizes), self.native_backend, self._group_stale
 
     def confirm_native_sync(self, version: int, step: int) -> None:
         """After the learner pushed ``version`` natively: every engine must report it."""

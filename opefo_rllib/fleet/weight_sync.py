@@ -25,6 +25,8 @@ import time
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import ray
+from vllm.distributed.weight_transfer import WeightSource, WeightTransferTrainerFactory
+from vllm.distributed.weight_transfer.base import ParamMeta
 
 __all__ = ["FleetSyncClient", "StateDictSource", "NativeWeightSender", "trainer_init_info", "NATIVE_BACKENDS"]
 
@@ -94,26 +96,19 @@ class FleetSyncClient:
         self._all("finish_weight_update", [a.finish_weight_update.remote(version) for a in self.actors])
 
 
-def _weight_source_base():
-    from vllm.distributed.weight_transfer import WeightSource
+class StateDictSource(WeightSource):
+    """vLLM's ``WeightSource`` over a callable that yields ``(name, tensor)`` in checkpoint (HF)
+    names; re-run every round, so it always sends the learner's current weights."""
 
-    return WeightSource
+    def __init__(self, named_tensors: Callable[[], Iterable[tuple[str, Any]]]):
+        self.named_tensors = named_tensors
 
+    def metadata(self) -> list[ParamMeta]:
+        return [ParamMeta(name, t.dtype, tuple(t.shape)) for name, t in self.named_tensors()]
 
-def StateDictSource(named_tensors: Callable[[], Iterable[tuple[str, Any]]]):
-    """A vLLM ``WeightSource`` over a callable that yields ``(name, tensor)`` in checkpoint (HF)
-    names, re-run for every round (so it always sends the learner's current weights)."""
-    from vllm.distributed.weight_transfer.base import ParamMeta
-
-    class _Source(_weight_source_base()):
-        def metadata(self) -> list:
-            return [ParamMeta(name, t.dtype, tuple(t.shape)) for name, t in named_tensors()]
-
-        def __iter__(self) -> Iterator[tuple[str, Any]]:
-            for name, t in named_tensors():
-                yield name, t.detach()
-
-    return _Source()
+    def __iter__(self) -> Iterator[tuple[str, Any]]:
+        for name, t in self.named_tensors():
+            yield name, t.detach()
 
 
 def _free_port(address: str) -> int:
@@ -156,8 +151,6 @@ class NativeWeightSender:
 
     def send(self, actors: Sequence[Any], world_sizes: Sequence[int], backend: str, version: int, step: int,
              timeout_s: float, rebuild: bool) -> float:
-        from vllm.distributed.weight_transfer import WeightTransferTrainerFactory
-
         start = time.perf_counter()
         if rebuild or self.engine is None:
             self.close()
