@@ -78,6 +78,7 @@ def main() -> None:
         engine = make()
         start_s = time.perf_counter() - t0
         r = bench(engine, prompts, args)
+        engine.shutdown()
         print(f"  {name:5s} start {start_s:5.1f} s   {r['tokens_per_s']:8.0f} tokens/s   batch {r['batch_s']:.3f} s   "
               f"weight sync {r['sync_s'] * 1000:6.1f} ms")
 

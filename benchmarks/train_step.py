@@ -9,7 +9,6 @@ Builds the Algorithm from the run config (real Ray, RLlib, DeepSpeed, HF engine)
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 from pathlib import Path
@@ -32,7 +31,6 @@ def main() -> None:
     data = apply_overrides(load_run_config([args.config]), args.set)
     config = build_algo_config(data)
     config.tensorboard_dir = "/tmp/opefo_bench_train_step"
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     t0 = time.perf_counter()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     algo = config.build_algo()

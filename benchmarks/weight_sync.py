@@ -46,13 +46,12 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args()
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
     import torch
     from transformers import AutoModelForCausalLM
 
     from opefo_rllib.fleet.fleet import EngineFleet
-    from opefo_rllib.fleet.weight_sync import NativeWeightSender
+    from opefo_rllib.fleet.vllm_transfer import NativeWeightSender
 
     torch.set_num_threads(1)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -77,7 +76,7 @@ def main() -> None:
                             times.append(time.perf_counter() - t0)
                     else:
                         sender = NativeWeightSender(lambda: model.state_dict().items())
-                        actors, sizes, backend, _ = fleet.native_targets()
+                        actors, sizes, backend = list(fleet.actors), fleet.world_sizes, fleet.native_backend
                         sender.send(actors, sizes, backend, 1, 0, 120, rebuild=True)
                         for v in range(args.repeat):
                             t0 = time.perf_counter()

@@ -27,6 +27,7 @@ import numpy as np
 from gymnasium import spaces
 from gymnasium.utils import seeding
 
+from opefo_rllib.envs.pool import wait_all
 from opefo_rllib.envs.verifier import VerifyResult
 
 __all__ = ["Problem", "UnicodeText", "TextEnv", "RetryWithFeedback"]
@@ -65,6 +66,7 @@ class TextEnv(gym.Env):
     """
 
     metadata = {"render_modes": ["ansi"], "render_fps": 1}
+    skipped_rows = 0  # dataset rows dropped at load (``on_bad_row="skip"``); datasets set it
 
     def __init__(self, max_prompt_chars: int = 8192, max_response_chars: int = 65536, render_mode: str | None = None):
         self.observation_space = UnicodeText(max_prompt_chars)
@@ -95,6 +97,11 @@ class TextEnv(gym.Env):
             futures.append(fut)
         return futures
 
+    def score_deadline_s(self, num_answers: int) -> float:
+        """How long waiting for ``num_answers`` scores may take before it is an error (a stuck
+        verifier must fail loudly, not hang the run). Override with a bound that fits the verifier."""
+        return 600.0
+
     # ------------------------------------------------------------------ batch API
     def seed_problems(self, seed: int) -> None:
         """Seed the problem stream without drawing a problem (the trainer's start)."""
@@ -105,7 +112,8 @@ class TextEnv(gym.Env):
         return [self.sample_problem(self.np_random) for _ in range(n)]
 
     def score_batch(self, problems: Sequence[Problem], responses: Sequence[str]) -> list[VerifyResult]:
-        return [f.result() for f in self.score_batch_async(problems, responses)]
+        futures = self.score_batch_async(problems, responses)
+        return wait_all(futures, self.score_deadline_s(len(futures)), f"{type(self).__name__}.score_batch: scores")
 
     # ------------------------------------------------------------------ Gymnasium API
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[str, dict]:
@@ -167,6 +175,16 @@ class RetryWithFeedback(TextEnv):
 
     def score_batch_async(self, problems, responses) -> list[Future]:
         return self.env.score_batch_async(problems, responses)
+
+    def score_deadline_s(self, num_answers: int) -> float:
+        return self.env.score_deadline_s(num_answers)
+
+    @property
+    def skipped_rows(self) -> int:
+        return self.env.skipped_rows
+
+    def close(self) -> None:
+        self.env.close()
 
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[str, dict]:
         obs, info = super().reset(seed=seed, options=options)

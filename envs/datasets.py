@@ -3,7 +3,8 @@ deterministically shuffled, checkpointable stream of problems.
 
 A bad row (missing field, wrong type, empty answer, invalid JSON) raises ``DatasetError``
 naming the file, the line (or row) and the field; with ``on_bad_row="skip"`` it is skipped
-and recorded in ``LoadedProblems.skipped`` instead. Nothing disappears silently.
+and recorded in ``LoadedProblems.skipped`` instead, with one warning logged per row.
+Nothing disappears silently.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import csv
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -23,6 +25,9 @@ from opefo_rllib.envs.base import Problem
 __all__ = ["DatasetError", "BadRow", "LoadedProblems", "load_problems", "ProblemDataset"]
 
 FORMATS = ("jsonl", "parquet", "csv", "hf")
+FINGERPRINT_VERSION = 2  # 1: ids only; 2: ids, problems and answers
+
+log = logging.getLogger(__name__)
 
 
 class DatasetError(ValueError):
@@ -173,6 +178,7 @@ def load_problems(
             if on_bad_row == "raise":
                 raise
             skipped.append(BadRow(name, line, e.field, str(e)))
+            log.warning("skipped bad dataset row (on_bad_row='skip'): %s", e)  # e names file:line and field
             continue
         meta = {k: v for k, v in row.items() if k not in (problem_field, answer_field, id_field)
                 and (keep is None or k in keep)}
@@ -224,6 +230,18 @@ class ProblemDataset:
         self._order = self._permutation(0)
 
     def fingerprint(self) -> str:
+        """SHA-256 of every row's id, problem and answer, in order: an edited file (even one
+        whose ids are line numbers) does not pass for the dataset a run was saved with."""
+        h = hashlib.sha256()
+        for p in self.problems:
+            for text in (p.id, p.prompt, p.answer):
+                data = text.encode("utf-8", "surrogatepass")
+                h.update(len(data).to_bytes(8, "little"))  # length-prefixed: fields cannot run together
+                h.update(data)
+        return h.hexdigest()[:32]
+
+    def _ids_fingerprint(self) -> str:
+        """Version 1 (ids only), to resume checkpoints saved before contents were covered."""
         h = hashlib.sha1()
         for p in self.problems:
             h.update(p.id.encode("utf-8", "replace"))
@@ -232,13 +250,23 @@ class ProblemDataset:
 
     def state_dict(self) -> dict:
         return {"seed": self.seed, "epoch": self.epoch, "position": self.position, "shuffle": self.shuffle,
-                "size": len(self.problems), "fingerprint": self.fingerprint()}
+                "size": len(self.problems), "fingerprint": self.fingerprint(),
+                "fingerprint_version": FINGERPRINT_VERSION}
+
+    def _saved_fingerprint_matches(self, state: dict) -> bool:
+        if state.get("fingerprint_version", 1) >= FINGERPRINT_VERSION:
+            return state["fingerprint"] == self.fingerprint()
+        if state["fingerprint"] != self._ids_fingerprint():
+            return False
+        log.warning("ProblemDataset: resuming from a checkpoint whose fingerprint covers ids only; "
+                    "problem and answer texts were not checked against it")
+        return True
 
     def load_state_dict(self, state: dict) -> None:
         for key in ("seed", "epoch", "position", "size", "fingerprint"):
             if key not in state:
                 raise KeyError(f"ProblemDataset state is missing key {key!r}")
-        if state["size"] != len(self.problems) or state["fingerprint"] != self.fingerprint():
+        if state["size"] != len(self.problems) or not self._saved_fingerprint_matches(state):
             raise ValueError(f"ProblemDataset state was saved for a different dataset "
                              f"(size {state['size']}, fingerprint {state['fingerprint']}; "
                              f"this one: size {len(self.problems)}, fingerprint {self.fingerprint()})")

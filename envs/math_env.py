@@ -7,6 +7,7 @@ with ``MathVerifier`` in its pool of worker processes.
 
 from __future__ import annotations
 
+import logging
 from concurrent.futures import Future
 from typing import Sequence
 
@@ -17,6 +18,8 @@ from opefo_rllib.envs.datasets import ProblemDataset, load_problems
 from opefo_rllib.envs.verifier import MathVerifier, VerifyResult, shared_math_verifier
 
 __all__ = ["MathEnv", "DEFAULT_MATH_TEMPLATE"]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MATH_TEMPLATE = "{problem}\nLet's think step by step and output the final answer within \\boxed{{}}."
 
@@ -31,6 +34,9 @@ class MathEnv(TextEnv):
         shuffle, seed: the deterministic order of the problem stream.
         verifier: a MathVerifier (default: the process-wide shared one).
         loader_kwargs: passed to ``load_problems`` (field names, on_bad_row, split, ...).
+
+    ``skipped_rows`` counts the bad rows ``on_bad_row="skip"`` dropped (each logged with its
+    file:line); ``close()`` stops the verifier's worker processes (they restart if used again).
     """
 
     def __init__(
@@ -51,12 +57,20 @@ class MathEnv(TextEnv):
             if data_files is None:
                 raise ValueError("MathEnv needs data_files= (JSONL / Parquet / CSV / HF dataset) or problems=; "
                                  "e.g. gymnasium.make('opefo/Math-v0', data_files='math_train.jsonl')")
-            files = [data_files] if isinstance(data_files, (str, bytes)) or not isinstance(data_files, Sequence) \
-                else list(data_files)
-            problems = [p for f in files for p in load_problems(f, **(loader_kwargs or {})).problems]
+            problems = self._load(data_files, loader_kwargs or {})
         self.dataset = ProblemDataset(list(problems), shuffle=shuffle, seed=seed)
         self.template = template
         self._verifier = verifier
+
+    def _load(self, data_files, loader_kwargs: dict) -> list[Problem]:
+        files = [data_files] if isinstance(data_files, (str, bytes)) or not isinstance(data_files, Sequence) \
+            else list(data_files)
+        loaded = [load_problems(f, **loader_kwargs) for f in files]
+        self.skipped_rows = sum(len(lp.skipped) for lp in loaded)
+        if self.skipped_rows:
+            log.warning("MathEnv: %d bad dataset rows skipped (on_bad_row='skip'); each is logged above",
+                        self.skipped_rows)
+        return [p for lp in loaded for p in lp.problems]
 
     @property
     def verifier(self) -> MathVerifier:
@@ -80,3 +94,10 @@ class MathEnv(TextEnv):
 
     def score_batch_async(self, problems: Sequence[Problem], responses: Sequence[str]) -> list[Future]:
         return self.verifier.verify_batch_async(responses, [p.answer for p in problems])
+
+    def score_deadline_s(self, num_answers: int) -> float:
+        return self.verifier.wait_deadline_s(num_answers)
+
+    def close(self) -> None:
+        self.verifier.close()  # idempotent; the verifier restarts its workers if used again
+        super().close()

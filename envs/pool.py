@@ -5,6 +5,9 @@ process, and sympy can still hang or blow the stack on hostile input. So every j
 the main thread of a worker process, and the parent kills a worker whose job outlives its
 deadline and starts a replacement. A job that times out, crashes its worker, or raises
 resolves to ``on_failure(kind, message)`` instead of propagating: callers always get a result.
+A pool that cannot go on (no worker can start, the dispatcher thread died) breaks loudly: it
+fails every unfinished job naming the cause and refuses new ones. Workers start isolated
+(``python -I``) and end themselves if the parent process dies.
 
 Jobs are submitted from any thread and come back as ``concurrent.futures.Future`` objects, so
 verification overlaps whatever the caller does next.
@@ -14,7 +17,9 @@ from __future__ import annotations
 
 import atexit
 import collections
+import concurrent.futures
 import itertools
+import logging
 import os
 import socket
 import subprocess
@@ -22,13 +27,14 @@ import sys
 import threading
 import time
 import weakref
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from multiprocessing.connection import Connection, wait
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
-__all__ = ["WorkerPool", "PoolStats"]
+__all__ = ["WorkerPool", "PoolStats", "wait_all"]
 
 FailureHandler = Callable[[str, str], Any]
+log = logging.getLogger(__name__)
 
 
 def _ref(fn: Callable) -> str:
@@ -42,26 +48,60 @@ class PoolStats(dict):
     """Counters: submitted, completed, timeouts, crashes, errors, restarts."""
 
 
-def _child_pythonpath() -> str:
-    """The parent's import path, so a job function importable here is importable there."""
-    return os.pathsep.join(p for p in sys.path if p and os.path.isdir(p))
+def wait_all(futures: Sequence[Future], timeout_s: float, what: str) -> list:
+    """The results of ``futures``, waiting at most ``timeout_s`` for all of them together.
+
+    Past the deadline a TimeoutError names ``what`` was waited for and how many were still
+    pending, so a stuck verifier fails the caller loudly instead of hanging it.
+    """
+    _, not_done = concurrent.futures.wait(futures, timeout=timeout_s)
+    if not_done:
+        raise TimeoutError(f"{what}: {len(not_done)} of {len(futures)} still pending after {timeout_s:g} s")
+    return [f.result() for f in futures]
+
+
+def _import_root(module: str) -> str:
+    """The folder ``module`` was imported from when it is not an installed package (a tests/ or
+    script folder), else "": a worker adds it to its path only if it cannot import the module."""
+    file = getattr(sys.modules.get(module), "__file__", None) or ""
+    rel = module.replace(".", os.sep)
+    for suffix in (os.sep + rel + ".py", os.sep + os.path.join(rel, "__init__.py")):
+        if file.endswith(suffix):
+            return file[: -len(suffix)]
+    return ""
+
+
+def _fallback_path(*refs: str) -> str:
+    roots = (_import_root(ref.partition(":")[0]) for ref in refs if ref)
+    return os.pathsep.join(dict.fromkeys(r for r in roots if r))
 
 
 class _Worker:
-    """One worker: a fresh interpreter started with ``-m`` (no re-import of the caller's
-    ``__main__``, unlike multiprocessing's spawn), talking over a socket pair."""
+    """One worker: a fresh interpreter started with ``-I -m`` (no re-import of the caller's
+    ``__main__``, unlike multiprocessing's spawn), talking over a socket pair.
+
+    ``-I`` keeps the current directory, PYTHONPATH and user site-packages off the worker's
+    path, so a stray ``math_verify.py`` in the cwd cannot replace the installed package in every
+    worker. A job module outside site-packages (``fallback_path``) is found last, never first.
+    """
 
     __slots__ = ("proc", "conn", "ready", "jobs", "deadline")
 
-    def __init__(self, fn_ref: str, init_ref: str):
+    def __init__(self, fn_ref: str, init_ref: str, fallback_path: str = ""):
         parent_sock, child_sock = socket.socketpair()
         fd = child_sock.fileno()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "opefo_rllib.envs._worker", str(fd), fn_ref, init_ref],
-            pass_fds=(fd,), stdin=subprocess.DEVNULL, close_fds=True,
-            env={**os.environ, "OPEFO_POOL_WORKER": "1", "PYTHONPATH": _child_pythonpath()},
-        )
-        child_sock.close()
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-I", "-m", "opefo_rllib.envs._worker", str(fd), fn_ref, init_ref, fallback_path],
+                pass_fds=(fd,), stdin=subprocess.DEVNULL, close_fds=True,
+                # Still read by opefo_rllib/__init__.py to skip Ray registration in workers.
+                env={**os.environ, "OPEFO_POOL_WORKER": "1"},
+            )
+        except BaseException:
+            parent_sock.close()
+            raise
+        finally:
+            child_sock.close()  # the worker holds its own copy
         self.conn = Connection(parent_sock.detach())
         # Jobs sent and not yet answered, oldest first; the worker runs them in order and the
         # deadline is that of the oldest (set when it started, i.e. when the one before it ended).
@@ -76,6 +116,17 @@ class _Worker:
         self.conn.close()
 
 
+def settle(fut: Future, value: Any = None, error: BaseException | None = None) -> None:
+    """Resolve ``fut``; a Future its caller cancelled meanwhile is left as it is."""
+    try:
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(value)
+    except InvalidStateError:
+        pass
+
+
 class WorkerPool:
     """Run ``fn(*args)`` jobs in ``num_workers`` processes, each job limited to ``timeout_s``.
 
@@ -88,6 +139,10 @@ class WorkerPool:
         jobs_in_flight: jobs queued at each worker at once (2 hides the parent's dispatch latency).
         max_start_failures: workers that may die before ever becoming ready, in a row, before
             the pool gives up and fails every queued job with an error naming the cause.
+
+    The pool never hangs its callers: if a worker cannot be restarted or the dispatcher thread
+    dies, the pool is marked ``broken``, every unresolved job fails ("error") naming the cause,
+    and ``submit`` raises. A cancelled Future is dropped if not yet sent, else ignored.
     """
 
     def __init__(
@@ -109,14 +164,22 @@ class WorkerPool:
         self.jobs_in_flight = max(1, int(jobs_in_flight))
         self._on_failure = on_failure or (lambda kind, msg: None)
         self._max_start_failures, self._start_failures = max_start_failures, 0
-        self.broken: str | None = None  # set when workers cannot start
+        self.broken: str | None = None  # why the pool gave up (workers cannot start, dispatcher died)
         self._lock = threading.Lock()
         self._pending: collections.deque = collections.deque()
         self._futures: dict[int, Future] = {}
         self._ids = itertools.count()
         self._stats = PoolStats(submitted=0, completed=0, timeouts=0, crashes=0, errors=0, restarts=0)
         self._closed = False
-        self._workers = [_Worker(self._fn_ref, self._init_ref) for _ in range(num_workers)]
+        self._fallback_path = _fallback_path(self._fn_ref, self._init_ref)
+        self._workers: list[_Worker] = []
+        try:
+            for _ in range(num_workers):
+                self._workers.append(self._spawn())
+        except BaseException:
+            for w in self._workers:
+                w.kill()
+            raise
         wake_r, wake_w = socket.socketpair()
         self._wake_r, self._wake_w = Connection(wake_r.detach()), Connection(wake_w.detach())
         self._thread = threading.Thread(target=self._run, name="opefo-worker-pool", daemon=True)
@@ -132,6 +195,8 @@ class WorkerPool:
                 raise RuntimeError("WorkerPool is closed")
             if self.broken:
                 raise RuntimeError(f"WorkerPool is broken: {self.broken}")
+            if not self._thread.is_alive():
+                raise RuntimeError("WorkerPool is broken: its dispatcher thread is not running")
             job_id = next(self._ids)
             self._futures[job_id] = fut
             self._pending.append((job_id, args))
@@ -170,10 +235,9 @@ class WorkerPool:
             except subprocess.TimeoutExpired:
                 pass
             w.kill()
-        in_flight = [job_id for w in self._workers for job_id, _ in w.jobs]
-        for job_id in in_flight + [job_id for job_id, _ in self._pending]:
-            self._resolve_failure(job_id, "error", "pool closed")
         self._pending.clear()
+        for job_id in self._unresolved():
+            self._resolve_failure(job_id, "error", "pool closed")
         _live_pools.discard(self)
 
     def __enter__(self) -> "WorkerPool":
@@ -189,13 +253,31 @@ class WorkerPool:
         except Exception:  # noqa: BLE001
             pass
 
+    def _spawn(self) -> _Worker:
+        return _Worker(self._fn_ref, self._init_ref, self._fallback_path)
+
+    def _unresolved(self) -> list[int]:
+        """Every job whose Future is not resolved yet: queued, in flight, or between the two."""
+        with self._lock:
+            return list(self._futures)
+
+    @staticmethod
+    def _settle(fut: Future, value: Any = None, error: BaseException | None = None) -> None:
+        settle(fut, value, error)
+
     def _resolve_failure(self, job_id: int, kind: str, message: str) -> None:
         fut = self._futures.pop(job_id, None)
-        if fut is not None and not fut.done():
-            key = {"timeout": "timeouts", "crash": "crashes", "error": "errors"}[kind]
-            with self._lock:
-                self._stats[key] += 1
-            fut.set_result(self._on_failure(kind, message))
+        if fut is None or fut.done():
+            return
+        key = {"timeout": "timeouts", "crash": "crashes", "error": "errors"}[kind]
+        with self._lock:
+            self._stats[key] += 1
+        try:
+            value = self._on_failure(kind, message)
+        except Exception as e:  # noqa: BLE001 - a failing handler fails this job, not the dispatcher
+            self._settle(fut, error=e)
+            return
+        self._settle(fut, value)
 
     def _replace(self, index: int) -> None:
         old = self._workers[index]
@@ -206,19 +288,22 @@ class WorkerPool:
                 self._give_up(f"{self._start_failures} workers exited before starting "
                               f"(last exit code {old.proc.returncode}); see their stderr above")
                 return
-        self._workers[index] = _Worker(self._fn_ref, self._init_ref)
+        try:
+            self._workers[index] = self._spawn()
+        except OSError as e:  # e.g. out of processes or file descriptors: nothing left to run jobs on
+            self._give_up(f"could not start a replacement worker ({type(e).__name__}: {e})")
+            return
         with self._lock:
             self._stats["restarts"] += 1
 
     def _give_up(self, reason: str) -> None:
+        log.error("WorkerPool(%s) is broken: %s; failing its unfinished jobs", self._fn_ref, reason)
         with self._lock:
             self.broken = reason
-            pending = list(self._pending)
             self._pending.clear()
-        in_flight = [job_id for w in self._workers for job_id, _ in w.jobs]
         for w in self._workers:
             w.kill()
-        for job_id in in_flight + [job_id for job_id, _ in pending]:
+        for job_id in self._unresolved():
             self._resolve_failure(job_id, "error", f"worker pool broken: {reason}")
 
     def _fail_oldest_and_replace(self, index: int, kind: str, message: str) -> None:
@@ -228,16 +313,37 @@ class WorkerPool:
         w.jobs.clear()
         with self._lock:
             self._pending.extendleft(reversed(rest))
+        self._resolve_failure(job_id, kind, message)  # first: a failed restart must not lose it
         self._replace(index)
-        self._resolve_failure(job_id, kind, message)
+
+    def _next_job(self) -> tuple | None:
+        """The oldest queued job whose caller still wants it; cancelled ones are dropped."""
+        while True:
+            with self._lock:
+                if not self._pending:
+                    return None
+                job = self._pending.popleft()
+                fut = self._futures.get(job[0])
+            if fut is not None and self._claim(fut):
+                return job
+            self._futures.pop(job[0], None)
+
+    @staticmethod
+    def _claim(fut: Future) -> bool:
+        """Mark ``fut`` running, so its caller can no longer cancel it under the dispatcher's
+        feet; False if the caller cancelled it (or it is resolved already: the pool is closing)."""
+        if fut.running():  # requeued after its worker died
+            return True
+        if fut.done():
+            return False
+        return fut.set_running_or_notify_cancel()
 
     def _assign(self) -> None:
         for w in self._workers:
             while w.ready and len(w.jobs) < self.jobs_in_flight:
-                with self._lock:
-                    if not self._pending:
-                        return
-                    job = self._pending.popleft()
+                job = self._next_job()
+                if job is None:
+                    return
                 if not w.jobs:
                     w.deadline = time.monotonic() + self.timeout_s
                 w.jobs.append(job)
@@ -248,6 +354,13 @@ class WorkerPool:
                     self._resolve_failure(job[0], "error", f"could not send job: {type(e).__name__}: {e}")
 
     def _run(self) -> None:
+        try:
+            self._dispatch()
+        except BaseException as e:  # noqa: BLE001 - a dead dispatcher must not leave callers waiting
+            log.exception("WorkerPool(%s): dispatcher thread died", self._fn_ref)
+            self._give_up(f"dispatcher thread died ({type(e).__name__}: {e})")
+
+    def _dispatch(self) -> None:
         while not self._closed and not self.broken:
             self._assign()
             now = time.monotonic()
@@ -285,7 +398,7 @@ class WorkerPool:
                     if fut is not None:
                         with self._lock:
                             self._stats["completed"] += 1
-                        fut.set_result(value)
+                        self._settle(fut, value)
                 else:
                     self._resolve_failure(job_id, "error", value)
         except (EOFError, OSError):

@@ -2,29 +2,58 @@
 
     register_env("my/Reverse-v0", ReverseEnv, max_len=8)
     env = gymnasium.make("my/Reverse-v0")         # or RLlib: config.environment("my/Reverse-v0")
+
+``make_env`` also takes Gymnasium's ``module:env-id`` form (``myenvs:my/Reverse-v0`` imports
+``myenvs``, which registers the env) and ``import_env_modules`` imports a run's ``imports:``.
+Registration with Tune happens once Ray's Tune registry is loaded (``import opefo_rllib`` hooks
+its import and calls ``register_all_with_tune``), so importing the envs alone never imports Ray.
 """
 
 from __future__ import annotations
 
-import os
-from typing import Any, Callable
+import importlib
+import sys
+from typing import Any, Callable, Iterable
 
 import gymnasium as gym
 
-__all__ = ["register_env", "list_envs", "make_env"]
+__all__ = ["register_env", "list_envs", "make_env", "import_env_modules", "register_all_with_tune", "EnvNotFound"]
 
 _REGISTERED: dict[str, dict[str, Any]] = {}
 
 
+class EnvNotFound(KeyError):
+    """No env of that name, or its module cannot be imported; the message says how to fix it."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 def _tune_register(name: str) -> bool:
-    if os.environ.get("OPEFO_POOL_WORKER"):  # verifier workers need no Ray (saves ~3 s per start)
+    if "ray.tune.registry" not in sys.modules:  # registered by register_all_with_tune when Ray loads
         return False
-    try:
-        from ray.tune.registry import register_env as tune_register_env
-    except ImportError:  # Ray is optional for the envs layer
-        return False
+    from ray.tune.registry import register_env as tune_register_env
+
     tune_register_env(name, lambda env_config: make_env(name, **dict(env_config or {})))
     return True
+
+
+def register_all_with_tune() -> None:
+    """Register every env registered so far with Ray Tune (called when the algorithms load)."""
+    import ray.tune.registry  # noqa: F401
+
+    for name in _REGISTERED:
+        _tune_register(name)
+
+
+def import_env_modules(modules: Iterable[str] | None, where: str = "imports") -> None:
+    """Import the modules that register a run's envs (``imports:`` of a run config)."""
+    for module in modules or ():
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise EnvNotFound(f"{where}: cannot import module {module!r} ({e}); it must be importable from the "
+                              "current directory or PYTHONPATH") from None
 
 
 def register_env(name: str, entry_point: str | Callable[..., gym.Env], **defaults: Any) -> None:
@@ -41,9 +70,16 @@ def register_env(name: str, entry_point: str | Callable[..., gym.Env], **default
 
 
 def make_env(name: str, **kwargs: Any) -> gym.Env:
-    """``gymnasium.make(name, **kwargs)``, unwrapped (text envs need no Gymnasium wrappers)."""
+    """``gymnasium.make(name, **kwargs)``, unwrapped (text envs need no Gymnasium wrappers);
+    ``module:env-id`` imports ``module`` first (it registers ``env-id``)."""
+    if ":" in name:
+        module, _, env_id = name.partition(":")
+        import_env_modules([module], where=f"env {name!r}")
+        name = env_id
     if name not in gym.registry:
-        raise KeyError(f"no environment registered as {name!r}; registered: {list_envs()}")
+        raise EnvNotFound(f"no environment registered as {name!r}; registered: {list_envs()}. An env of your own "
+                          "module: name it 'module:env-id' (e.g. myenvs:my/Reverse-v0) or list the module under "
+                          "'imports:' in the run config")
     return gym.make(name, **kwargs).unwrapped
 
 

@@ -4,25 +4,37 @@
 through math-verify (numbers, fractions, LaTeX, sets, intervals, percentages), in worker
 processes with a hard time limit per answer (``pool.py``). Every failure -- nothing extracted,
 an unparsable reference, a math-verify error, a timeout, a crashed worker -- scores 0 and is
-counted; nothing raises into the training loop, and model output is never evaluated.
+counted; nothing raises into the training loop, and model output is never evaluated. Only a
+verifier that cannot work raises: a broken pool refuses new answers, and a wait for answers
+gives up past ``wait_deadline_s`` with an error saying how many were still pending.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import threading
 from concurrent.futures import Future
 from typing import Any, Sequence
 
 from opefo_rllib.envs.extract import DEFAULT_ORDER, EXTRACTORS, extract_answer, normalize_number, sanitize_text
-from opefo_rllib.envs.pool import WorkerPool
+from opefo_rllib.envs.pool import WorkerPool, settle, wait_all
 
 __all__ = ["VerifyResult", "MathVerifier", "math_equal"]
+
+# Extra seconds a wait for answers allows on top of their time limits: workers start (and
+# restart after a timeout) by importing sympy and math-verify, several seconds on a busy host.
+WAIT_SLACK_S = 120.0
 
 
 @dataclasses.dataclass
 class VerifyResult:
-    """Outcome of verifying one response."""
+    """Outcome of verifying one response.
+
+    A verification that failed (not a wrong answer) says so: ``timed_out`` is True when the
+    answer outlived the per-answer time limit, and ``error`` is "timeout: ...", "crash: ..." or
+    "error: ..." for a timeout, a crashed worker, or an unparsable reference / broken pool.
+    """
 
     reward: float
     correct: bool = False
@@ -38,6 +50,8 @@ class VerifyResult:
 
 def _failure(kind: str, message: str) -> dict:
     return {"reward": 0.0, "correct": False, "timed_out": kind == "timeout", "error": f"{kind}: {message}"}
+
+
 
 
 def _parse(text: str, timeout_s: int):
@@ -137,8 +151,14 @@ class MathVerifier:
                 self.max_response_chars, self.math_timeout_s, self.float_rounding)
         raw = self.pool.submit(*args)
         out: Future = Future()
+        out.add_done_callback(lambda o: raw.cancel() if o.cancelled() else None)  # not verified if still queued
 
         def done(f: Future) -> None:
+            if f.cancelled() or out.done():
+                return
+            if f.exception() is not None:  # only if the pool's failure handler itself failed
+                settle(out, error=f.exception())
+                return
             result = VerifyResult(**f.result())
             with self._counts_lock:
                 self._counts["verified"] += 1
@@ -146,10 +166,20 @@ class MathVerifier:
                 self._counts["no_answer"] += not result.format_ok and result.error is None
                 self._counts["timeouts"] += result.timed_out
                 self._counts["errors"] += result.error is not None and not result.timed_out
-            out.set_result(result)
+            settle(out, result)
 
         raw.add_done_callback(done)
         return out
+
+    def wait_deadline_s(self, num_answers: int) -> float:
+        """How long waiting for ``num_answers`` answers may take before it is an error: each waits
+        its turn on a worker and may use its time limit twice (a timeout, then a restart)."""
+        rounds = math.ceil(max(1, num_answers) / self.num_workers)
+        return 2 * self.timeout_s * rounds + WAIT_SLACK_S
+
+    def _wait(self, futures: list[Future], what: str) -> list[VerifyResult]:
+        return wait_all(futures, self.wait_deadline_s(len(futures)),
+                        f"MathVerifier.{what} ({self.num_workers} workers, timeout_s={self.timeout_s:g}): answers")
 
     def verify_batch_async(self, responses: Sequence[str], references: Sequence[str]) -> list[Future]:
         """Submit many answers at once; returns one Future[VerifyResult] per answer."""
@@ -159,10 +189,10 @@ class MathVerifier:
 
     def verify_batch(self, responses: Sequence[str], references: Sequence[str]) -> list[VerifyResult]:
         """Verify many answers in parallel and wait for all of them."""
-        return [f.result() for f in self.verify_batch_async(responses, references)]
+        return self._wait(self.verify_batch_async(responses, references), "verify_batch")
 
     def verify(self, response: str, reference: str) -> VerifyResult:
-        return self.verify_async(response, reference).result()
+        return self._wait([self.verify_async(response, reference)], "verify")[0]
 
     def stats(self) -> dict[str, int]:
         """Outcome counters (verified, correct, no_answer, timeouts, errors) and the pool's

@@ -15,15 +15,19 @@ __all__ = ["TensorBoardLogger"]
 
 
 class TensorBoardLogger:
-    def __init__(self, logdir: str):
+    def __init__(self, logdir: str, purge_step: int | None = None):
+        """``purge_step``: a resumed run's first step; events at or after it from an earlier,
+        interrupted writer are hidden, so no step has two values."""
         from torch.utils.tensorboard import SummaryWriter
 
         self.logdir = str(logdir)
-        self.writer = SummaryWriter(self.logdir)
+        self.writer = SummaryWriter(self.logdir, purge_step=purge_step)
 
     def scalars(self, metrics: Mapping[str, Any], step: int) -> None:
+        # NaN and inf are written as they are (TensorBoard shows them): a diverging run must
+        # show on its curves, not vanish from them.
         for tag, value in metrics.items():
-            if isinstance(value, (int, float, np.floating, np.integer)) and np.isfinite(value):
+            if isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool):
                 self.writer.add_scalar(tag, float(value), step)
 
     def histogram(self, tag: str, values: np.ndarray, step: int) -> None:

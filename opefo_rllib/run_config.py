@@ -10,40 +10,32 @@ A key that is neither is an error naming the key and the file.
 from __future__ import annotations
 
 import difflib
-import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-__all__ = ["RUN_KEYS", "load_run_config", "apply_overrides", "build_algo_config", "ConfigError", "config_fields"]
+from opefo_rllib.config import ConfigError, all_fields, check_value, coerce_value, rllib_fields, run_fields
 
-RUN_KEYS = {"algorithm": "OPEFO", "iterations": 100, "checkpoint_every": 0, "logdir": None,
-            "ray": {"num_cpus": 2}, "base": None}
-# AlgorithmConfig fields a run config may set besides the project's own.
-RLLIB_KEYS = {"env", "env_config", "lr", "grad_clip", "seed", "num_learners"}
+__all__ = ["RUN_KEYS", "load_run_config", "apply_overrides", "build_algo_config", "ConfigError", "config_fields",
+           "check_run_keys"]
 
-
-class ConfigError(ValueError):
-    pass
+# The run keys and their defaults (declared, with docs and checks, in config.sections.RunSettings).
+RUN_KEYS = {name: spec.default for name, spec in run_fields().items()} | {"ray": {"num_cpus": 2}}
 
 
-_FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)$")
+def config_fields() -> dict[str, Any]:
+    """Every algorithm field a run config may set: the project's sections and RLlib's own."""
+    return all_fields() | rllib_fields()
 
 
-def _coerce(value: Any) -> Any:
-    """YAML 1.1 reads ``5e-4`` (no dot) as a string; a user means the number."""
-    if isinstance(value, str) and _FLOAT.match(value.strip()):
-        return float(value)
-    if isinstance(value, dict):
-        return {k: _coerce(v) for k, v in value.items()}
-    return value
+def _known() -> dict[str, Any]:
+    return config_fields() | run_fields()
 
 
-def config_fields() -> set[str]:
-    from opefo_rllib.algorithms.grpo.grpo import GRPO_DEFAULTS
-
-    return set(GRPO_DEFAULTS) | RLLIB_KEYS
+def _coerce(key: str, value: Any) -> Any:
+    spec = _known().get(key)
+    return coerce_value(spec, value) if spec is not None else value
 
 
 def _read(path: Path) -> dict:
@@ -66,20 +58,20 @@ def _read(path: Path) -> dict:
 
 
 def _check_keys(data: dict, where: str) -> None:
-    known = config_fields() | set(RUN_KEYS)
+    known = _known()
     for key in data:
         if key not in known:
-            hint = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = difflib.get_close_matches(str(key), sorted(known), n=1)
             raise ConfigError(f"{where}: unknown key {key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
 
 
 def load_run_config(paths: list[str | Path] | None = None) -> dict:
-    """Merge the given YAML files (later ones win) over the defaults; default: configs/tiny_cpu.yaml."""
+    """Merge the given YAML files (later ones win) over the run-key defaults."""
     data: dict[str, Any] = {k: v for k, v in RUN_KEYS.items() if k != "base"}
     for p in paths or []:
         part = _read(Path(p))
         _check_keys(part, str(p))
-        data.update({k: _coerce(v) for k, v in part.items()})
+        data.update({k: _coerce(k, v) for k, v in part.items()})
     return data
 
 
@@ -91,28 +83,35 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         key, raw = item.split("=", 1)
         key = key.strip()
         _check_keys({key: None}, f"--set {item}")
-        data[key] = _coerce(yaml.safe_load(raw))
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item}: the value is not valid YAML: {str(e).splitlines()[0]}") from None
+        data[key] = _coerce(key, value)
     return data
 
 
+def check_run_keys(data: dict) -> None:
+    """Check the run keys (``iterations``, ``checkpoint_every``, ...) like config fields."""
+    for name, spec in run_fields().items():
+        if name in data:
+            check_value(spec, data[name])
+
+
 def build_algo_config(data: dict):
-    """The GRPOConfig / OPEFOConfig of a merged run config (validated)."""
+    """The GRPOConfig / OPEFOConfig of a merged run config (validated; ConfigError names the field)."""
     from opefo_rllib.algorithms.grpo.grpo import GRPOConfig
     from opefo_rllib.algorithms.opefo.opefo import OPEFOConfig
 
-    algo = str(data.get("algorithm", "OPEFO")).upper()
-    classes = {"OPEFO": OPEFOConfig, "GRPO": GRPOConfig}
-    if algo not in classes:
-        raise ConfigError(f"algorithm {data.get('algorithm')!r}: choose OPEFO or GRPO")
-    config = classes[algo]()
+    check_run_keys(data)
+    config = {"OPEFO": OPEFOConfig, "GRPO": GRPOConfig}[str(data.get("algorithm", "OPEFO")).upper()]()
     for key, value in data.items():
-        if key in RUN_KEYS:
-            continue
-        if key == "adam_betas" and isinstance(value, list):
-            value = tuple(value)
-        setattr(config, key, value)
+        if key not in RUN_KEYS:
+            setattr(config, key, value)
     try:
         config.validate()
-    except ValueError as e:
+    except ConfigError:
+        raise
+    except ValueError as e:  # RLlib's own checks
         raise ConfigError(str(e)) from None
     return config

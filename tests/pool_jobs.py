@@ -27,3 +27,16 @@ def pid():
 
 def failure(kind, message):
     return {"failed": kind, "message": message}
+
+
+def slow_verify(*args):
+    """A verify job (MathVerifier's arguments) that outlives any short time limit."""
+    time.sleep(60)
+    return {"reward": 1.0, "correct": True, "format_ok": True}
+
+
+def touch_then_sleep(path, seconds):
+    """Say the job started (a file appears at ``path``), then stay busy."""
+    open(path, "w").close()
+    time.sleep(seconds)
+    return path

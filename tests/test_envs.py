@@ -37,13 +37,15 @@ def test_check_env_passes_for_every_registered_env(name):
 
 
 def test_builtins_are_registered_with_gymnasium_and_ray_tune():
-    # In a fresh interpreter: importing the package is all it takes.
+    # In a fresh interpreter: importing the package is all it takes (Ray itself loads only later).
     import subprocess
     import sys
 
     code = """
+import sys
 import gymnasium as gym
 import opefo_rllib.envs
+assert "ray" not in sys.modules
 from ray.tune.registry import ENV_CREATOR, _global_registry
 for name in ("opefo/Arithmetic-v0", "opefo/Countdown-v0", "opefo/Math-v0", "opefo/ArithmeticRetry-v0"):
     assert name in gym.registry, name

@@ -100,11 +100,11 @@ def _update_grads(engine, **overrides):
     grads = {}
     original_step = learner.optimizer_step
 
-    def step_and_capture():
+    def step_and_capture(**kwargs):
         for name, p in learner.ds_engine.module.named_parameters():
             g = safe_get_full_grad(p)
             grads[name] = g.detach().clone() if g is not None else torch.zeros(())
-        return original_step()
+        return original_step(**kwargs)
 
     learner.optimizer_step = step_and_capture
     metrics = learner.update_from_rollouts(_rollout_batch(engine), step=0)
@@ -126,6 +126,35 @@ def test_micro_batch_size_does_not_change_the_update(engine):
     assert m_whole["learner/loss"] == pytest.approx(m_single["learner/loss"], abs=1e-6)
     _assert_grads_close(whole, single)
     _assert_grads_close(whole, three)
+
+
+def test_token_budget_micro_batches_give_the_same_update_on_uneven_lengths(engine):
+    """Rows sorted by length and packed under a token budget: same loss and gradients as the
+    whole batch, on a batch whose sequences differ in length (some responses cut short)."""
+    batch_lengths = _rollout_batch(engine)["attention_mask"].sum(-1)
+    assert int(batch_lengths.max()) - int(batch_lengths.min()) >= 3, batch_lengths
+    whole, m_whole = _update_grads(engine, micro_batch_size=None)
+    packed, m_packed = _update_grads(engine, max_tokens_per_micro_batch=40)
+    capped, _ = _update_grads(engine, max_tokens_per_micro_batch=64, micro_batch_size=2)
+    assert m_whole["learner/loss"] == pytest.approx(m_packed["learner/loss"], abs=1e-6)
+    _assert_grads_close(whole, packed)
+    _assert_grads_close(whole, capped)
+
+
+def test_pack_by_tokens_covers_every_row_within_the_budget():
+    from opefo_rllib.algorithms.grpo.grpo_torch_learner import pack_by_tokens
+
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.cat([torch.randint(20, 80, (60,), generator=g), torch.tensor([900, 1200])])
+    rows = torch.arange(100, 100 + len(lengths))
+    batches = list(pack_by_tokens(rows, lengths, budget=1000, max_rows=16))
+    seen = torch.cat(batches).sort().values
+    assert torch.equal(seen, rows)
+    for mb in batches:
+        width = int(lengths[mb - 100].max())
+        assert len(mb) <= 16 and (len(mb) * width <= 1000 or len(mb) == 1)
+    padded = sum(len(mb) * int(lengths[mb - 100].max()) for mb in batches)
+    assert padded / int(lengths.sum()) < 1.1  # vs len(lengths) * 1200 / sum when padding to the longest
 
 
 def _update_deltas(engine, **overrides):
@@ -171,3 +200,84 @@ def test_bf16_learner_updates_and_its_gap_to_an_fp32_engine_is_measured(engine):
     assert np.isfinite(metrics["learner/loss"]) and np.isfinite(metrics["learner/grad_norm"])
     # bf16 scoring of fp32 samples: a real, logged mismatch (what tis_cap exists for).
     assert 1e-4 < metrics["rollout/logprob_gap_max"] < 0.5
+
+
+def test_one_learner_step_computes_the_gradient_of_opefo_loss(engine):
+    """flow_pass -> token_weights -> accumulate_gradients is opefo_loss's gradient on the batch."""
+    from opefo_rllib.algorithms.opefo import opefo_loss
+
+    learner = _build_learner(micro_batch_size=5)  # several micro-batches, uneven last one
+    batch = _rollout_batch(engine)
+    flow = learner.flow_pass(batch)
+    weights, _ = learner.token_weights(batch, flow)
+    learner.accumulate_gradients(batch, flow, weights, torch.arange(len(batch["rewards"])), torch.Generator())
+    module = learner._module[DEFAULT_MODULE_ID]
+    params = dict(module.lm.named_parameters())
+    from_learner = {k: p.grad.detach().clone() for k, p in params.items()}
+    for p in params.values():
+        p.grad = None
+    stats = module.sequence_token_stats(batch["input_ids"], batch["attention_mask"], 1.0)
+    loss, _ = opefo_loss(stats.logp, stats.entropy, batch["advantages"], batch["response_mask"], stats.expected_s,
+                         estimator="exact", mode="two_sided")
+    loss.backward()
+    for k, p in params.items():
+        torch.testing.assert_close(from_learner[k], p.grad, rtol=1e-4, atol=1e-7, msg=lambda m: f"{k}: {m}")
+    assert sum(float(g.abs().sum()) for g in from_learner.values()) > 0
+
+
+@pytest.mark.parametrize("algo", ["OPEFO", "GRPO"])
+def test_a_one_sided_batch_trains_and_is_counted(engine, algo):
+    """A batch whose flow is all on one side (here: one response token with a non-zero advantage)
+    used to crash every run, GRPO's included; now it takes a plain GRPO step and is counted."""
+    learner = _build_learner(**({"balance_mode": "none"} if algo == "GRPO" else {}))
+    batch = _rollout_batch(engine)
+    first = int(batch["response_mask"][0].nonzero()[0])
+    batch["response_mask"].zero_()
+    batch["response_mask"][0, first] = 1.0
+    batch["advantages"] = torch.zeros_like(batch["advantages"])
+    batch["advantages"][0] = 1.0
+    before = learner.policy_weights()
+    metrics = learner.update_from_rollouts(batch, step=0)
+    assert metrics["entropy_flow/one_sided_batches"] == 1.0
+    assert np.isnan(metrics["entropy_flow/lambda_star"]) and metrics["entropy_flow/lambda"] == 0.0
+    assert metrics["entropy_flow/w_min"] == metrics["entropy_flow/w_max"] == 1.0
+    after = learner.policy_weights()
+    assert any(not torch.equal(before[k], after[k]) for k in before), "the step was not taken"
+
+
+def test_finite_step_guard_skips_and_counts(engine):
+    """A NaN loss skips the optimizer step: weights, optimizer state and version unchanged,
+    counted in a row; a finite batch afterwards steps again and resets the count."""
+    learner = _build_learner()
+    batch = _rollout_batch(engine)
+    before = learner.policy_weights()
+    poisoned = dict(batch, advantages=batch["advantages"].clone())
+    poisoned["advantages"][0] = float("nan")
+    for k in range(3):
+        metrics = learner.update_from_rollouts(poisoned, step=k)
+        assert metrics["learner/nonfinite_in_a_row"] == k + 1 and metrics["learner/nonfinite_steps"] == k + 1
+        assert metrics["learner/optimizer_steps"] == 0 and learner.weight_version == 0
+    after = learner.policy_weights()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert learner.ds_engine.global_steps == 0
+    metrics = learner.update_from_rollouts(batch, step=3)
+    assert metrics["learner/nonfinite_in_a_row"] == 0 and metrics["learner/nonfinite_steps"] == 3
+    assert learner.weight_version == 1 and metrics["learner/grad_norm"] > 0
+
+
+@pytest.mark.parametrize("zero_stage", [0, 1, 2, 3])
+def test_finite_step_guard_catches_a_nan_gradient_under_every_zero_stage(engine, zero_stage):
+    """A finite loss whose gradient is NaN (a hook poisons one tensor) is not applied either."""
+    learner = _build_learner(zero_stage=zero_stage)
+    batch = _rollout_batch(engine)
+    before = learner.policy_weights()
+    param = next(p for p in learner.ds_engine.module.parameters() if p.requires_grad)
+    handle = param.register_hook(lambda g: g * float("nan"))
+    metrics = learner.update_from_rollouts(batch, step=0)
+    handle.remove()
+    assert metrics["learner/nonfinite_steps"] == 1 and learner.weight_version == 0
+    assert not np.isfinite(metrics["learner/grad_norm"])
+    after = learner.policy_weights()
+    assert all(torch.equal(before[k], after[k]) for k in before), "a non-finite step changed the weights"
+    metrics = learner.update_from_rollouts(batch, step=1)
+    assert learner.weight_version == 1 and np.isfinite(metrics["learner/grad_norm"])

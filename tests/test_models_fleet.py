@@ -7,7 +7,8 @@ import torch
 
 from opefo_rllib.fleet.engine import SamplingConfig
 from opefo_rllib.fleet.hf_engine import HFEngine
-from opefo_rllib.models.tiny import TINY_DEFAULT_PATH, resolve_model_path
+from opefo_rllib.models.loading import resolve_model_path
+from opefo_rllib.models.tiny import TINY_DEFAULT_PATH
 from opefo_rllib.models.tokenizer import CharTokenizer
 
 TOK = CharTokenizer.load(TINY_DEFAULT_PATH)

@@ -234,6 +234,27 @@ def test_no_flow_gives_lambda_zero():
     assert st["lambda"] == 0.0 and (w == 1).all()
 
 
+@pytest.mark.parametrize("side", ["decrease", "increase"])
+@pytest.mark.parametrize("mode", ["two_sided", "increase_only", "decrease_only"])
+def test_a_one_sided_batch_is_not_balanced_and_is_reported(side, mode):
+    """P = 0 < N (or N = 0 < P) gives lambda* = +-1, which would zero one side's weights and
+    stop learning; instead lambda = 0 (a plain GRPO step), lambda* is NaN and the batch is
+    flagged, with or without a cap on |lambda|."""
+    from opefo_rllib.algorithms.opefo import is_one_sided, lambda_star
+
+    delta, mask = _random_delta(seed=11)
+    delta = -delta.abs() if side == "decrease" else delta.abs()
+    for cap in (None, 0.5):
+        w, st = balance_weights(delta, mask, mode, max_abs_lambda=cap)
+        assert st["lambda"] == 0.0 and (w == 1).all()
+        assert math.isnan(st["lambda_star"]) and st["one_sided"] == 1.0
+    totals = flow_totals(delta, mask)
+    assert is_one_sided(totals) and math.isnan(lambda_star(totals))
+    both = flow_totals(torch.zeros(2, 3), torch.ones(2, 3))
+    assert not is_one_sided(both) and lambda_star(both) == 0.0
+    assert balance_weights(*_random_delta(seed=11))[1]["one_sided"] == 0.0
+
+
 def test_flow_diagnostics_quadrants_sum_to_nonzero_advantage_share():
     g = torch.Generator().manual_seed(9)
     logits = torch.randn(4, 6, 12, generator=g) * 2

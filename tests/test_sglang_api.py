@@ -68,3 +68,12 @@ def test_sglang_engine_refuses_truncated_sampling_before_touching_sglang():
     engine = object.__new__(sglang_engine.SGLangEngine)  # no runtime: only our guard is exercised
     with pytest.raises(ValueError, match="full distribution"):
         engine.generate([[1, 2]], 2, SamplingConfig(top_p=0.5))
+
+
+def test_sglang_weights_go_through_load_weights_only():
+    # The distributed-update methods had no caller and were removed: no native transfer, and no
+    # sglang call for it left in the checked table.
+    engine_cls = sglang_engine.SGLangEngine
+    assert engine_cls.weight_transfer_backend is None
+    assert not hasattr(engine_cls, "init_weight_group") and not hasattr(engine_cls, "load_weights_distributed")
+    assert not {"init_weights_update_group", "update_weights_from_distributed"} & set(SGLANG_CALLS)

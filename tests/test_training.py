@@ -46,7 +46,6 @@ def _assert_all_tags(scalars: set[str]) -> None:
 def ray_session():
     import ray
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     import opefo_rllib  # noqa: F401
 
@@ -58,8 +57,8 @@ def _small_config(tmp_path, cls_name="OPEFOConfig"):
     from opefo_rllib.algorithms import grpo, opefo
 
     cls = getattr(opefo, cls_name, None) or getattr(grpo, cls_name)
-    config = cls().training(**{k: v for k, v in SMALL.items() if k == "prompts_per_batch"})
-    config.generation(group_size=SMALL["group_size"], max_new_tokens=SMALL["max_new_tokens"])
+    config = cls().generation(prompts_per_batch=SMALL["prompts_per_batch"], group_size=SMALL["group_size"],
+                              max_new_tokens=SMALL["max_new_tokens"])
     config.logging(tensorboard_dir=str(tmp_path / "tb"), log_text_every=1)
     config.fleet(generate_timeout_s=120, weight_sync_timeout_s=60)  # fail fast instead of hanging
     return config
@@ -123,7 +122,7 @@ def test_tune_tuner_runs_opefo_by_name(ray_session, tmp_path):
 
 
 def _cli(*args, cwd):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_AUTH_MODE": "disabled"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run([sys.executable, "-m", "opefo_rllib.cli", "train", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from opefo_rllib.fleet.gloo_transfer import GLOO_BACKEND, GlooWeightTransferUpdateInfo, _checked, bucket_plan
-from opefo_rllib.fleet.weight_sync import FleetSyncClient, trainer_init_info
+from opefo_rllib.fleet.ports import listening_store, reserved_port
+from opefo_rllib.fleet.vllm_transfer import FleetSyncClient, trainer_init_info
 
 # vLLM object -> method -> parameters we pass (by name; positional ones included).
 VLLM_CALLS = {
@@ -23,6 +24,7 @@ VLLM_CALLS = {
     },
     "vllm.distributed.weight_transfer.WeightTransferTrainerFactory": {"trainer_init": ("init_info", "client", "source")},
     "vllm.distributed.weight_transfer.WeightTransferEngineFactory": {"register_engine": ("name", "module_path_or_cls")},
+    "vllm.v1.engine.core_client.EngineCoreClient": {"shutdown": ()},  # VLLMEngine.shutdown
 }
 
 
@@ -64,9 +66,12 @@ def test_trainer_init_info_is_vllms_own_dataclass_for_each_backend():
     from vllm.distributed.weight_transfer.ipc_engine import IPCTrainerInitInfo
     from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
 
-    nccl = trainer_init_info("nccl", world_size=5, master_address="127.0.0.1", timeout_s=10)
+    with reserved_port("127.0.0.1") as port:
+        nccl = trainer_init_info("nccl", world_size=5, master_address="127.0.0.1", timeout_s=10, port=port)
     assert isinstance(nccl, NCCLTrainerInitInfo) and nccl.backend == "nccl"
-    assert nccl.world_size == 5 and nccl.is_sender and 0 < nccl.master_port < 65536
+    assert nccl.world_size == 5 and nccl.is_sender and nccl.master_port == port
+    with pytest.raises(ValueError, match="nccl backend needs a port"):
+        trainer_init_info("nccl", world_size=5, master_address="127.0.0.1", timeout_s=10)
     ipc = trainer_init_info("ipc", world_size=2, master_address="127.0.0.1", timeout_s=10)
     assert isinstance(ipc, IPCTrainerInitInfo) and ipc.backend == "ipc" and ipc.is_sender
     gloo = trainer_init_info(GLOO_BACKEND, world_size=3, master_address="127.0.0.1", timeout_s=10)
@@ -140,12 +145,28 @@ def _listening_addresses(port: int) -> set[str]:
 
 
 def test_the_trainers_store_listens_on_loopback_only():
-    from opefo_rllib.fleet.gloo_transfer import _master_store, _worker_store
+    from opefo_rllib.fleet.gloo_transfer import _worker_store
 
-    store, port = _master_store("127.0.0.1", 0, 2, timeout_s=5)
+    store = listening_store("127.0.0.1", 2, timeout_s=5)
+    port = store.port  # picked by the OS when the socket was bound, never released in between
     assert _listening_addresses(port) == {"0100007F"}  # 127.0.0.1, not 0.0.0.0 or ::
     worker = _worker_store("127.0.0.1", port, 2, timeout_s=5)
     worker.set("k", "v")
     assert store.get("k") == b"v"
     del worker, store
     assert _listening_addresses(port) == set()  # the store closed the socket it was given
+
+
+def test_a_reserved_port_is_held_until_vllms_nccl_store_listens_on_it():
+    # vLLM's NCCL trainer endpoint binds the port itself (SO_REUSEADDR): we hold it meanwhile, so no
+    # other process is handed it, and vLLM's store still binds it and listens on loopback only.
+    import socket
+
+    from vllm.distributed.utils import StatelessProcessGroup
+
+    with reserved_port("127.0.0.1") as port:
+        with socket.socket() as other, pytest.raises(OSError):
+            other.bind(("127.0.0.1", port))
+        group = StatelessProcessGroup.create("127.0.0.1", port, rank=0, world_size=1, store_timeout=5)
+        assert _listening_addresses(port) == {"0100007F"}
+    assert group.store.port == port

@@ -1,4 +1,5 @@
-"""The GRPO family (pure torch, no Ray): group advantages, registered policy losses, aggregation."""
+"""The GRPO family (imports only torch): group advantages, registered policy losses, aggregation.
+``GRPO`` and ``GRPOConfig`` (the RLlib algorithm, which imports Ray) load on first use."""
 
 from opefo_rllib.algorithms.grpo.advantages import (
     ADV_ESTIMATORS,
@@ -9,10 +10,12 @@ from opefo_rllib.algorithms.grpo.advantages import (
 from opefo_rllib.algorithms.grpo.losses import (
     AGG_MODES,
     POLICY_LOSSES,
+    POLICY_LOSS_SETTINGS,
     PolicyLossConfig,
     aggregate_loss,
     entropy_bonus,
     get_policy_loss,
+    loss_settings,
     policy_loss,
     register_policy_loss,
     token_covariance,
@@ -24,7 +27,9 @@ __all__ = [
     "ADV_ESTIMATORS",
     "AGG_MODES",
     "POLICY_LOSSES",
+    "POLICY_LOSS_SETTINGS",
     "PolicyLossConfig",
+    "loss_settings",
     "aggregate_loss",
     "entropy_bonus",
     "get_adv_est",

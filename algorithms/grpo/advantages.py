@@ -9,10 +9,14 @@ estimator maps the outcome rewards r [N] and group ids [N] to one advantage per 
 
 A group of size 1 (or whose rewards are all equal) gets A = 0.
 
-Add an estimator by writing one function and registering it:
+Add an estimator by writing one function and registering it; one that needs knobs declares a
+frozen settings dataclass (its fields become config fields) and receives it as ``settings=``:
 
     @register_adv_est("my_est")
     def my_est(rewards, group_index, num_groups, eps): ...
+
+    @register_adv_est("my_tuned_est", settings=MyEstSettings)
+    def my_tuned_est(rewards, group_index, num_groups, eps, settings): ...
 """
 
 from __future__ import annotations
@@ -21,19 +25,23 @@ from typing import Callable, Sequence
 
 import torch
 
-__all__ = ["ADV_ESTIMATORS", "register_adv_est", "get_adv_est", "group_advantages"]
+__all__ = ["ADV_ESTIMATORS", "ADV_EST_SETTINGS", "register_adv_est", "get_adv_est", "group_advantages"]
 
 AdvEstimator = Callable[[torch.Tensor, torch.Tensor, int, float], torch.Tensor]
 ADV_ESTIMATORS: dict[str, AdvEstimator] = {}
+ADV_EST_SETTINGS: dict[str, type] = {}  # estimator name -> its settings dataclass, if it has one
 
 
-def register_adv_est(name: str) -> Callable[[AdvEstimator], AdvEstimator]:
-    """Decorator: register ``fn(rewards [N], group_index [N] in 0..G-1, num_groups, eps) -> [N]``."""
+def register_adv_est(name: str, settings: type | None = None) -> Callable[[AdvEstimator], AdvEstimator]:
+    """Decorator: register ``fn(rewards [N], group_index [N] in 0..G-1, num_groups, eps) -> [N]``
+    (plus ``settings=`` an instance of ``settings`` when given)."""
 
     def deco(fn: AdvEstimator) -> AdvEstimator:
         if name in ADV_ESTIMATORS:
             raise ValueError(f"advantage estimator {name!r} is already registered")
         ADV_ESTIMATORS[name] = fn
+        if settings is not None:
+            ADV_EST_SETTINGS[name] = settings
         return fn
 
     return deco
@@ -83,6 +91,7 @@ def group_advantages(
     group_ids: torch.Tensor | Sequence,
     estimator: str = "grpo",
     eps: float = 1e-6,
+    settings: object | None = None,
 ) -> torch.Tensor:
     """One advantage per response from outcome rewards, normalised within prompt groups.
 
@@ -91,6 +100,7 @@ def group_advantages(
         group_ids: [N] ids of the prompt each response answers (ints, or any hashable values).
         estimator: a registered estimator name ("grpo", "dr_grpo", "rloo", ...).
         eps: added to the group std by "grpo".
+        settings: the estimator's settings instance, for estimators registered with ``settings``.
 
     Returns:
         [N] float32 advantages (float64 if the rewards are float64).
@@ -118,4 +128,6 @@ def group_advantages(
     num_groups = int(index.max()) + 1 if index.numel() else 0
     if not torch.isfinite(r).all():
         raise ValueError("rewards contain NaN or inf")
+    if estimator in ADV_EST_SETTINGS:
+        return fn(r, index, num_groups, eps, settings=settings or ADV_EST_SETTINGS[estimator]())
     return fn(r, index, num_groups, eps)

@@ -3,9 +3,10 @@
 The recipe of one ``training_step``:
 
     rollouts = env_runner.sample()                  # B prompts x G responses, verified, versioned
-    advantages = group_advantages(rewards, groups)  # per prompt group, before any split
+    batch = learner_batch(rollouts, ...)            # tensors; group advantages before any split
     learner_group.foreach_learner(update)           # flow pass, then ONE optimizer step
-    env_runner.sync_weights(new weights, version)   # before the next batch is sampled
+    sync_fleet_weights(step)                        # new weights and version, before the next sample
+    rollout_metrics(...), timings -> metrics, TensorBoard
 
 The config covers the paper's baselines: strict on-policy GRPO (``policy_loss="pg"``, one
 update per batch), approximate on-policy (``"ppo_clip"`` with ``num_updates_per_batch`` > 1),
@@ -23,59 +24,61 @@ from ray.rllib.algorithms.algorithm_config import AlgorithmConfig, NotProvided
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.utils.annotations import override
 
-from opefo_rllib.algorithms.grpo.advantages import ADV_ESTIMATORS, group_advantages
-from opefo_rllib.algorithms.grpo.losses import AGG_MODES, POLICY_LOSSES
-from opefo_rllib.algorithms.opefo.entropy_flow import BALANCE_MODES, ESTIMATORS
+from opefo_rllib.envs.registry import register_all_with_tune
+from opefo_rllib.rollout.batch import learner_batch, rollout_metrics
+from opefo_rllib.config import SECTIONS, all_fields, check_value, coerce_value, rllib_fields, validate_sections
 
-__all__ = ["GRPOConfig", "GRPO"]
+__all__ = ["GRPOConfig", "GRPO", "NonFiniteTrainingError"]
 
-# Fields this project adds to AlgorithmConfig, with their defaults (the tiny CPU run's).
-GRPO_DEFAULTS: dict[str, Any] = {
-    # policy model
-    "model_path": "tiny-default", "model_dtype": "float32", "gradient_checkpointing": False,
-    "logits_chunk_size": 1024,
-    # generation and the engine fleet
-    "engine": "hf", "num_engines": 1, "num_cpus_per_engine": 0.5, "num_gpus_per_engine": 0.0,
-    "colocate_engines": False, "engine_dtype": "float32",
-    "temperature": 1.0, "max_new_tokens": 8, "top_p": 1.0, "top_k": 0,
-    "generate_timeout_s": 600.0, "weight_sync_timeout_s": 120.0,
-    "weight_sync": "auto", "weight_transfer_backend": "auto", "weight_transfer_address": "127.0.0.1",
-    # batch
-    "prompts_per_batch": 16, "group_size": 8,
-    # objective
-    "adv_estimator": "grpo", "policy_loss": "pg", "loss_agg_mode": "token-mean",
-    "eps_low": 0.2, "eps_high": 0.2, "clip_ratio_c": None,
-    "clip_cov_ratio": 2e-4, "clip_cov_lb": 1.0, "clip_cov_ub": 5.0, "kl_cov_ratio": 2e-3, "kl_cov_coef": 1.0,
-    "entropy_coef": 0.0, "tis_cap": None, "strict_on_policy": True, "num_updates_per_batch": 1, "micro_batch_size": None,
-    # entropy flow (GRPO logs it; OPEFO balances it)
-    "entropy_flow_estimator": "exact", "balance_mode": "none", "static_lambda": 0.0,
-    "balance_fraction": 1.0, "max_abs_lambda": None,
-    # optimizer and DeepSpeed
-    "weight_decay": 0.0, "adam_betas": (0.9, 0.999), "adam_eps": 1e-8, "lr_warmup_steps": 0,
-    "zero_stage": 0, "bf16": False, "learner_num_threads": 1,
-    # logging and checkpoints
-    "tensorboard_dir": None, "log_text_every": 10, "num_text_samples": 4, "export_hf_on_checkpoint": True,
-}
+register_all_with_tune()  # RLlib resolves env names through Tune's registry
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """``max_nonfinite_steps`` batches in a row had a non-finite loss or gradient norm."""
+
+
+def _section_setter(setter: str, extra_doc: str = ""):
+    """A fluent, keyword-only setter for every field of the sections whose setter is ``setter``."""
+
+    def set_fields(self, **kwargs) -> "GRPOConfig":
+        self._set_fields(setter, kwargs)
+        return self
+
+    set_fields.__name__ = setter
+    set_fields.__doc__ = _setter_doc(setter, extra_doc)
+    return set_fields
+
+
+def _setter_doc(setter: str, extra_doc: str) -> str:
+    lines = [f"Set fields of: {', '.join(s.name for s in SECTIONS.values() if s.setter == setter)}. {extra_doc}"
+             .strip(), "", "Keyword arguments (see `opefo config` for the resolved values):"]
+    lines += [f"    {f.name} ({f.type_name()}, default {f.default!r}): {f.doc}"
+              for s in SECTIONS.values() if s.setter == setter for f in s.fields()]
+    return "\n".join(lines)
 
 
 class GRPOConfig(AlgorithmConfig):
     """Configuration of GRPO-family training; fluent setters like RLlib's own configs.
 
+    Every project field is declared once, with its type, default, doc and checks, in a section
+    of ``opefo_rllib.config.sections``; this class takes its defaults, its setters (one per
+    section: ``policy_model``, ``generation``, ``fleet``, ``training`` (objective, loss settings,
+    optimisation, plus RLlib's own ``lr``, ``grad_clip``, ...), ``entropy_flow``, ``deepspeed``,
+    ``logging``) and its validation from there.
+
     Example:
         >>> config = (GRPOConfig().environment("opefo/Arithmetic-v0")
         ...           .training(lr=1e-4, adv_estimator="grpo", policy_loss="pg")
-        ...           .generation(temperature=1.0, max_new_tokens=8, group_size=8)
+        ...           .generation(prompts_per_batch=16, group_size=8, temperature=1.0, max_new_tokens=8)
         ...           .fleet(num_engines=1))
     """
 
     def __init__(self, algo_class=None):
         super().__init__(algo_class=algo_class or GRPO)
-        for key, value in GRPO_DEFAULTS.items():
-            setattr(self, key, value)
-        self.lr = 1e-4
-        self.grad_clip = 1.0
-        self.seed = 0
-        self.env = "opefo/Arithmetic-v0"
+        for spec in all_fields().values():
+            setattr(self, spec.name, spec.default)
+        for name in ("lr", "grad_clip", "seed", "env"):  # RLlib's fields, with this project's defaults
+            setattr(self, name, rllib_fields()[name].default)
         # RLlib plumbing: one local EnvRunner (it drives the engine actors) and one local learner.
         from opefo_rllib.rollout.env_runner import LLMEnvRunner
 
@@ -86,69 +89,42 @@ class GRPOConfig(AlgorithmConfig):
         self.num_cpus_for_main_process = 1
 
     # ------------------------------------------------------------------ fluent setters
-    def _set(self, **kwargs) -> "GRPOConfig":
+    def _set_fields(self, setter: str, kwargs: dict, also: tuple[str, ...] = ()) -> None:
+        sections = [s for s in SECTIONS.values() if s.setter == setter or s.setter in also]
+        specs = {f.name: f for s in sections for f in s.fields()}
+        aliases = {k: v for s in sections for k, v in s.aliases.items()}
         for key, value in kwargs.items():
-            if value is not NotProvided:
-                setattr(self, key, value)
+            if value is NotProvided:
+                continue
+            name = aliases.get(key, key)
+            if name not in specs:
+                raise TypeError(f"GRPOConfig.{setter}() got an unexpected keyword argument {key!r}; "
+                                f"it sets {sorted(specs)}")
+            setattr(self, name, coerce_value(specs[name], value))
+
+    def environment(self, env=NotProvided, *, imports=NotProvided, **kwargs) -> "GRPOConfig":
+        """RLlib's ``environment(env, env_config=...)`` plus ``imports``: modules that register
+        your envs, imported wherever the env is built (an env may also be named module:env-id)."""
+        self._set_fields("environment", {"imports": imports})
+        super().environment(env, **kwargs)
         return self
 
-    def training(self, *, adv_estimator=NotProvided, policy_loss=NotProvided, loss_agg_mode=NotProvided,
-                 eps_low=NotProvided, eps_high=NotProvided, clip_ratio_c=NotProvided, clip_cov_ratio=NotProvided,
-                 clip_cov_lb=NotProvided, clip_cov_ub=NotProvided, kl_cov_ratio=NotProvided, kl_cov_coef=NotProvided,
-                 entropy_coef=NotProvided, strict_on_policy=NotProvided, num_updates_per_batch=NotProvided,
-                 micro_batch_size=NotProvided, prompts_per_batch=NotProvided, weight_decay=NotProvided,
-                 adam_betas=NotProvided, adam_eps=NotProvided, lr_warmup_steps=NotProvided,
-                 entropy_flow_estimator=NotProvided, tis_cap=NotProvided, **kwargs) -> "GRPOConfig":
-        """Objective and optimisation settings (plus RLlib's own, e.g. ``lr``, ``grad_clip``)."""
-        super().training(**kwargs)
-        return self._set(
-            adv_estimator=adv_estimator, policy_loss=policy_loss, loss_agg_mode=loss_agg_mode, eps_low=eps_low,
-            eps_high=eps_high, clip_ratio_c=clip_ratio_c, clip_cov_ratio=clip_cov_ratio, clip_cov_lb=clip_cov_lb,
-            clip_cov_ub=clip_cov_ub, kl_cov_ratio=kl_cov_ratio, kl_cov_coef=kl_cov_coef, entropy_coef=entropy_coef,
-            strict_on_policy=strict_on_policy, num_updates_per_batch=num_updates_per_batch,
-            micro_batch_size=micro_batch_size, prompts_per_batch=prompts_per_batch, weight_decay=weight_decay,
-            adam_betas=adam_betas, adam_eps=adam_eps, lr_warmup_steps=lr_warmup_steps,
-            entropy_flow_estimator=entropy_flow_estimator, tis_cap=tis_cap)
+    policy_model = _section_setter("policy_model", "The policy: a local Hugging Face model directory, "
+                                   'or "tiny-default".')
+    generation = _section_setter("generation")
+    fleet = _section_setter("fleet")
+    entropy_flow = _section_setter("entropy_flow", 'Alias: estimator= sets entropy_flow_estimator.')
+    deepspeed = _section_setter("deepspeed")
+    logging = _section_setter("logging")
 
-    def generation(self, *, temperature=NotProvided, max_new_tokens=NotProvided, top_p=NotProvided,
-                   top_k=NotProvided, group_size=NotProvided) -> "GRPOConfig":
-        """How responses are sampled (strict on-policy: full distribution, top_p=1, top_k=0)."""
-        return self._set(temperature=temperature, max_new_tokens=max_new_tokens, top_p=top_p, top_k=top_k,
-                         group_size=group_size)
+    def training(self, **kwargs) -> "GRPOConfig":
+        ours = {f.name for s in SECTIONS.values() if s.setter in ("training", "entropy_flow") for f in s.fields()}
+        self._set_fields("training", {k: v for k, v in kwargs.items() if k in ours}, also=("entropy_flow",))
+        super().training(**{k: v for k, v in kwargs.items() if k not in ours})
+        return self
 
-    def fleet(self, *, engine=NotProvided, num_engines=NotProvided, num_cpus_per_engine=NotProvided,
-              num_gpus_per_engine=NotProvided, colocate_engines=NotProvided, engine_dtype=NotProvided,
-              generate_timeout_s=NotProvided, weight_sync_timeout_s=NotProvided, weight_sync=NotProvided,
-              weight_transfer_backend=NotProvided, weight_transfer_address=NotProvided) -> "GRPOConfig":
-        """The inference fleet: engine kind ("hf" | "vllm" | "sglang"), engine actors, their CPUs and
-        GPUs, colocation (engines release their memory while the learner trains), timeouts, and how
-        weights reach the engines: ``weight_sync`` "native" (vLLM's weight-transfer API, backend
-        ``weight_transfer_backend``: "auto" | "nccl" | "ipc" | "opefo_gloo"; the learner's store listens
-        on ``weight_transfer_address``), "object_store" (state dict through Ray's object store), or
-        "auto" (native where the engine has it, else object_store)."""
-        return self._set(engine=engine, num_engines=num_engines, num_cpus_per_engine=num_cpus_per_engine,
-                         num_gpus_per_engine=num_gpus_per_engine, colocate_engines=colocate_engines,
-                         engine_dtype=engine_dtype, generate_timeout_s=generate_timeout_s,
-                         weight_sync_timeout_s=weight_sync_timeout_s, weight_sync=weight_sync,
-                         weight_transfer_backend=weight_transfer_backend,
-                         weight_transfer_address=weight_transfer_address)
-
-    def policy_model(self, *, model_path=NotProvided, model_dtype=NotProvided, gradient_checkpointing=NotProvided,
-                     logits_chunk_size=NotProvided) -> "GRPOConfig":
-        """The policy: a local Hugging Face model directory, or "tiny-default"."""
-        return self._set(model_path=model_path, model_dtype=model_dtype,
-                         gradient_checkpointing=gradient_checkpointing, logits_chunk_size=logits_chunk_size)
-
-    def deepspeed(self, *, zero_stage=NotProvided, bf16=NotProvided, learner_num_threads=NotProvided
-                  ) -> "GRPOConfig":
-        """DeepSpeed settings of the learner."""
-        return self._set(zero_stage=zero_stage, bf16=bf16, learner_num_threads=learner_num_threads)
-
-    def logging(self, *, tensorboard_dir=NotProvided, log_text_every=NotProvided, num_text_samples=NotProvided,
-                export_hf_on_checkpoint=NotProvided) -> "GRPOConfig":
-        """TensorBoard directory (default: the Algorithm's logdir) and text-sample cadence."""
-        return self._set(tensorboard_dir=tensorboard_dir, log_text_every=log_text_every,
-                         num_text_samples=num_text_samples, export_hf_on_checkpoint=export_hf_on_checkpoint)
+    training.__doc__ = _setter_doc("training", "Plus the entropy_flow fields, and RLlib's own training settings "
+                                   "(lr, grad_clip, ...).")
 
     # ------------------------------------------------------------------ RLlib hooks
     @override(AlgorithmConfig)
@@ -168,54 +144,16 @@ class GRPOConfig(AlgorithmConfig):
 
     @override(AlgorithmConfig)
     def validate(self) -> None:
+        validate_fields(self)  # ours first: RLlib's own messages (e.g. for lr="abc") name no field
         super().validate()
-        validate_fields(self)
-
-
-def _fail(field: str, value: Any, why: str) -> None:
-    raise ValueError(f"config field {field!r} = {value!r}: {why}")
 
 
 def validate_fields(c: Any) -> None:
-    """Check the project's config fields; the error names the bad field."""
-    choices = {"adv_estimator": ADV_ESTIMATORS, "policy_loss": POLICY_LOSSES, "loss_agg_mode": AGG_MODES,
-               "entropy_flow_estimator": ESTIMATORS, "balance_mode": BALANCE_MODES, "engine": ("hf", "vllm", "sglang"),
-               "weight_sync": ("auto", "native", "object_store"),
-               "weight_transfer_backend": ("auto", "nccl", "ipc", "opefo_gloo"),
-               "model_dtype": ("float32", "bfloat16"), "engine_dtype": ("float32", "bfloat16")}
-    for field, allowed in choices.items():
-        if getattr(c, field) not in allowed:
-            _fail(field, getattr(c, field), f"choose one of {sorted(allowed)}")
-    for field in ("prompts_per_batch", "group_size", "max_new_tokens", "num_engines", "num_updates_per_batch"):
-        if not isinstance(getattr(c, field), int) or getattr(c, field) < 1:
-            _fail(field, getattr(c, field), "must be an integer >= 1")
-    if c.micro_batch_size is not None and (not isinstance(c.micro_batch_size, int) or c.micro_batch_size < 1):
-        _fail("micro_batch_size", c.micro_batch_size, "must be None (whole batch) or an integer >= 1")
-    if c.num_gpus_per_engine < 0 or c.num_cpus_per_engine < 0:
-        _fail("num_gpus_per_engine" if c.num_gpus_per_engine < 0 else "num_cpus_per_engine",
-              min(c.num_gpus_per_engine, c.num_cpus_per_engine), "must be >= 0")
-    if c.tis_cap is not None and not c.tis_cap > 0:
-        _fail("tis_cap", c.tis_cap, "truncated importance sampling cap C must be > 0 (or None: off)")
-    if c.zero_stage not in (0, 1, 2, 3):
-        _fail("zero_stage", c.zero_stage, "DeepSpeed ZeRO stage must be 0, 1, 2 or 3")
-    if not c.temperature > 0:
-        _fail("temperature", c.temperature, "must be > 0")
-    if c.strict_on_policy:
-        if c.num_updates_per_batch != 1:
-            _fail("num_updates_per_batch", c.num_updates_per_batch,
-                  "strict on-policy takes exactly one optimizer step per rollout batch; set strict_on_policy=False "
-                  "for approximate on-policy training")
-        if c.top_p != 1.0 or c.top_k != 0:
-            _fail("top_p" if c.top_p != 1.0 else "top_k", c.top_p if c.top_p != 1.0 else c.top_k,
-                  "strict on-policy samples the full distribution the learner scores (top_p=1, top_k=0); "
-                  "the learner does not apply the same truncation")
-    if c.group_size < 2 and c.adv_estimator in ("grpo", "rloo"):
-        _fail("group_size", c.group_size, f"{c.adv_estimator!r} advantages need at least 2 responses per prompt")
-    if c.weight_sync == "native" and c.engine != "vllm":
-        _fail("weight_sync", c.weight_sync, f"native weight transfer is vLLM's API; engine is {c.engine!r} "
-              "(use 'auto' or 'object_store')")
-    if c.num_learners > 1:
-        _fail("num_learners", c.num_learners, "this version trains with one (local or remote) learner")
+    """Check every project field and RLlib field of ``c``; raises ConfigError naming the field."""
+    for spec in rllib_fields().values():
+        if spec.name != "env":  # RLlib also takes an env class or a callable
+            check_value(spec, getattr(c, spec.name))
+    validate_sections(c)
 
 
 class GRPO(Algorithm):
@@ -247,23 +185,21 @@ class GRPO(Algorithm):
         from opefo_rllib.logging_tb import TensorBoardLogger
 
         self.tb = TensorBoardLogger(self.config.tensorboard_dir or self.logdir)
-        # A restarted engine under native sync loads the learner's current weights from here.
-        self.env_runner.fleet.weights_provider = lambda: _first_result(self.learner_group.foreach_learner(
-            lambda learner: learner.policy_weights()))
+        from opefo_rllib.fleet.weight_sync import WeightSync
+
+        # Learner -> engines weights (native or object store), and the weights of a restarted engine.
+        self.weight_sync = WeightSync(self.env_runner.fleet,
+                                      lambda fn: _first_result(self.learner_group.foreach_learner(fn)),
+                                      master_address=self.config.weight_transfer_address)
 
     @override(Algorithm)
     def training_step(self) -> None:
-        import torch
-
-        from opefo_rllib.rollout.batch import collate
-
         c = self.config
         step = self.training_iteration
         runner = self.env_runner
         t0 = time.perf_counter()
         rollouts = runner.sample()
-        batch = collate(rollouts, pad_id=runner.tokenizer.pad_token_id)
-        batch["advantages"] = group_advantages(batch["rewards"], batch["group_ids"], c.adv_estimator)
+        batch = learner_batch(rollouts, runner.tokenizer.pad_token_id, c.adv_estimator, c.verify_failure_policy)
         t1 = time.perf_counter()
         if c.colocate_engines:  # engines share the learners' devices: free their memory meanwhile
             runner.fleet.release_memory()
@@ -276,29 +212,18 @@ class GRPO(Algorithm):
         t3 = time.perf_counter()
 
         delta_hist = metrics.pop("_delta_hist")
-        rewards = batch["rewards"]
-        lengths = torch.tensor([len(r.response_ids) for r in rollouts], dtype=torch.float32)
+        metrics.update(rollout_metrics(rollouts, batch))
+        metrics.update(getattr(runner, "last_metrics", {}))
         metrics.update({
-            "rollout/reward_mean": float(rewards.mean()),
-            "rollout/num_samples": float(len(rollouts)),
-            "rollout/accuracy": sum(r.correct for r in rollouts) / len(rollouts),
-            "rollout/response_length_mean": float(lengths.mean()),
-            "rollout/truncated_frac": sum(not r.finished for r in rollouts) / len(rollouts),
-            "rollout/solve_all_frac": _group_frac(rollouts, all),
-            "rollout/solve_none_frac": _group_frac(rollouts, lambda xs: not any(xs)),
-            "rollout/verify_timeouts": float(sum(r.info.get("timed_out", False) for r in rollouts)),
-            "rollout/verify_errors": float(sum(r.info.get("error", False) for r in rollouts)),
             "time/generate_s": runner.last_timings["generate_s"],
             "time/verify_s": runner.last_timings["verify_s"],
             "time/rollout_s": t1 - t0,
             "time/learn_s": t2 - t1,
             "time/weight_sync_s": sync_s,
             "time/step_s": t3 - t0,
-            "throughput/tokens_per_s": float(lengths.sum()) / max(t3 - t0, 1e-9),
-            "fleet/engine_restarts": float(runner.fleet.restarts),
-            "fleet/memory_releases": float(runner.fleet.memory_releases),
-            "fleet/native_weight_sync": float(runner.fleet.native_backend is not None),
-            "fleet/transfer_group_builds": float(runner.fleet.group_builds),
+            "throughput/tokens_per_s": metrics["rollout/response_tokens"] / max(t3 - t0, 1e-9),
+            **runner.fleet.metrics(),  # fleet/engine_restarts, fleet/memory_releases
+            **self.weight_sync.metrics(),  # fleet/native_weight_sync, fleet/transfer_group_builds
         })
         for key, value in metrics.items():
             self.metrics.log_value(key, value, window=1)
@@ -308,43 +233,27 @@ class GRPO(Algorithm):
         if c.log_text_every and (step % c.log_text_every == 0):
             self.tb.samples(rollouts[: c.num_text_samples], global_step)
         self.tb.flush()
+        if metrics["learner/nonfinite_in_a_row"] >= c.max_nonfinite_steps:
+            raise NonFiniteTrainingError(
+                f"iteration {global_step}: {int(metrics['learner/nonfinite_in_a_row'])} batches in a row had a "
+                f"non-finite loss or gradient norm (grad norm {metrics['learner/grad_norm']:.4g}); their steps were "
+                f"skipped and the weights are those of version {int(metrics['learner/weight_version'])} "
+                f"(max_nonfinite_steps = {c.max_nonfinite_steps}; lower lr or raise grad_clip)")
 
     def sync_fleet_weights(self, step: int) -> float:
-        """Push the learner's weights and version to every engine (before the next sample)."""
-        fleet = self.env_runner.fleet
-        if fleet.native_backend is None:
-            weights, version = _first_result(self.learner_group.foreach_learner(
-                lambda learner: (learner.policy_weights(), learner.weight_version)))
-            return self.env_runner.sync_weights(weights, version, step)
-        return self._sync_native(fleet, step)
-
-    def _sync_native(self, fleet, step: int) -> float:
-        """vLLM's weight-transfer API, driven from the learner; one retry after restarting engines."""
-        c = self.config
-        start = time.perf_counter()
-        for attempt in range(2):
-            try:
-                actors, sizes, backend, rebuild = fleet.native_targets()
-
-                def push(learner, a=actors, s=sizes, b=backend, r=rebuild or attempt > 0):
-                    return learner.push_weights_native(a, s, b, step, c.weight_sync_timeout_s, r,
-                                                       c.weight_transfer_address)
-
-                version = _first_result(self.learner_group.foreach_learner(push))
-            except Exception:  # noqa: BLE001 - recover once, then let it out
-                if attempt:
-                    raise
-                version = _first_result(self.learner_group.foreach_learner(lambda learner: learner.weight_version))
-                fleet.recover_native_sync(version, step)
-                continue
-            fleet.confirm_native_sync(version, step)
-            return time.perf_counter() - start
-        raise AssertionError("unreachable")
+        """Push the learner's weights and version to every engine (before the next sample); seconds."""
+        return self.weight_sync.sync(step)
 
     @override(Algorithm)
     def restore_from_path(self, path, *args, **kwargs) -> None:
         super().restore_from_path(path, *args, **kwargs)
         self.sync_fleet_weights(self.training_iteration)  # engines start from the restored policy
+        # TensorBoard continues after the restored iteration: hide any later events of the
+        # interrupted run, so a curve never has two values at one step.
+        from opefo_rllib.logging_tb import TensorBoardLogger
+
+        self.tb.close()
+        self.tb = TensorBoardLogger(self.tb.logdir, purge_step=self.training_iteration + 1)
 
     @override(Algorithm)
     def save_checkpoint(self, checkpoint_dir: str) -> None:
@@ -352,12 +261,15 @@ class GRPO(Algorithm):
         if self.config.export_hf_on_checkpoint:
             self.export_policy(f"{checkpoint_dir}/hf_policy")
 
+    def policy_weights(self) -> dict:
+        """A CPU copy of the policy's state dict, from the learner."""
+        return _first_result(self.learner_group.foreach_learner(lambda learner: learner.policy_weights()))
+
     def export_policy(self, directory: str) -> str:
         """Write the current policy in Hugging Face format (safetensors + config + tokenizer)."""
         from opefo_rllib.learner.hf_export import export_hf_policy
 
-        weights = _first_result(self.learner_group.foreach_learner(lambda learner: learner.policy_weights()))
-        return export_hf_policy(self.config.model_path, weights, directory)
+        return export_hf_policy(self.config.model_path, self.policy_weights(), directory)
 
     @override(Algorithm)
     def cleanup(self) -> None:
@@ -370,10 +282,3 @@ def _first_result(results):
     """The value of the first learner's call (re-raising its error, if any)."""
     first = next(iter(results))
     return first.get() if hasattr(first, "get") else first
-
-
-def _group_frac(rollouts, test) -> float:
-    groups: dict[int, list[bool]] = {}
-    for r in rollouts:
-        groups.setdefault(r.group_id, []).append(r.correct)
-    return sum(test(v) for v in groups.values()) / max(len(groups), 1)

@@ -1,29 +1,39 @@
 """GRPOTorchLearner: the GRPO-family / OPEFO update on a DeepSpeed-wrapped causal LM.
 
-One call of ``update_from_rollouts`` is one policy update:
+``update_from_rollouts`` is one policy update, in named steps (each a method a subclass or a
+later feature can extend):
 
-1. Strict on-policy check: every sample's weight version must equal the learner's.
-2. Flow pass (no grad, micro-batch by micro-batch): per-token log pi, H and S for the whole
-   batch, the entropy flow delta_t, and the batch-global totals P and N. OPEFO's weights need
+1. ``check_on_policy``: every sample's weight version must equal the learner's (strict mode).
+2. ``flow_pass`` (no grad, micro-batch by micro-batch): per-token log pi, H and S for the whole
+   batch, the entropy flow delta_t and the batch-global totals P and N. OPEFO's weights need
    lambda* = (N - P) / (N + P) of the whole batch before any backward pass; this pass provides
    it (and the flow metrics every baseline logs too, and log pi_old for clipped losses).
-3. Training pass: per micro-batch, the registered policy loss times the balancing weights,
-   aggregated with the global token / sequence counts (so the gradient does not depend on the
-   micro-batch size), backward; then ONE optimizer step (strict on-policy). Approximate
-   on-policy configs (``num_updates_per_batch`` > 1) take that many mini-batch steps.
+3. ``token_weights``: the balancing weights times the optional truncated-IS weights.
+4. ``training_pass``: per mini-batch, ``accumulate_gradients`` (the registered policy loss times
+   the weights, aggregated with the global token / sequence counts so the gradient does not
+   depend on the micro-batch size, one backward per micro-batch), then ONE ``optimizer_step``.
+   Strict on-policy: one mini-batch; approximate on-policy (``num_updates_per_batch`` > 1) takes
+   that many mini-batch steps. A non-finite loss or gradient norm skips the step (finite-step
+   guard, ``DeepSpeedTorchLearner.optimizer_step``) and keeps the weight version.
+5. ``batch_metrics``: entropy, flow diagnostics and the engine-vs-learner log-prob gap.
+
+With policy_loss "pg" and no TIS, steps 2-4 compute the gradient of ``opefo_loss`` on the batch
+(tests/test_learner.py ties the two).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
 from typing import Any
 
 import torch
 from ray.rllib.core import DEFAULT_MODULE_ID
 
-from opefo_rllib.algorithms.grpo.losses import PolicyLossConfig, aggregate_loss, entropy_bonus, policy_loss
+from opefo_rllib.algorithms.grpo.losses import aggregate_loss, entropy_bonus, loss_settings, policy_loss
 from opefo_rllib.algorithms.opefo.entropy_flow import (
-    balance_lambda,
+    FlowTotals,
     balance_weights,
     entropy_flow,
     flow_diagnostics,
@@ -31,7 +41,25 @@ from opefo_rllib.algorithms.opefo.entropy_flow import (
 )
 from opefo_rllib.learner.deepspeed_learner import DeepSpeedTorchLearner
 
-__all__ = ["GRPOTorchLearner", "StaleBatchError"]
+__all__ = ["GRPOTorchLearner", "StaleBatchError", "FlowPass", "pack_by_tokens"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class FlowPass:
+    """The flow pass of one batch: no-grad per-token stats [N, T-1] as sampled, the entropy flow
+    delta and its batch totals (P, N, ...)."""
+
+    logp: torch.Tensor
+    entropy: torch.Tensor
+    expected_s: torch.Tensor
+    delta: torch.Tensor
+    totals: FlowTotals
+
+
+# Stats of balance_weights logged as entropy_flow/<name>.
+_FLOW_STATS = ("P", "N", "lambda", "lambda_star", "frac_increase", "frac_decrease", "w_mean", "w_min", "w_max")
 
 
 class StaleBatchError(RuntimeError):
@@ -40,17 +68,29 @@ class StaleBatchError(RuntimeError):
 
 class GRPOTorchLearner(DeepSpeedTorchLearner):
     weight_version: int = 0
+    nonfinite_steps: int = 0  # optimizer steps skipped by the finite-step guard, in all
+    nonfinite_in_a_row: int = 0  # batches in a row whose every step was skipped
 
-    def loss_config(self) -> PolicyLossConfig:
+    def check_on_policy(self, batch: dict[str, Any], step: int) -> None:
+        """Strict on-policy: refuse a batch sampled under other weights than the learner's."""
+        versions = batch["weight_versions"]
+        if self.config.strict_on_policy and bool((versions != self.weight_version).any()):
+            raise StaleBatchError(f"strict on-policy: batch at step {step} holds weight versions "
+                                  f"{sorted(set(versions.tolist()))}, the learner is at version {self.weight_version}")
+
+    def _micro_batches(self, rows: torch.Tensor, lengths: torch.Tensor | None = None):
+        """Split ``rows`` into micro-batches: ``micro_batch_size`` rows each, or, with
+        ``max_tokens_per_micro_batch``, rows sorted by length and packed so that rows x longest
+        row stays within the budget (a longer row goes alone). Each micro-batch is then cut to
+        its own longest row (``_stats``), so a few long answers no longer pad the whole batch."""
         c = self.config
-        return PolicyLossConfig(eps_low=c.eps_low, eps_high=c.eps_high, clip_ratio_c=c.clip_ratio_c,
-                                clip_cov_ratio=c.clip_cov_ratio, clip_cov_lb=c.clip_cov_lb, clip_cov_ub=c.clip_cov_ub,
-                                kl_cov_ratio=c.kl_cov_ratio, kl_cov_coef=c.kl_cov_coef)
-
-    def _micro_batches(self, rows: torch.Tensor):
-        size = self.config.micro_batch_size or len(rows)
-        for i in range(0, len(rows), size):
-            yield rows[i:i + size]
+        budget = getattr(c, "max_tokens_per_micro_batch", None)
+        if budget is None or lengths is None:
+            size = c.micro_batch_size or len(rows)
+            for i in range(0, len(rows), size):
+                yield rows[i:i + size]
+            return
+        yield from pack_by_tokens(rows, lengths[rows], int(budget), c.micro_batch_size)
 
     def _stats(self, batch: dict, rows: torch.Tensor):
         module = self._module[DEFAULT_MODULE_ID]
@@ -60,84 +100,129 @@ class GRPOTorchLearner(DeepSpeedTorchLearner):
                                             use_full_logits=int(self.config.zero_stage) == 3)
         return stats, width - 1
 
-    def update_from_rollouts(self, batch: dict[str, Any], step: int = 0) -> dict[str, Any]:
-        """One policy update from a collated rollout batch with ``advantages`` [N]."""
+    def flow_pass(self, batch: dict[str, Any]) -> "FlowPass":
+        """No-grad stats of the whole batch as sampled, its entropy flow and its totals P, N."""
         c = self.config
-        versions = batch["weight_versions"]
-        if c.strict_on_policy and bool((versions != self.weight_version).any()):
-            raise StaleBatchError(f"strict on-policy: batch at step {step} holds weight versions "
-                                  f"{sorted(set(versions.tolist()))}, the learner is at version {self.weight_version}")
-        self.ds_engine.train()
         n, width = batch["input_ids"].shape
-        mask = batch["response_mask"]
-        adv = batch["advantages"].float()
-        all_rows = torch.arange(n)
-
-        # --- flow pass (no grad): stats of the whole batch, as sampled.
         logp = torch.zeros(n, width - 1)
         entropy, expected_s = torch.zeros_like(logp), torch.zeros_like(logp)
         with torch.no_grad():
-            for rows in self._micro_batches(all_rows):
+            for rows in self._micro_batches(torch.arange(n), batch["attention_mask"].sum(-1)):
                 stats, w = self._stats(batch, rows)
                 logp[rows, :w], entropy[rows, :w], expected_s[rows, :w] = stats.logp, stats.entropy, stats.expected_s
-        delta = entropy_flow(logp, entropy, adv, c.entropy_flow_estimator, expected_s)
-        totals = flow_totals(delta, mask)
-        weights, bstats = balance_weights(delta, mask, c.balance_mode, c.static_lambda, c.balance_fraction,
-                                          c.max_abs_lambda, totals=totals)
-        metrics = _flow_metrics(bstats, balance_lambda(totals, "two_sided"), delta, mask)
-        metrics.update(flow_diagnostics(logp, entropy, adv, mask, expected_s))
-        n_tok = float(mask.sum())
-        metrics["policy/entropy"] = float((entropy * mask).sum()) / max(n_tok, 1.0)
-        gap = (logp - batch["sampling_logp"]).abs() * mask
-        metrics["rollout/logprob_gap_mean"] = float(gap.sum()) / max(n_tok, 1.0)
-        metrics["rollout/logprob_gap_max"] = float(gap.max()) if n_tok else 0.0
-        # KL(engine || learner) per sequence, estimated from the sampled tokens, averaged.
-        metrics["rollout/logprob_kl"] = float(((batch["sampling_logp"] - logp) * mask).sum()) / n
+        delta = entropy_flow(logp, entropy, batch["advantages"].float(), c.entropy_flow_estimator, expected_s)
+        return FlowPass(logp, entropy, expected_s, delta, flow_totals(delta, batch["response_mask"]))
 
-        # Optional truncated importance sampling against the engines' numeric mismatch:
-        # w_t *= min(pi_learner / pi_engine, C), detached (off unless tis_cap is set).
+    def token_weights(self, batch: dict[str, Any], flow: "FlowPass") -> tuple[torch.Tensor, dict[str, float]]:
+        """Per-token weights [N, T]: the balancing weights (1 under GRPO) times, when ``tis_cap``
+        is set, the truncated importance weights min(pi_learner / pi_engine, C) (detached)."""
+        c = self.config
+        mask = batch["response_mask"]
+        weights, bstats = balance_weights(flow.delta, mask, c.balance_mode, c.static_lambda, c.balance_fraction,
+                                          c.max_abs_lambda, totals=flow.totals)
+        metrics = {f"entropy_flow/{key}": bstats[key] for key in _FLOW_STATS}
+        metrics["entropy_flow/net"] = bstats["net_flow"]
+        metrics["entropy_flow/weighted_net"] = bstats["weighted_net_flow"]
+        metrics["entropy_flow/one_sided_batches"] = bstats["one_sided"]
         metrics["rollout/tis_enabled"] = float(c.tis_cap is not None)
         if c.tis_cap is not None:
-            ratio = torch.exp(logp - batch["sampling_logp"])
+            n_tok = float(mask.sum())
+            ratio = torch.exp(flow.logp - batch["sampling_logp"])
             tis = ratio.clamp(max=float(c.tis_cap))
             weights = weights * torch.where(mask.bool(), tis, torch.ones_like(tis))
             metrics["rollout/tis_weight_mean"] = float((tis * mask).sum()) / max(n_tok, 1.0)
             metrics["rollout/tis_clipped_frac"] = float((ratio > c.tis_cap)[mask.bool()].float().mean()) if n_tok else 0.0
+        return weights, metrics
 
-        # --- training pass: num_updates_per_batch optimizer steps (1 = strict on-policy).
-        old_logp = logp  # the policy that sampled (equal to the current one before the first step)
-        loss_cfg = self.loss_config()
+    def accumulate_gradients(self, batch: dict[str, Any], flow: "FlowPass", weights: torch.Tensor,
+                             rows: torch.Tensor, generator: torch.Generator) -> tuple[float, list[dict]]:
+        """Backward of the weighted policy loss over ``rows``, micro-batch by micro-batch, with the
+        counts of ``rows`` as the aggregation denominators; no optimizer step. Returns the summed
+        loss and the losses' metrics."""
+        c = self.config
+        mask, adv = batch["response_mask"], batch["advantages"].float()
+        settings = loss_settings(c.policy_loss, c)
+        counts = {"num_tokens": float(mask[rows].sum()), "num_seqs": float(len(rows)),
+                  "norm_length": float(c.max_new_tokens)}
+        loss_total, loss_metrics = 0.0, []
+        for micro in self._micro_batches(rows, batch["attention_mask"].sum(-1)):
+            stats, w = self._stats(batch, micro)
+            m = mask[micro, :w]
+            # flow.logp is log pi_old: the policy that sampled (equal to the current one before the first step).
+            loss_mat, lm = policy_loss(c.policy_loss, stats.logp, flow.logp[micro, :w], adv[micro], m,
+                                       weights=weights[micro, :w], config=settings, generator=generator)
+            loss = aggregate_loss(loss_mat, m, c.loss_agg_mode, **counts)
+            loss = loss + entropy_bonus(stats.entropy, m, c.entropy_coef, c.loss_agg_mode, **counts)
+            self.ds_engine.backward(loss, scale_wrt_gas=False)
+            loss_total += float(loss.detach())
+            loss_metrics.append(lm)
+        return loss_total, loss_metrics
+
+    def training_pass(self, batch: dict[str, Any], flow: "FlowPass", weights: torch.Tensor,
+                      step: int) -> dict[str, float]:
+        """``num_updates_per_batch`` optimizer steps (1 = strict on-policy), then version + 1.
+
+        A step whose loss or gradient norm is not finite is skipped by ``optimizer_step`` (the
+        finite-step guard); if every step of the batch was skipped, the weights and so the weight
+        version stay as they were, and ``learner/nonfinite_in_a_row`` grows."""
+        c = self.config
+        n = batch["input_ids"].shape[0]
         gen = torch.Generator().manual_seed(int(c.seed or 0) * 1_000_003 + step)
         minibatches = list(torch.randperm(n, generator=gen).chunk(c.num_updates_per_batch)) \
-            if c.num_updates_per_batch > 1 else [all_rows]
+            if c.num_updates_per_batch > 1 else [torch.arange(n)]
         step_metrics: list[dict] = []
-        loss_total = 0.0
+        loss_total, applied = 0.0, 0
         for mb in minibatches:
-            mb = mb.sort().values
-            counts = {"num_tokens": float(mask[mb].sum()), "num_seqs": float(len(mb)),
-                      "norm_length": float(c.max_new_tokens)}
-            for rows in self._micro_batches(mb):
-                stats, w = self._stats(batch, rows)
-                m = mask[rows, :w]
-                loss_mat, lm = policy_loss(c.policy_loss, stats.logp, old_logp[rows, :w], adv[rows], m,
-                                           weights=weights[rows, :w], config=loss_cfg, generator=gen)
-                loss = aggregate_loss(loss_mat, m, c.loss_agg_mode, **counts)
-                loss = loss + entropy_bonus(stats.entropy, m, c.entropy_coef, c.loss_agg_mode, **counts)
-                self.ds_engine.backward(loss, scale_wrt_gas=False)
-                loss_total += float(loss.detach())
-                step_metrics.append(lm)
-            step_metrics.append(self.optimizer_step())
-        self.weight_version += 1
-        metrics["learner/loss"] = loss_total / len(minibatches)
-        metrics["learner/grad_norm"] = _mean(step_metrics, "grad_norm")
-        metrics["learner/lr"] = step_metrics[-1]["lr"]
-        metrics["learner/optimizer_steps"] = float(len(minibatches))
+            loss, loss_metrics = self.accumulate_gradients(batch, flow, weights, mb.sort().values, gen)
+            loss_total += loss
+            step_metrics += loss_metrics
+            outcome = self.optimizer_step(loss_finite=math.isfinite(loss))
+            applied += not outcome["skipped"]
+            step_metrics.append(outcome)
+        skipped = len(minibatches) - applied
+        self.nonfinite_steps += skipped
+        if applied:
+            self.weight_version += 1
+            self.nonfinite_in_a_row = 0
+        else:
+            self.nonfinite_in_a_row += 1
+        if skipped:
+            logger.warning("step %d: non-finite loss or gradient norm (loss %.4g, grad norm %.4g); %d of %d optimizer "
+                           "steps skipped, weights kept at version %d", step, loss_total,
+                           _mean(step_metrics, "grad_norm"), skipped, len(minibatches), self.weight_version)
+        metrics = {"learner/loss": loss_total / len(minibatches), "learner/grad_norm": _mean(step_metrics, "grad_norm"),
+                   "learner/lr": step_metrics[-1]["lr"], "learner/optimizer_steps": float(applied),
+                   "learner/weight_version": float(self.weight_version),
+                   "learner/nonfinite_steps": float(self.nonfinite_steps),
+                   "learner/nonfinite_in_a_row": float(self.nonfinite_in_a_row)}
         for key in ("clip_frac", "ratio_mean", "approx_kl", "cov_selected"):
             value = _mean(step_metrics, key)
             if not math.isnan(value):
                 metrics[f"learner/{key}"] = value
-        metrics["learner/weight_version"] = float(self.weight_version)
-        metrics["_delta_hist"] = delta[mask.bool()].numpy()
+        return metrics
+
+    def batch_metrics(self, batch: dict[str, Any], flow: "FlowPass") -> dict[str, Any]:
+        """Policy entropy, flow diagnostics, and the engine-vs-learner log-prob gap of the batch."""
+        mask, n = batch["response_mask"], batch["input_ids"].shape[0]
+        n_tok = float(mask.sum())
+        metrics = flow_diagnostics(flow.logp, flow.entropy, batch["advantages"].float(), mask, flow.expected_s)
+        metrics["policy/entropy"] = float((flow.entropy * mask).sum()) / max(n_tok, 1.0)
+        gap = (flow.logp - batch["sampling_logp"]).abs() * mask
+        metrics["rollout/logprob_gap_mean"] = float(gap.sum()) / max(n_tok, 1.0)
+        metrics["rollout/logprob_gap_max"] = float(gap.max()) if n_tok else 0.0
+        # KL(engine || learner) per sequence, estimated from the sampled tokens, averaged.
+        metrics["rollout/logprob_kl"] = float(((batch["sampling_logp"] - flow.logp) * mask).sum()) / n
+        metrics["_delta_hist"] = flow.delta[mask.bool()].numpy()
+        return metrics
+
+    def update_from_rollouts(self, batch: dict[str, Any], step: int = 0) -> dict[str, Any]:
+        """One policy update from a collated rollout batch with ``advantages`` [N]."""
+        self.check_on_policy(batch, step)
+        self.ds_engine.train()
+        flow = self.flow_pass(batch)
+        weights, metrics = self.token_weights(batch, flow)
+        metrics.update(self.training_pass(batch, flow, weights, step))
+        metrics.update(self.batch_metrics(batch, flow))
         return metrics
 
     def push_weights_native(self, actors, world_sizes, backend: str, step: int, timeout_s: float, rebuild: bool,
@@ -145,7 +230,7 @@ class GRPOTorchLearner(DeepSpeedTorchLearner):
         """Send the policy to vLLM engines through vLLM's weight-transfer API, straight from the
         learner's device (``rebuild``: open a new transfer group first); returns the version now
         stamped on every engine."""
-        from opefo_rllib.fleet.weight_sync import NativeWeightSender
+        from opefo_rllib.fleet.vllm_transfer import NativeWeightSender
 
         if getattr(self, "_native_sender", None) is None:
             lm = self._module[DEFAULT_MODULE_ID].lm
@@ -157,30 +242,34 @@ class GRPOTorchLearner(DeepSpeedTorchLearner):
     def get_state(self, components=None, *, not_components=None, **kwargs):
         state = super().get_state(components, not_components=not_components, **kwargs)
         state["weight_version"] = self.weight_version
+        state["nonfinite_steps"] = self.nonfinite_steps
         return state
 
     def set_state(self, state) -> None:
         super().set_state(state)
         if "weight_version" in state:
             self.weight_version = int(state["weight_version"])
+        self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
+
+
+def pack_by_tokens(rows: torch.Tensor, lengths: torch.Tensor, budget: int, max_rows: int | None = None):
+    """Micro-batches of ``rows`` (sorted by ``lengths``, longest first) whose padded size
+    (rows x longest) stays within ``budget`` tokens; at most ``max_rows`` rows each."""
+    order = torch.argsort(lengths, descending=True, stable=True)
+    current: list[int] = []
+    longest = 0
+    for i in order.tolist():
+        length = int(lengths[i])
+        width = max(longest, length)
+        if current and (width * (len(current) + 1) > budget or (max_rows and len(current) >= max_rows)):
+            yield rows[torch.tensor(current)]
+            current, width = [], length
+        current.append(i)
+        longest = width
+    if current:
+        yield rows[torch.tensor(current)]
 
 
 def _mean(dicts: list[dict], key: str) -> float:
     values = [d[key] for d in dicts if key in d]
     return sum(values) / len(values) if values else float("nan")
-
-
-def _flow_metrics(bstats: dict, lambda_star: float, delta: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
-    return {
-        "entropy_flow/P": bstats["P"],
-        "entropy_flow/N": bstats["N"],
-        "entropy_flow/net": bstats["net_flow"],
-        "entropy_flow/lambda": bstats["lambda"],
-        "entropy_flow/lambda_star": lambda_star,
-        "entropy_flow/frac_increase": bstats["frac_increase"],
-        "entropy_flow/frac_decrease": bstats["frac_decrease"],
-        "entropy_flow/weighted_net": bstats["weighted_net_flow"],
-        "entropy_flow/w_mean": bstats["w_mean"],
-        "entropy_flow/w_min": bstats["w_min"],
-        "entropy_flow/w_max": bstats["w_max"],
-    }

@@ -16,9 +16,10 @@ optional per-token weights w_t (OPEFO's balancing weights) multiply that matrix,
 Defaults are those of Cui et al. (r = 2e-4, lb = 1, ub = 5; k = 2e-3, beta = 1); as in their
 reference implementation at least one token is selected when the ratio is positive.
 
-Add a loss by writing one function and registering it:
+Add a loss by writing one function and registering it, with the settings dataclass it reads
+(its fields become config fields):
 
-    @register_policy_loss("my_loss")
+    @register_policy_loss("my_loss", settings=MyLossSettings)
     def my_loss(logp, old_logp, advantages, mask, config, generator): ...  # -> (loss_mat, metrics)
 """
 
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -34,6 +35,8 @@ __all__ = [
     "POLICY_LOSSES",
     "AGG_MODES",
     "PolicyLossConfig",
+    "POLICY_LOSS_SETTINGS",
+    "loss_settings",
     "register_policy_loss",
     "get_policy_loss",
     "policy_loss",
@@ -45,43 +48,73 @@ __all__ = [
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 
+def _knob(default, doc: str, **checks):
+    """A loss setting with its doc and bounds, read by the config (opefo_rllib.config.fields)."""
+    return dataclasses.field(default=default, metadata={"doc": doc, **checks})
+
+
 @dataclasses.dataclass(frozen=True)
 class PolicyLossConfig:
-    """Knobs of the registered policy losses (unused ones are ignored by each loss)."""
+    """Settings of the built-in clipped losses (each loss reads the ones it uses)."""
 
-    eps_low: float = 0.2
-    eps_high: float = 0.2
-    clip_ratio_c: float | None = None  # dual-clip bound for negative advantages (e.g. 3.0)
-    clip_cov_ratio: float = 2e-4
-    clip_cov_lb: float = 1.0
-    clip_cov_ub: float = 5.0
-    kl_cov_ratio: float = 2e-3
-    kl_cov_coef: float = 1.0
+    eps_low: float = _knob(0.2, "PPO clip range below 1: ratio >= 1 - eps_low", low=0.0, high=1.0, high_open=True)
+    eps_high: float = _knob(0.2, "PPO clip range above 1 (> eps_low is DAPO's clip-higher)", low=0.0)
+    clip_ratio_c: float | None = _knob(None, "dual-clip bound for negative advantages (e.g. 3.0; None: off)",
+                                       low=1.0, low_open=True)
+    clip_cov_ratio: float = _knob(2e-4, "clip_cov: fraction of tokens whose gradient is detached", low=0.0, high=1.0)
+    clip_cov_lb: float = _knob(1.0, "clip_cov: lower bound of the covariance window")
+    clip_cov_ub: float = _knob(5.0, "clip_cov: upper bound of the covariance window")
+    kl_cov_ratio: float = _knob(2e-3, "kl_cov: fraction of tokens (top covariance) that get the KL penalty",
+                                low=0.0, high=1.0)
+    kl_cov_coef: float = _knob(1.0, "kl_cov: coefficient beta of the |log pi - log pi_old| penalty", low=0.0)
+
+    @staticmethod
+    def cross_checks(c) -> Iterator[tuple[str, str]]:
+        """Rules across fields: (field, why) for each broken one."""
+        if c.clip_cov_lb > c.clip_cov_ub:
+            yield "clip_cov_lb", f"must be <= clip_cov_ub ({c.clip_cov_ub})"
 
     def __post_init__(self) -> None:
-        for name in ("eps_low", "eps_high", "clip_cov_ratio", "kl_cov_ratio", "kl_cov_coef"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"PolicyLossConfig.{name} must be >= 0, got {getattr(self, name)}")
-        if self.clip_cov_lb > self.clip_cov_ub:
-            raise ValueError(f"PolicyLossConfig.clip_cov_lb ({self.clip_cov_lb}) > clip_cov_ub ({self.clip_cov_ub})")
-        if self.clip_ratio_c is not None and self.clip_ratio_c <= 1:
-            raise ValueError(f"PolicyLossConfig.clip_ratio_c must be > 1, got {self.clip_ratio_c}")
+        for f in dataclasses.fields(self):
+            value, lo, hi = getattr(self, f.name), f.metadata.get("low"), f.metadata.get("high")
+            if value is not None and ((lo is not None and (value < lo or (f.metadata.get("low_open") and value == lo)))
+                                      or (hi is not None and (value > hi or (f.metadata.get("high_open") and value == hi)))):
+                raise ValueError(f"PolicyLossConfig.{f.name} = {value!r} is outside [{lo}, {hi}]")
+        for name, why in self.cross_checks(self):
+            raise ValueError(f"PolicyLossConfig.{name} = {getattr(self, name)!r}: {why}")
 
 
 LossFn = Callable[..., tuple[torch.Tensor, dict[str, float]]]
 POLICY_LOSSES: dict[str, LossFn] = {}
+# The settings dataclass each loss reads (its fields become config fields; see loss_settings).
+POLICY_LOSS_SETTINGS: dict[str, type] = {}
 
 
-def register_policy_loss(name: str) -> Callable[[LossFn], LossFn]:
-    """Decorator: register ``fn(logp, old_logp, advantages, mask, config, generator)``."""
+def register_policy_loss(name: str, settings: type | None = PolicyLossConfig) -> Callable[[LossFn], LossFn]:
+    """Decorator: register ``fn(logp, old_logp, advantages, mask, config, generator)``.
+
+    ``settings`` is the frozen dataclass passed as ``config``; declare its fields with
+    ``dataclasses.field(default=..., metadata={"doc": "...", "low": ..., "high": ...})`` and
+    they become config fields (YAML keys, ``opefo config``, validation) of every algorithm.
+    """
 
     def deco(fn: LossFn) -> LossFn:
         if name in POLICY_LOSSES:
             raise ValueError(f"policy loss {name!r} is already registered")
         POLICY_LOSSES[name] = fn
+        if settings is not None:
+            POLICY_LOSS_SETTINGS[name] = settings
         return fn
 
     return deco
+
+
+def loss_settings(name: str, values) -> object | None:
+    """The settings instance of loss ``name``, its fields read from ``values`` (any object)."""
+    cls = POLICY_LOSS_SETTINGS.get(name)
+    if cls is None:
+        return None
+    return cls(**{f.name: getattr(values, f.name) for f in dataclasses.fields(cls)})
 
 
 def get_policy_loss(name: str) -> LossFn:

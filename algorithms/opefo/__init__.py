@@ -1,6 +1,7 @@
 """OPEFO: On-Policy Entropy Flow Optimization (arXiv 2605.11491).
 
-The math (pure torch, no Ray): per-token stats, entropy-flow estimators, balancing weights, loss.
+The math (imports only torch): per-token stats, entropy-flow estimators, balancing weights, loss.
+``OPEFO`` and ``OPEFOConfig`` (the RLlib algorithm, which imports Ray) load on first use.
 """
 
 from opefo_rllib.algorithms.opefo.entropy_flow import (
@@ -12,6 +13,8 @@ from opefo_rllib.algorithms.opefo.entropy_flow import (
     entropy_flow,
     flow_diagnostics,
     flow_totals,
+    is_one_sided,
+    lambda_star,
 )
 from opefo_rllib.algorithms.opefo.loss import opefo_loss
 from opefo_rllib.algorithms.opefo.token_stats import TokenStats, token_stats, token_stats_from_hidden
@@ -28,6 +31,8 @@ __all__ = [
     "entropy_flow",
     "flow_diagnostics",
     "flow_totals",
+    "is_one_sided",
+    "lambda_star",
     "opefo_loss",
     "token_stats",
     "token_stats_from_hidden",

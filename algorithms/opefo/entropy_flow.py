@@ -16,6 +16,11 @@ P = sum_{S+} delta and N = sum_{S-} |delta| over the batch's response tokens:
     w_t = 1 + lambda on S+,  1 - lambda on S-,  1 where delta_t = 0
     =>  sum_t w_t delta_t = (1 + lambda) P - (1 - lambda) N = 0   for lambda = lambda*
 
+A one-sided batch (P = 0 < N or N = 0 < P, e.g. few tokens with a non-zero advantage) has
+lambda* = +-1: balancing it would give one side weight 0 and stop learning. Nothing on the other
+side can be traded against it, so the balancing modes apply lambda = 0 (w = 1, a GRPO step),
+``lambda_star`` reports NaN and ``is_one_sided`` lets the caller count such batches.
+
 Modes: "two_sided" (OPEFO), "increase_only" (1 + lambda* on S+ only), "decrease_only"
 (1 - lambda* on S- only), "static" (a fixed lambda on both sides), "none" (w = 1: GRPO).
 Guard rails (OPEFO.md section 8), off by default: ``balance_fraction`` f cancels only the
@@ -40,6 +45,8 @@ __all__ = [
     "flow_totals",
     "balance_lambda",
     "balance_weights",
+    "is_one_sided",
+    "lambda_star",
     "flow_diagnostics",
 ]
 
@@ -116,6 +123,20 @@ def flow_totals(delta: torch.Tensor, mask: torch.Tensor) -> FlowTotals:
     )
 
 
+def is_one_sided(totals: FlowTotals) -> bool:
+    """True when the batch's flow is all on one side (exactly one of P, N is 0)."""
+    p, n = float(totals.P), float(totals.N)
+    return (p == 0.0) != (n == 0.0)
+
+
+def lambda_star(totals: FlowTotals) -> float:
+    """lambda* = (N - P) / (N + P): 0 when N + P = 0, NaN for a one-sided batch."""
+    p, n = float(totals.P), float(totals.N)
+    if is_one_sided(totals):
+        return math.nan
+    return (n - p) / (n + p) if n + p > 0 else 0.0
+
+
 def balance_lambda(
     totals: FlowTotals,
     mode: str = "two_sided",
@@ -123,7 +144,8 @@ def balance_lambda(
     balance_fraction: float = 1.0,
     max_abs_lambda: float | None = None,
 ) -> float:
-    """The lambda a balancing mode applies: f * (N - P) / (N + P), or static_lambda, capped."""
+    """The lambda a balancing mode applies: f * (N - P) / (N + P), or static_lambda, capped;
+    0 for a one-sided batch under the balancing modes (see the module docstring)."""
     if mode not in BALANCE_MODES:
         raise ValueError(f"unknown balance mode {mode!r}; choose one of {BALANCE_MODES}")
     if mode == "none":
@@ -131,8 +153,8 @@ def balance_lambda(
     if mode == "static":
         lam = float(static_lambda)
     else:
-        p, n = float(totals.P), float(totals.N)
-        lam = balance_fraction * (n - p) / (n + p) if n + p > 0 else 0.0
+        star = lambda_star(totals)
+        lam = 0.0 if math.isnan(star) else balance_fraction * star
     if max_abs_lambda is not None:
         lam = max(-max_abs_lambda, min(max_abs_lambda, lam))
     if not (-1.0 < lam < 1.0) or math.isnan(lam):
@@ -162,7 +184,8 @@ def balance_weights(
 
     Returns:
         (weights [B, T] detached, positive; 1 on masked-out tokens), and stats with
-        P, N, net_flow (P - N), lambda, frac_increase, frac_decrease, weighted_net_flow,
+        P, N, net_flow (P - N), lambda, lambda_star (NaN if one-sided), one_sided (0 / 1),
+        frac_increase, frac_decrease, weighted_net_flow,
         w_mean, w_min, w_max.
     """
     if delta.shape != mask.shape:
@@ -186,6 +209,8 @@ def balance_weights(
         "N": n,
         "net_flow": p - n,
         "lambda": lam,
+        "lambda_star": lambda_star(totals),
+        "one_sided": float(is_one_sided(totals)),
         "frac_increase": float(totals.n_increase) / n_tok,
         "frac_decrease": float(totals.n_decrease) / n_tok,
         "weighted_net_flow": up * p - down * n,

@@ -9,7 +9,6 @@ paper's ablations are configs: ``balance_mode`` = "two_sided" (OPEFO), "increase
 
 from __future__ import annotations
 
-from ray.rllib.algorithms.algorithm_config import NotProvided
 from ray.rllib.utils.annotations import override
 
 from opefo_rllib.algorithms.grpo.grpo import GRPO, GRPOConfig
@@ -18,7 +17,8 @@ __all__ = ["OPEFOConfig", "OPEFO"]
 
 
 class OPEFOConfig(GRPOConfig):
-    """GRPOConfig with OPEFO's balancing on (two-sided, exact estimator).
+    """GRPOConfig with OPEFO's balancing on (two-sided, exact estimator); every field and setter
+    is GRPOConfig's (``entropy_flow(estimator=..., balance_mode=...)`` sets the rule).
 
     Example:
         >>> config = OPEFOConfig().entropy_flow(estimator="exact", balance_mode="two_sided")
@@ -28,12 +28,6 @@ class OPEFOConfig(GRPOConfig):
         super().__init__(algo_class=algo_class or OPEFO)
         self.balance_mode = "two_sided"
         self.entropy_flow_estimator = "exact"
-
-    def entropy_flow(self, *, estimator=NotProvided, balance_mode=NotProvided, static_lambda=NotProvided,
-                     balance_fraction=NotProvided, max_abs_lambda=NotProvided) -> "OPEFOConfig":
-        """The entropy-flow estimator ("exact", "paper", "single_logit") and the balancing rule."""
-        return self._set(entropy_flow_estimator=estimator, balance_mode=balance_mode, static_lambda=static_lambda,
-                         balance_fraction=balance_fraction, max_abs_lambda=max_abs_lambda)
 
 
 class OPEFO(GRPO):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
 
-__all__ = ["SamplingConfig", "GenerationResult", "Engine"]
+__all__ = ["SamplingConfig", "GenerationResult", "Engine", "NoNativeTransfer"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +52,16 @@ class GenerationResult:
 
 @runtime_checkable
 class Engine(Protocol):
-    """What the fleet needs from an inference backend."""
+    """Everything the fleet's ``EngineActor`` calls on an inference backend.
+
+    Weights reach an engine one of two ways. ``load_weights`` (a state dict, through Ray's object
+    store) every engine has. vLLM's native weight-transfer API (``init_weight_transfer`` ..
+    ``abort_weight_update``, driven from the learner by :mod:`opefo_rllib.fleet.vllm_transfer`) only
+    engines whose ``weight_transfer_backend`` is not None; the others inherit
+    :class:`NoNativeTransfer`, whose methods refuse.
+    """
+
+    weight_transfer_backend: str | None  # "nccl" | "ipc" | "opefo_gloo", or None: no native transfer
 
     def generate(self, prompts: Sequence[Sequence[int]], n: int, sampling: SamplingConfig,
                  seed: int | None = None) -> list[list[GenerationResult]]:
@@ -63,3 +72,66 @@ class Engine(Protocol):
 
     def weight_version(self) -> int:
         """The version of the weights currently loaded."""
+
+    def release_memory(self) -> None:
+        """Colocation: free device memory (weights, KV cache) while the learner trains."""
+
+    def resume_memory(self) -> None:
+        """Undo ``release_memory`` before the next generation or weight update."""
+
+    def shutdown(self) -> None:
+        """Stop the engine and free what it holds (subprocesses, device memory)."""
+
+    def world_size(self) -> int:
+        """Workers of this engine (tensor x pipeline parallel): its ranks in a transfer group."""
+
+    def init_weight_transfer(self, init_info: dict) -> None:
+        """Native transfer: join the learner's transfer group."""
+
+    def shutdown_weight_transfer(self) -> None:
+        """Native transfer: leave the transfer group."""
+
+    def start_weight_update(self) -> None:
+        """Native transfer: open an update round."""
+
+    def update_weights(self, update_info: dict | list) -> None:
+        """Native transfer: receive the tensors the learner sends."""
+
+    def finish_weight_update(self, version: int) -> None:
+        """Native transfer: close the round and stamp ``version``."""
+
+    def abort_weight_update(self) -> bool:
+        """Native transfer, after a failed round: close an open update; False if this engine must be
+        restarted."""
+
+
+class NoNativeTransfer:
+    """The Engine protocol's native weight-transfer part for engines without one (HF, SGLang):
+    ``weight_transfer_backend`` is None, one worker, and the transfer calls refuse."""
+
+    weight_transfer_backend: str | None = None
+
+    def world_size(self) -> int:
+        return 1
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError(f"{type(self).__name__} has no native weight transfer "
+                                  "(weight_transfer_backend is None): its weights go through load_weights")
+
+    def init_weight_transfer(self, init_info: dict) -> None:
+        self._refuse()
+
+    def shutdown_weight_transfer(self) -> None:
+        self._refuse()
+
+    def start_weight_update(self) -> None:
+        self._refuse()
+
+    def update_weights(self, update_info: dict | list) -> None:
+        self._refuse()
+
+    def finish_weight_update(self, version: int) -> None:
+        self._refuse()
+
+    def abort_weight_update(self) -> bool:
+        return True  # no update is ever open

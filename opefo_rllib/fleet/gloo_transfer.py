@@ -34,6 +34,8 @@ from vllm.distributed.weight_transfer.base import (
     WeightTransferUpdateInfo,
 )
 
+from opefo_rllib.fleet.ports import listening_store
+
 __all__ = ["GLOO_BACKEND", "register_gloo_backend", "bucket_plan", "GlooTrainerInitInfo",
            "GlooWeightTransferEngine", "GlooTrainerWeightTransferEngine"]
 
@@ -65,20 +67,6 @@ def _numel(shape: Sequence[int]) -> int:
     for d in shape:
         n *= int(d)
     return n
-
-
-def _master_store(address: str, port: int, world_size: int, timeout_s: float):
-    """The trainer's store, listening on ``address`` only (TCPStore alone would listen on every
-    interface). Returns (store, port); the store owns the listening socket."""
-    from torch.distributed import TCPStore
-
-    sock = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET)
-    sock.bind((address, port))
-    sock.listen(128)
-    port = sock.getsockname()[1]
-    store = TCPStore(address, port, world_size, True, timeout=datetime.timedelta(seconds=timeout_s),
-                     wait_for_workers=False, master_listen_fd=sock.detach())
-    return store, port
 
 
 def _worker_store(address: str, port: int, world_size: int, timeout_s: float):
@@ -226,10 +214,10 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
         engine = cls(client=client, source=source, is_sender=init_info.is_sender, bucket_bytes=init_info.bucket_bytes)
         if not engine.is_sender:
             return engine
-        engine.store, port = _master_store(init_info.master_address, init_info.master_port, init_info.world_size,
-                                           init_info.timeout_s)
+        engine.store = listening_store(init_info.master_address, init_info.world_size, init_info.timeout_s,
+                                       port=init_info.master_port)
         worker_info = dataclasses.asdict(GlooWeightTransferInitInfo(
-            master_address=init_info.master_address, master_port=port, rank_offset=1,
+            master_address=init_info.master_address, master_port=engine.store.port, rank_offset=1,
             world_size=init_info.world_size, timeout_s=init_info.timeout_s, bucket_bytes=init_info.bucket_bytes))
         # The workers block in init until every rank has joined: start them on a side thread.
         with ThreadPoolExecutor(max_workers=1) as exe:

@@ -8,13 +8,13 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from opefo_rllib.fleet.engine import GenerationResult, SamplingConfig
+from opefo_rllib.fleet.engine import GenerationResult, NoNativeTransfer, SamplingConfig
 
 __all__ = ["HFEngine"]
 
 
-class HFEngine:
-    """Generate with a local Hugging Face causal LM.
+class HFEngine(NoNativeTransfer):
+    """Generate with a local Hugging Face causal LM (weights through ``load_weights`` only).
 
     Args:
         model_path: local model directory ("tiny-default" for the shipped tiny model).
@@ -27,7 +27,7 @@ class HFEngine:
                  num_threads: int | None = 1):
         if num_threads:
             torch.set_num_threads(num_threads)
-        from opefo_rllib.models.tiny import load_policy
+        from opefo_rllib.models.loading import load_policy
 
         self.model, _ = load_policy(model_path, dtype=getattr(torch, dtype))
         self.model.eval()
@@ -47,8 +47,13 @@ class HFEngine:
     def resume_memory(self) -> None:
         self.model.to(getattr(self, "_device", "cpu"))
 
+    def shutdown(self) -> None:
+        self.model = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
     def load_weights(self, weights: Mapping[str, Any], version: int) -> None:
-        from opefo_rllib.models.tiny import load_policy_weights
+        from opefo_rllib.models.loading import load_policy_weights
 
         load_policy_weights(self.model, {k: torch.as_tensor(v) for k, v in weights.items()}, "HFEngine.load_weights")
         self._version = int(version)

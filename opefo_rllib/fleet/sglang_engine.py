@@ -6,17 +6,17 @@ here is our side of its API: every call this module makes to ``sglang.Engine`` i
 and parameters (by reading its source), and another checks that the code below makes no call
 outside the table. An upstream API change therefore fails CI.
 
-Weights: ``update_weights_from_tensor`` (colocated, CUDA tensors) or, for disaggregated
-engines, ``init_weights_update_group`` + ``update_weights_from_distributed`` (NCCL broadcast
-from the learner); the KV/prefix cache is flushed with every update. ``release_memory`` /
-``resume_memory`` free the GPU while a colocated learner trains.
+Weights: ``load_weights`` only (the fleet's object-store path): the state dict goes to
+``update_weights_from_tensor``, which flushes the KV/prefix cache with it. SGLang engines have no
+native transfer here (``weight_transfer_backend`` is None, :class:`NoNativeTransfer`).
+``release_memory`` / ``resume_memory`` free the GPU while a colocated learner trains.
 """
 
 from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from opefo_rllib.fleet.engine import GenerationResult, SamplingConfig
+from opefo_rllib.fleet.engine import GenerationResult, NoNativeTransfer, SamplingConfig
 
 __all__ = ["SGLangEngine", "SGLANG_CALLS"]
 
@@ -24,24 +24,20 @@ __all__ = ["SGLangEngine", "SGLANG_CALLS"]
 SGLANG_CALLS: dict[str, tuple[str, ...]] = {
     "generate": ("input_ids", "sampling_params", "return_logprob"),
     "update_weights_from_tensor": ("named_tensors", "flush_cache"),
-    "init_weights_update_group": ("master_address", "master_port", "rank_offset", "world_size", "group_name",
-                                  "backend"),
-    "update_weights_from_distributed": ("names", "dtypes", "shapes", "group_name", "flush_cache"),
-    "flush_cache": (),
     "release_memory_occupation": (),
     "resume_memory_occupation": (),
     "shutdown": (),
 }
 
 
-class SGLangEngine:
+class SGLangEngine(NoNativeTransfer):
     """Generate with SGLang from token ids (``skip_tokenizer_init``: the driver tokenizes)."""
 
     def __init__(self, model_path: str, eos_token_id: int, pad_token_id: int = 0, dtype: str = "bfloat16",
                  seed: int = 0, **engine_kwargs: Any):
         import sglang
 
-        from opefo_rllib.models.tiny import resolve_model_path
+        from opefo_rllib.models.loading import resolve_model_path
 
         self.eos, self.pad = int(eos_token_id), int(pad_token_id)
         self.engine = sglang.Engine(model_path=str(resolve_model_path(model_path)), skip_tokenizer_init=True,
@@ -70,26 +66,9 @@ class SGLangEngine:
         return results
 
     def load_weights(self, weights: Mapping[str, Any], version: int) -> None:
-        """Colocated update from tensors (the cache is flushed with it)."""
+        """Update from a state dict of tensors (the cache is flushed with it)."""
         self.engine.update_weights_from_tensor(named_tensors=list(weights.items()), flush_cache=True)
         self._version = int(version)
-
-    def init_weight_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
-                          group_name: str = "opefo_weights", backend: str = "nccl") -> None:
-        """Join the learner's broadcast group (disaggregated engines)."""
-        self.engine.init_weights_update_group(master_address=master_address, master_port=master_port,
-                                              rank_offset=rank_offset, world_size=world_size,
-                                              group_name=group_name, backend=backend)
-
-    def load_weights_distributed(self, names: list[str], dtypes: list[str], shapes: list[list[int]], version: int,
-                                 group_name: str = "opefo_weights") -> None:
-        """Receive a broadcast of the named tensors from the learner (NCCL)."""
-        self.engine.update_weights_from_distributed(names=names, dtypes=dtypes, shapes=shapes,
-                                                    group_name=group_name, flush_cache=True)
-        self._version = int(version)
-
-    def flush_cache(self) -> None:
-        self.engine.flush_cache()
 
     def release_memory(self) -> None:
         self.engine.release_memory_occupation()

@@ -6,7 +6,7 @@
   temperature applied), full distribution in strict mode (top_p = 1, top_k off).
 * Weight updates without a restart, two ways:
   - native (``weight_transfer_backend`` set): vLLM's weight-transfer API, driven from the learner
-    by :class:`opefo_rllib.fleet.weight_sync.NativeWeightSender` (NCCL / CUDA IPC on GPUs,
+    by :class:`opefo_rllib.fleet.vllm_transfer.NativeWeightSender` (NCCL / CUDA IPC on GPUs,
     ``opefo_gloo`` on CPU);
   - fallback (``load_weights``): the state dict travels as safetensors bytes (``collective_rpc``
     turns tensors into lists) to a worker extension that calls the worker's ``reload_weights``
@@ -71,6 +71,8 @@ class VLLMEngine:
         colocated: the engine shares the learner's GPU (enables vLLM's sleep mode on CUDA).
     """
 
+    weight_transfer_backend: str | None = None  # the native backend in use (None: load_weights only)
+
     def __init__(self, model_path: str, eos_token_id: int, pad_token_id: int = 0, dtype: str = "float32",
                  max_model_len: int | None = None, kv_cache_gib: int = 1, seed: int = 0, num_threads: int | None = 1,
                  weight_transfer_backend: str | None = None, colocated: bool = False, **llm_kwargs: Any):
@@ -81,7 +83,7 @@ class VLLMEngine:
         import torch
         from vllm import LLM
 
-        from opefo_rllib.models.tiny import resolve_model_path
+        from opefo_rllib.models.loading import resolve_model_path
 
         self.eos = int(eos_token_id)
         if weight_transfer_backend is not None:
@@ -113,6 +115,10 @@ class VLLMEngine:
     def world_size(self) -> int:
         """Workers of this engine (tensor x pipeline parallel): its ranks in a transfer group."""
         return int(self.llm.llm_engine.vllm_config.parallel_config.world_size)
+
+    def shutdown(self) -> None:
+        """Stop vLLM's engine core (and its workers)."""
+        self.llm.llm_engine.engine_core.shutdown()
 
     # vLLM's native weight-transfer API (driven by NativeWeightSender through FleetSyncClient).
     def init_weight_transfer(self, init_info: dict) -> None:

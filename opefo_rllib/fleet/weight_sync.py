@@ -1,171 +1,99 @@
-"""Trainer -> vLLM engines through vLLM's native weight-transfer API.
+"""WeightSync: the learner's weights and version to every engine, before the next sample.
 
-Two weight-sync paths exist (``fleet.weight_sync``):
+One object, owned by the Algorithm, built from the fleet and a ``run_on_learner(fn)`` callable
+(runs ``fn(learner)`` on the learner and returns its result). The strategy is chosen once, from
+the engines:
 
-* ``"native"``: vLLM's weight-transfer API. The learner (which holds the weights, on its GPU in
-  production) runs vLLM's trainer-side engine for the backend, ``nccl`` (engines on their own
-  GPUs), ``ipc`` (engines colocated on the learner's GPU) or ``opefo_gloo`` (CPU, see
-  :mod:`gloo_transfer`); the engines receive through ``init_weight_transfer_engine`` /
-  ``start_weight_update`` / ``update_weights`` / ``finish_weight_update``.
-* ``"object_store"``: the fallback where that API is missing (and for HF / SGLang engines): the
-  driver fetches a CPU state dict, puts it in Ray's object store once, and every engine loads it
-  (vLLM: ``worker_extension_cls`` + ``collective_rpc``).
+* ``"native"`` (engines report a ``weight_transfer_backend``: vLLM): vLLM's weight-transfer API,
+  sent by the learner straight from its device (:mod:`opefo_rllib.fleet.vllm_transfer`). The
+  transfer group is built on the first sync and rebuilt after any engine restart; a failed round
+  restarts the engines that are dead or left mid-update, then is retried once.
+* ``"object_store"`` (HF and SGLang engines, vLLM without the API): the learner's CPU state dict
+  goes into Ray's object store once and every engine loads it.
 
-:class:`FleetSyncClient` is vLLM's ``VLLMWeightSyncClient`` protocol over our engine actors. It
-differs from vLLM's ``RayVLLMWeightSyncClient`` in two ways that a fleet of independent engines
-needs: each engine gets its own ``rank_offset`` in the transfer group (vLLM's trainer engines give
-every worker offset 1, which is right for one engine and collides for two), and every call has a
-timeout that names the engines and the step.
+Either way a restarted engine gets its weights the object-store way; when the fleet holds no copy
+of the current weights (native sync), it asks :meth:`WeightSync.learner_weights`.
 """
 
 from __future__ import annotations
 
-import socket
+import functools
 import time
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable
 
-import ray
-from vllm.distributed.weight_transfer import WeightSource, WeightTransferTrainerFactory
-from vllm.distributed.weight_transfer.base import ParamMeta
+from opefo_rllib.fleet.fleet import EngineFleet
 
-__all__ = ["FleetSyncClient", "StateDictSource", "NativeWeightSender", "trainer_init_info", "NATIVE_BACKENDS"]
-
-NATIVE_BACKENDS = ("nccl", "ipc", "opefo_gloo")
+__all__ = ["WeightSync"]
 
 
-class FleetSyncClient:
-    """vLLM's four-call weight-sync protocol (plus shutdown) fanned out to engine actors.
-
-    Args:
-        actors: engine actor handles (``EngineActor``), in fleet order.
-        world_sizes: workers per engine (tensor x pipeline parallel), for the rank offsets.
-        timeout_s: per call; a call past it raises ``TimeoutError`` naming the engines and step.
-        step: training iteration, for error messages.
+class WeightSync:
+    """Args:
+        fleet: the engine fleet to keep in sync.
+        run_on_learner: ``run_on_learner(fn)`` -> ``fn(learner)``, run where the learner lives. The
+            learner has ``policy_weights()``, ``weight_version`` and ``push_weights_native(...)``.
+        master_address: where the learner's transfer-group store listens (native strategy).
     """
 
-    def __init__(self, actors: Sequence[Any], world_sizes: Sequence[int], timeout_s: float, step: int = 0):
-        if len(actors) != len(world_sizes):
-            raise ValueError(f"{len(actors)} engine actors but {len(world_sizes)} world sizes")
-        self.actors, self.world_sizes = list(actors), [int(w) for w in world_sizes]
-        self.timeout_s, self.step = timeout_s, step
-        self.version: int | None = None  # the version finish_weight_update stamps on the engines
+    def __init__(self, fleet: EngineFleet, run_on_learner: Callable[[Callable[[Any], Any]], Any],
+                 master_address: str = "127.0.0.1"):
+        self.fleet, self.run_on_learner, self.master_address = fleet, run_on_learner, master_address
+        self.strategy = "object_store" if fleet.native_backend is None else "native"
+        self.group_builds = 0
+        self._built_at_restarts: int | None = None  # fleet.restarts when the transfer group was built
+        fleet.weights_provider = self.learner_weights
 
-    def _all(self, what: str, calls: list) -> list:
-        ready, not_ready = ray.wait(calls, num_returns=len(calls), timeout=self.timeout_s)
-        if not_ready:
-            stuck = [i for i, c in enumerate(calls) if c in not_ready]
-            raise TimeoutError(f"weight transfer: {what} timed out after {self.timeout_s:g} s at step {self.step} "
-                               f"(engines {stuck} of {len(calls)})")
-        out = []
-        for engine, call in enumerate(calls):
-            try:
-                out.append(ray.get(call))
-            except ray.exceptions.RayError as e:
-                raise RuntimeError(f"weight transfer: {what} failed on engine {engine} at step {self.step}: {e}") from e
-        return out
+    def learner_weights(self) -> dict:
+        """A CPU copy of the learner's current weights (for an engine that restarts)."""
+        return self.run_on_learner(_policy_weights)
 
-    def rank_offsets(self, base: int) -> list[int]:
-        """First rank of each engine's workers: engines follow each other after ``base``."""
-        offsets, nxt = [], base
-        for w in self.world_sizes:
-            offsets.append(nxt)
-            nxt += w
-        return offsets
-
-    def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
-        if "rank_offset" in init_info:  # rendezvous backends: a distinct block of ranks per engine
-            infos = [{**init_info, "rank_offset": off} for off in self.rank_offsets(int(init_info["rank_offset"]))]
-        else:  # IPC: no ranks
-            infos = [dict(init_info) for _ in self.actors]
-        self._all("init_weight_transfer_engine",
-                  [a.init_weight_transfer.remote(info) for a, info in zip(self.actors, infos)])
-
-    def shutdown_weight_transfer_engine(self) -> None:
-        self._all("shutdown_weight_transfer_engine", [a.shutdown_weight_transfer.remote() for a in self.actors])
-
-    def start_weight_update(self) -> None:
-        self._all("start_weight_update", [a.start_weight_update.remote() for a in self.actors])
-
-    def update_weights(self, update_info: dict[str, Any] | list[dict[str, Any]]) -> None:
-        self._all("update_weights", [a.update_weights.remote(update_info) for a in self.actors])
-
-    def finish_weight_update(self, weight_version: str | None = None) -> None:
-        version = self.version if weight_version is None else int(weight_version)
-        if version is None:
-            raise RuntimeError("FleetSyncClient.finish_weight_update: no weight version set for this round")
-        self._all("finish_weight_update", [a.finish_weight_update.remote(version) for a in self.actors])
-
-
-class StateDictSource(WeightSource):
-    """vLLM's ``WeightSource`` over a callable that yields ``(name, tensor)`` in checkpoint (HF)
-    names; re-run every round, so it always sends the learner's current weights."""
-
-    def __init__(self, named_tensors: Callable[[], Iterable[tuple[str, Any]]]):
-        self.named_tensors = named_tensors
-
-    def metadata(self) -> list[ParamMeta]:
-        return [ParamMeta(name, t.dtype, tuple(t.shape)) for name, t in self.named_tensors()]
-
-    def __iter__(self) -> Iterator[tuple[str, Any]]:
-        for name, t in self.named_tensors():
-            yield name, t.detach()
-
-
-def _free_port(address: str) -> int:
-    with socket.socket() as s:
-        s.bind((address, 0))
-        return s.getsockname()[1]
-
-
-def trainer_init_info(backend: str, world_size: int, master_address: str, timeout_s: float):
-    """vLLM's trainer-side init info for a backend (the trainer is rank 0 and the only sender)."""
-    if backend == "nccl":
-        from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
-
-        return NCCLTrainerInitInfo(master_address=master_address, master_port=_free_port(master_address),
-                                   world_size=world_size, rank=0)
-    if backend == "ipc":
-        from vllm.distributed.weight_transfer.ipc_engine import IPCTrainerInitInfo
-
-        return IPCTrainerInitInfo(rank=0)
-    if backend == "opefo_gloo":
-        from opefo_rllib.fleet.gloo_transfer import GlooTrainerInitInfo, register_gloo_backend
-
-        register_gloo_backend()
-        return GlooTrainerInitInfo(world_size=world_size, master_address=master_address, timeout_s=timeout_s, rank=0)
-    raise ValueError(f"weight_transfer_backend {backend!r} is not one of {NATIVE_BACKENDS}")
-
-
-class NativeWeightSender:
-    """The trainer side, kept in the learner between rounds.
-
-    ``send`` (re)builds the transfer group when the fleet's membership changed (first round, or an
-    engine was restarted), then pushes the weights and stamps ``version`` on every engine.
-    """
-
-    def __init__(self, named_tensors: Callable[[], Iterable[tuple[str, Any]]], master_address: str = "127.0.0.1"):
-        self.named_tensors, self.master_address = named_tensors, master_address
-        self.engine = None
-        self.client: FleetSyncClient | None = None
-        self.group_inits = 0
-
-    def send(self, actors: Sequence[Any], world_sizes: Sequence[int], backend: str, version: int, step: int,
-             timeout_s: float, rebuild: bool) -> float:
+    def sync(self, step: int) -> float:
+        """Push the learner's weights and version to every engine; returns the seconds it took."""
         start = time.perf_counter()
-        if rebuild or self.engine is None:
-            self.close()
-            client = FleetSyncClient(actors, world_sizes, timeout_s, step)
-            client.shutdown_weight_transfer_engine()  # survivors of a restart drop the old group
-            info = trainer_init_info(backend, 1 + sum(world_sizes), self.master_address, timeout_s)
-            self.engine = WeightTransferTrainerFactory.trainer_init(info, client=client,
-                                                                    source=StateDictSource(self.named_tensors))
-            self.client = client
-            self.group_inits += 1
-        self.client.step, self.client.version = step, int(version)
-        self.engine.send_weights()
+        if self.strategy == "native":
+            self._sync_native(step)
+        else:
+            weights, version = self.run_on_learner(_weights_and_version)
+            self.fleet.sync_weights(weights, version, step)
         return time.perf_counter() - start
 
-    def close(self) -> None:
-        if self.engine is not None:
-            self.engine.shutdown()
-        self.engine, self.client = None, None
+    def _sync_native(self, step: int) -> None:
+        fleet = self.fleet
+        for attempt in range(2):
+            rebuild = attempt > 0 or self._built_at_restarts != fleet.restarts  # first round, or new members
+            push = functools.partial(_push_native, actors=list(fleet.actors), world_sizes=list(fleet.world_sizes),
+                                     backend=fleet.native_backend, step=step, timeout_s=fleet.sync_timeout_s,
+                                     rebuild=rebuild, master_address=self.master_address)
+            try:
+                version = self.run_on_learner(push)
+            except Exception:  # noqa: BLE001 - recover once, then let it out
+                if attempt:
+                    raise
+                fleet.restart_unhealthy(self.run_on_learner(_weight_version), step)
+                continue
+            if rebuild:
+                self.group_builds += 1
+                self._built_at_restarts = fleet.restarts
+            fleet.confirm_version(version, step)
+            return
+
+    def metrics(self) -> dict[str, float]:
+        """The weight-sync counters, as logged every iteration."""
+        return {"fleet/native_weight_sync": float(self.strategy == "native"),
+                "fleet/transfer_group_builds": float(self.group_builds)}
+
+
+# Module-level, so they pickle by reference when the learner is a remote actor.
+def _policy_weights(learner) -> dict:
+    return learner.policy_weights()
+
+
+def _weight_version(learner) -> int:
+    return learner.weight_version
+
+
+def _weights_and_version(learner) -> tuple[dict, int]:
+    return learner.policy_weights(), learner.weight_version
+
+
+def _push_native(learner, **kwargs) -> int:
+    return learner.push_weights_native(**kwargs)

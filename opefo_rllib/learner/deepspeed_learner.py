@@ -16,9 +16,9 @@ checkpointing, and replaces the rest:
 from __future__ import annotations
 
 import contextlib
+import math
 
 import os
-import socket
 from typing import Any
 
 import torch
@@ -29,17 +29,11 @@ from ray.rllib.utils.annotations import override
 __all__ = ["DeepSpeedTorchLearner", "ensure_process_group"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def ensure_process_group(backend: str) -> None:
-    """Create a one-process torch.distributed group on localhost if none exists.
+    """Create a one-process torch.distributed group if none exists.
 
-    The address goes in ``init_method`` rather than in MASTER_ADDR / MASTER_PORT, so child
-    processes (which inherit the environment) do not try to bind the same port.
+    Its store is an in-process ``HashStore``: one rank needs no rendezvous, so no port is picked
+    (none to race for) and nothing goes in MASTER_ADDR / MASTER_PORT for child processes to inherit.
     """
     import torch.distributed as dist
 
@@ -51,8 +45,8 @@ def ensure_process_group(backend: str) -> None:
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
         return
     os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's engine reads it
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
-                               init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)  # adopts the group above
 
 
 class DeepSpeedTorchLearner(TorchLearner):
@@ -85,7 +79,9 @@ class DeepSpeedTorchLearner(TorchLearner):
             "managed_gradient_accumulation": False,
             "gradient_clipping": float(c.grad_clip) if c.grad_clip else 0.0,
             "zero_optimization": {"stage": int(c.zero_stage)},
-            "bf16": {"enabled": bool(c.bf16)},
+            # check_grad_overflow: ZeRO 2 skips a bf16 step whose gradient norm is not finite
+            # (it always does in fp32); see optimizer_step.
+            "bf16": {"enabled": bool(c.bf16), "check_grad_overflow": True},
             "zero_allow_untested_optimizer": True,
             "steps_per_print": 10**9,
             "wall_clock_breakdown": False,
@@ -117,16 +113,42 @@ class DeepSpeedTorchLearner(TorchLearner):
     def apply_gradients(self, gradients_dict) -> None:
         raise NotImplementedError("DeepSpeedTorchLearner trains through update_from_rollouts()")
 
-    def optimizer_step(self) -> dict[str, float]:
-        """The one optimizer step after all micro-batch backward passes of an update."""
-        norm = None
-        if int(self.config.zero_stage) == 0:  # DeepSpeed reports no norm at stage 0: measure it
-            grads = [p.grad for p in self.ds_engine.module.parameters() if p.grad is not None]
-            norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+    def optimizer_step(self, loss_finite: bool = True) -> dict[str, float]:
+        """The one optimizer step after all micro-batch backward passes of an update.
+
+        Finite-step guard: a non-finite loss or gradient norm skips the step (gradients zeroed,
+        no parameter, optimizer or scheduler change) and returns ``skipped`` = 1, so the caller
+        keeps the weight version and counts it. The norm is measured before the step under ZeRO
+        0, 1 and 3; under ZeRO 2 the gradients exist only inside DeepSpeed's step, which itself
+        skips a step whose norm is not finite (``check_grad_overflow``), and that is read back."""
+        norm = self._grad_norm() if int(self.config.zero_stage) != 2 else 0.0
+        if not (loss_finite and math.isfinite(norm)):
+            self.ds_engine.zero_grad()
+            optimizer_zero = getattr(self.ds_optimizer, "zero_grad", None)
+            if optimizer_zero is not None:
+                optimizer_zero()
+            return {"grad_norm": norm if not math.isfinite(norm) else float("nan"), "lr": self._lr(), "skipped": 1.0}
+        skipped_before = self.ds_engine.skipped_steps
         self.ds_engine.step()
-        norm = self.ds_engine.get_global_grad_norm() if norm is None else norm
-        lr = self.ds_optimizer.param_groups[0]["lr"] if hasattr(self.ds_optimizer, "param_groups") else self.config.lr
-        return {"grad_norm": float(norm) if norm is not None else float("nan"), "lr": float(lr)}
+        if int(self.config.zero_stage) == 2:
+            reported = self.ds_engine.get_global_grad_norm()
+            norm = float(reported) if reported is not None else float("nan")
+        skipped = float(self.ds_engine.skipped_steps > skipped_before)
+        return {"grad_norm": norm, "lr": self._lr(), "skipped": skipped}
+
+    def _lr(self) -> float:
+        groups = getattr(self.ds_optimizer, "param_groups", None)
+        return float(groups[0]["lr"] if groups else self.config.lr)
+
+    def _grad_norm(self) -> float:
+        """L2 norm of the accumulated gradient before clipping (ZeRO 0, 1, 3: whole gradients)."""
+        if int(self.config.zero_stage) == 0:
+            grads = [p.grad for p in self.ds_engine.module.parameters() if p.grad is not None]
+        else:
+            from deepspeed.utils import safe_get_full_grad
+
+            grads = [g for g in (safe_get_full_grad(p) for p in self.ds_engine.module.parameters()) if g is not None]
+        return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
     def policy_weights(self) -> dict[str, torch.Tensor]:
         """A CPU copy of the Hugging Face model's state dict (gathered under ZeRO-3)."""

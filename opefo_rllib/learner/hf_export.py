@@ -15,7 +15,7 @@ __all__ = ["export_hf_policy"]
 def export_hf_policy(base_model_path: str, weights: Mapping[str, torch.Tensor], directory: str) -> str:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from opefo_rllib.models.tiny import load_policy_weights, resolve_model_path
+    from opefo_rllib.models.loading import load_policy_weights, resolve_model_path
 
     src = resolve_model_path(base_model_path)
     out = Path(directory)

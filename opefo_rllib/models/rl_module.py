@@ -26,7 +26,7 @@ class HFCausalLMModule(TorchRLModule):
 
     @override(TorchRLModule)
     def setup(self) -> None:
-        from opefo_rllib.models.tiny import load_policy
+        from opefo_rllib.models.loading import load_policy
 
         cfg = self.model_config or {}
         dtype = getattr(torch, cfg.get("dtype", "float32"))

@@ -3,7 +3,9 @@
 A ``Rollout`` is one response to one prompt: token ids, the engine's sampling log-probs, the
 verifier's reward, the prompt group it belongs to, and the weight version that produced it.
 ``collate`` right-pads prompt + response into [N, L] and aligns the response mask and the
-sampling log-probs with the targets (token t is predicted at position t - 1).
+sampling log-probs with the targets (token t is predicted at position t - 1); ``learner_batch``
+adds the group advantages (computed on the whole batch, before any split) and leaves samples
+whose verification failed out of the loss; ``rollout_metrics`` summarises a batch.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ from typing import Any, Sequence
 
 import torch
 
-__all__ = ["Rollout", "collate"]
+from opefo_rllib.algorithms.grpo.advantages import group_advantages
+
+__all__ = ["Rollout", "collate", "learner_batch", "rollout_metrics", "verify_failed"]
 
 
 @dataclasses.dataclass
@@ -56,4 +60,58 @@ def collate(rollouts: Sequence[Rollout], pad_id: int = 0) -> dict[str, Any]:
         "rewards": torch.tensor([r.reward for r in rollouts], dtype=torch.float32),
         "group_ids": torch.tensor([r.group_id for r in rollouts], dtype=torch.long),
         "weight_versions": torch.tensor([r.weight_version for r in rollouts], dtype=torch.long),
+    }
+
+
+def verify_failed(rollout: Rollout) -> bool:
+    """The verifier timed out or crashed on this answer (so its reward says nothing)."""
+    return bool(rollout.info.get("timed_out", False) or rollout.info.get("error", False))
+
+
+def learner_batch(rollouts: Sequence[Rollout], pad_id: int, adv_estimator: str,
+                  verify_failure_policy: str = "mask") -> dict[str, Any]:
+    """``collate`` plus ``advantages`` [N] from the registered estimator, over whole prompt groups.
+
+    ``verify_failure_policy``: "mask" leaves answers whose verification failed out of the loss
+    (response mask 0, advantage 0) and out of their group's baseline, so a correct but slow
+    answer is not punished; "zero" scores them 0 like a wrong answer.
+    """
+    batch = collate(rollouts, pad_id)
+    failed = torch.tensor([verify_failed(r) for r in rollouts], dtype=torch.bool)
+    if verify_failure_policy == "mask" and bool(failed.any()):
+        keep = ~failed
+        advantages = torch.zeros(len(rollouts), dtype=torch.float32)
+        if bool(keep.any()):
+            advantages[keep] = group_advantages(batch["rewards"][keep], batch["group_ids"][keep], adv_estimator)
+        batch["advantages"] = advantages
+        batch["response_mask"][failed] = 0.0
+    else:
+        batch["advantages"] = group_advantages(batch["rewards"], batch["group_ids"], adv_estimator)
+    batch["verify_masked"] = failed if verify_failure_policy == "mask" else torch.zeros_like(failed)
+    return batch
+
+
+def _group_frac(rollouts: Sequence[Rollout], test) -> float:
+    groups: dict[int, list[bool]] = {}
+    for r in rollouts:
+        groups.setdefault(r.group_id, []).append(r.correct)
+    return sum(test(v) for v in groups.values()) / max(len(groups), 1)
+
+
+def rollout_metrics(rollouts: Sequence[Rollout], batch: dict[str, Any]) -> dict[str, float]:
+    """The ``rollout/...`` metrics of one batch (rewards, lengths, truncation, verifier failures)."""
+    n = len(rollouts)
+    lengths = torch.tensor([len(r.response_ids) for r in rollouts], dtype=torch.float32)
+    return {
+        "rollout/reward_mean": float(batch["rewards"].mean()),
+        "rollout/num_samples": float(n),
+        "rollout/accuracy": sum(r.correct for r in rollouts) / n,
+        "rollout/response_length_mean": float(lengths.mean()),
+        "rollout/response_tokens": float(lengths.sum()),
+        "rollout/truncated_frac": sum(not r.finished for r in rollouts) / n,
+        "rollout/solve_all_frac": _group_frac(rollouts, all),
+        "rollout/solve_none_frac": _group_frac(rollouts, lambda xs: not any(xs)),
+        "rollout/verify_timeouts": float(sum(r.info.get("timed_out", False) for r in rollouts)),
+        "rollout/verify_errors": float(sum(r.info.get("error", False) for r in rollouts)),
+        "rollout/verify_failures_masked": float(batch["verify_masked"].sum()),
     }

@@ -17,6 +17,8 @@ from ray.rllib.utils.annotations import override
 from ray.rllib.utils.checkpoints import Checkpointable
 
 from opefo_rllib.envs import TextEnv, make_env
+from opefo_rllib.envs.registry import import_env_modules
+from opefo_rllib.envs.pool import wait_all
 from opefo_rllib.fleet.engine import SamplingConfig
 from opefo_rllib.fleet.fleet import EngineFleet
 from opefo_rllib.rollout.batch import Rollout
@@ -29,10 +31,11 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
 
     def __init__(self, *, config, **kwargs):
         super().__init__(config=config, **kwargs)
-        from opefo_rllib.models.tiny import resolve_model_path
+        from opefo_rllib.models.loading import resolve_model_path
         from opefo_rllib.models.tokenizer import CharTokenizer
 
         c = self.config
+        import_env_modules(c.imports)  # the run's own env modules, in whichever process builds the env
         self.env: TextEnv = make_env(c.env, **dict(c.env_config or {}))
         if getattr(self.env, "max_turns", 1) > 1:
             raise ValueError(f"env {c.env!r} is multi-turn; the trainer samples single-turn envs only for now")
@@ -58,6 +61,7 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
         self._next_group_id = 0
         self._sample_calls = 0
         self.last_timings: dict[str, float] = {}
+        self.last_metrics: dict[str, float] = {}  # runner metrics of the last sample(), for the algorithm's log
 
     @override(EnvRunner)
     def assert_healthy(self):
@@ -90,11 +94,12 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
                     probs.append(problems[k])
             verifying.append((idx, results, texts, self.env.score_batch_async(probs, texts)))
         verify_start = time.perf_counter()
+        self._await_verification(verifying, step)
         rollouts = []
         for idx, results, texts, futures in verifying:
             flat = [res for group in results for res in group]
             for res, text, fut in zip(flat, texts, futures):
-                verdict = fut.result()
+                verdict = fut.result()  # done: _await_verification waited for it
                 k = idx[res.prompt_index]
                 rollouts.append(Rollout(
                     group_id=group_ids[k], prompt_ids=prompts[k], response_ids=res.response_ids,
@@ -109,14 +114,18 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
         n_tokens = sum(len(r.response_ids) for r in rollouts)
         self.num_env_steps_sampled_lifetime += len(rollouts)
         self.last_timings["response_tokens"] = n_tokens
+        self.last_metrics = {"data/skipped_rows": float(self.env.skipped_rows)}
         return rollouts
+
+    def _await_verification(self, verifying: list, step: int) -> None:
+        """Wait for every verdict of this step, within the env's deadline for that many answers."""
+        futures = [fut for *_, group_futures in verifying for fut in group_futures]
+        wait_all(futures, self.env.score_deadline_s(len(futures)),
+                 f"LLMEnvRunner.sample (step {step}, env {self.config.env!r}): verifying answers")
 
     @override(EnvRunner)
     def get_metrics(self) -> dict:
         return {}
-
-    def sync_weights(self, weights, version: int, step: int) -> float:
-        return self.fleet.sync_weights(weights, version, step)
 
     @override(Checkpointable)
     def get_ctor_args_and_kwargs(self):
@@ -144,6 +153,12 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
 
     @override(EnvRunner)
     def stop(self) -> None:
-        if getattr(self, "fleet", None) is not None:
-            self.fleet.shutdown()
-            self.fleet = None
+        """Close the env (its verifier's worker processes) and shut the engines down; idempotent.
+        RLlib calls it from ``algo.stop()``."""
+        try:
+            if getattr(self, "env", None) is not None:
+                self.env.close()
+        finally:
+            if getattr(self, "fleet", None) is not None:
+                self.fleet.shutdown()
+                self.fleet = None

@@ -1,0 +1,273 @@
+"""The config sections of GRPO / OPEFO: every project field, with its type, default, doc and checks.
+
+Defaults are those of the tiny CPU run. ``GRPOConfig`` (algorithms/grpo/grpo.py) takes its fields,
+defaults, fluent setters, YAML keys and validation from here; ``opefo config`` prints them and
+the README's field table is generated from them (tests/test_config_sections.py checks it).
+
+To add a field: add one ``setting(...)`` line to its section. To add a section (a later feature):
+declare a dataclass and ``register_section`` it. A policy loss or advantage estimator registered
+with a settings dataclass contributes that dataclass's fields to the "objective" setter.
+
+Imports only the pure-torch registries of the math (no Ray).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterator
+
+from opefo_rllib.algorithms.grpo.advantages import ADV_EST_SETTINGS, ADV_ESTIMATORS
+from opefo_rllib.algorithms.grpo.losses import AGG_MODES, POLICY_LOSS_SETTINGS, POLICY_LOSSES
+from opefo_rllib.algorithms.opefo.entropy_flow import BALANCE_MODES, ESTIMATORS
+from opefo_rllib.config.fields import Section, register_section, setting, SECTIONS
+
+__all__ = ["RunSettings", "RLlibSettings", "PolicyModelSettings", "GenerationSettings", "FleetSettings",
+           "ObjectiveSettings", "EntropyFlowSettings", "OptimizationSettings", "DeepSpeedSettings",
+           "LoggingSettings", "RUN_SECTION", "RLLIB_SECTION", "run_fields", "rllib_fields"]
+
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass
+class EnvironmentSettings:
+    """What to import before the env is built (env and env_config are RLlib's own fields)."""
+
+    imports: list | None = setting(None, "modules imported before the env is built, wherever it is built (they "
+                                   "register your envs); an env may also be named module:env-id",
+                                   check=lambda v: None if all(isinstance(m, str) and m for m in v)
+                                   else "must be a list of module names")
+
+
+@dataclasses.dataclass
+class PolicyModelSettings:
+    """The policy: which model the learner trains and the engines sample from."""
+
+    model_path: str = setting("tiny-default", 'a local Hugging Face model directory, or "tiny-default" (shipped)')
+    model_dtype: str = setting("float32", "the learner's parameter dtype", choices=DTYPES)
+    gradient_checkpointing: bool = setting(False, "recompute activations in backward (memory for time)")
+    logits_chunk_size: int = setting(1024, "tokens per chunk of the LM head in token_stats_from_hidden", low=1)
+
+
+@dataclasses.dataclass
+class PromptSettings:
+    """How an env's prompt becomes the token ids the engines see, and when a response stops."""
+
+    prompt_format: str = setting("raw", "raw: the env's prompt as it is (base models); chat: the tokenizer's chat "
+                                 "template, with system_prompt", choices=("raw", "chat"))
+    system_prompt: str | None = setting(None, "system message of prompt_format chat (None: none)")
+    max_prompt_tokens: int | None = setting(None, "longest prompt, in tokens (None: no limit); a longer one is "
+                                            "skipped and counted, or an error (on_long_prompt)", low=1)
+    on_long_prompt: str = setting("skip", "a prompt over max_prompt_tokens: skip (counted in "
+                                  "rollout/prompts_skipped_too_long) or error", choices=("skip", "error"))
+    stop_token_ids: list | None = setting(None, "token ids that end a response, besides every EOS id of the model",
+                                          check=lambda v: None if all(isinstance(t, int) and not isinstance(t, bool)
+                                                                      and t >= 0 for t in v)
+                                          else "must be a list of token ids (integers >= 0)")
+
+
+@dataclasses.dataclass
+class GenerationSettings:
+    """The batch and how responses are sampled (strict on-policy: the full distribution)."""
+
+    prompts_per_batch: int = setting(16, "prompt groups per batch (B)", low=1)
+    group_size: int = setting(8, "responses sampled per prompt (G)", low=1)
+    temperature: float = setting(1.0, "sampling temperature; the learner scores the same tempered distribution",
+                                 low=0.0, low_open=True)
+    max_new_tokens: int = setting(8, "longest response, in tokens", low=1)
+    top_p: float = setting(1.0, "nucleus sampling (strict on-policy needs 1.0)", low=0.0, high=1.0, low_open=True)
+    top_k: int = setting(0, "top-k sampling, 0 = off (strict on-policy needs 0)", low=0)
+
+    @staticmethod
+    def cross_checks(c) -> Iterator[tuple[str, str]]:
+        if c.group_size < 2 and c.adv_estimator in ("grpo", "rloo"):
+            yield "group_size", f"{c.adv_estimator!r} advantages need at least 2 responses per prompt"
+        if c.strict_on_policy and c.top_p != 1.0:
+            yield "top_p", ("strict on-policy samples the full distribution the learner scores (top_p=1, top_k=0); "
+                            "the learner does not apply the same truncation")
+        if c.strict_on_policy and c.top_k != 0:
+            yield "top_k", "strict on-policy samples the full distribution the learner scores (top_p=1, top_k=0)"
+
+
+@dataclasses.dataclass
+class FleetSettings:
+    """The inference fleet: engine actors, their resources, timeouts and weight sync."""
+
+    engine: str = setting("hf", "engine kind", choices=("hf", "vllm", "sglang"))
+    num_engines: int = setting(1, "engine actors (each prompt group is generated whole on one)", low=1)
+    num_cpus_per_engine: float = setting(0.5, "CPUs reserved per engine actor", low=0.0)
+    num_gpus_per_engine: float = setting(0.0, "GPUs reserved per engine actor", low=0.0)
+    colocate_engines: bool = setting(False, "engines share the learners' devices and release memory during updates")
+    engine_dtype: str = setting("float32", "the engines' dtype", choices=DTYPES)
+    generate_timeout_s: float = setting(600.0, "deadline of one generation call; the error names engines and step",
+                                        low=0.0, low_open=True)
+    weight_sync_timeout_s: float = setting(120.0, "deadline of one weight push", low=0.0, low_open=True)
+    weight_sync: str = setting("auto", "native (vLLM's weight-transfer API), object_store, or auto",
+                               choices=("auto", "native", "object_store"))
+    weight_transfer_backend: str = setting("auto", "native backend: nccl, ipc (colocated), opefo_gloo (CPU), or auto",
+                                           choices=("auto", "nccl", "ipc", "opefo_gloo"))
+    weight_transfer_address: str = setting("127.0.0.1", "address the learner's weight-transfer store listens on")
+
+    @staticmethod
+    def cross_checks(c) -> Iterator[tuple[str, str]]:
+        if c.weight_sync == "native" and c.engine != "vllm":
+            yield "weight_sync", (f"native weight transfer is vLLM's API; engine is {c.engine!r} "
+                                  "(use 'auto' or 'object_store')")
+
+
+@dataclasses.dataclass
+class ObjectiveSettings:
+    """The objective: advantages, the registered policy loss, aggregation, on-policy mode."""
+
+    adv_estimator: str = setting("grpo", "registered group-advantage estimator", choices=lambda: ADV_ESTIMATORS)
+    policy_loss: str = setting("pg", "registered policy loss (pg = strict on-policy)", choices=lambda: POLICY_LOSSES)
+    loss_agg_mode: str = setting("token-mean", "how the per-token loss is reduced", choices=AGG_MODES)
+    entropy_coef: float = setting(0.0, "entropy bonus coefficient (a baseline; 0 = off)")
+    tis_cap: float | None = setting(None, "truncated importance sampling cap C on pi_learner / pi_engine (None: off)",
+                                    low=0.0, low_open=True)
+    strict_on_policy: bool = setting(True, "refuse samples of other weight versions; one optimizer step per batch")
+    num_updates_per_batch: int = setting(1, "optimizer steps per batch (> 1 needs strict_on_policy: false)", low=1)
+    micro_batch_size: int | None = setting(None, "sequences per forward/backward (None: the whole batch)", low=1)
+    max_tokens_per_micro_batch: int | None = setting(None, "token budget of a forward/backward: rows sorted by length "
+                                                     "and packed to rows x longest <= budget (None: off)", low=1)
+    verify_failure_policy: str = setting("mask", "answers whose verification timed out or crashed: mask (left out "
+                                         "of the loss and the baseline) or zero (scored as wrong)",
+                                         choices=("mask", "zero"))
+
+    @staticmethod
+    def cross_checks(c) -> Iterator[tuple[str, str]]:
+        if c.strict_on_policy and c.num_updates_per_batch != 1:
+            yield "num_updates_per_batch", ("strict on-policy takes exactly one optimizer step per rollout batch; "
+                                            "set strict_on_policy=False for approximate on-policy training")
+
+
+@dataclasses.dataclass
+class EntropyFlowSettings:
+    """Entropy flow: the estimator every run logs, and OPEFO's balancing rule."""
+
+    entropy_flow_estimator: str = setting("exact", "per-token entropy-flow estimator", choices=ESTIMATORS)
+    balance_mode: str = setting("none", 'balancing rule ("two_sided" = OPEFO, the OPEFO default; "none" = GRPO)',
+                                choices=BALANCE_MODES)
+    static_lambda: float = setting(0.0, 'lambda of balance_mode "static"', low=-1.0, high=1.0, low_open=True,
+                                   high_open=True)
+    balance_fraction: float = setting(1.0, "f in lambda = f * lambda*: the fraction of the net flow cancelled",
+                                      low=0.0, high=1.0)
+    max_abs_lambda: float | None = setting(None, "cap on |lambda| (None: no cap)", low=0.0, high=1.0, high_open=True)
+
+
+@dataclasses.dataclass
+class OptimizationSettings:
+    """AdamW (through DeepSpeed) and its schedule; lr and grad_clip are RLlib's fields."""
+
+    weight_decay: float = setting(0.0, "AdamW weight decay", low=0.0)
+    adam_betas: tuple[float, float] = setting((0.9, 0.999), "AdamW betas (beta1, beta2)", check=lambda b: None if all(
+        0.0 <= x < 1.0 for x in b) else "each beta must be in [0, 1)")
+    adam_eps: float = setting(1e-8, "AdamW epsilon", low=0.0, low_open=True)
+    lr_warmup_steps: int = setting(0, "linear warm-up steps of the learning rate", low=0)
+    max_nonfinite_steps: int = setting(3, "stop the run after this many batches in a row whose optimizer step was "
+                                       "skipped for a non-finite loss or gradient norm", low=1)
+
+
+@dataclasses.dataclass
+class DeepSpeedSettings:
+    """The DeepSpeed engine of the learner."""
+
+    zero_stage: int = setting(0, "DeepSpeed ZeRO stage (3 shards parameters too)", choices=(0, 1, 2, 3))
+    bf16: bool = setting(False, "bf16 mixed precision in the learner")
+    learner_num_threads: int = setting(1, "torch threads of the learner process", low=1)
+
+
+@dataclasses.dataclass
+class LoggingSettings:
+    """TensorBoard and checkpoint exports."""
+
+    tensorboard_dir: str | None = setting(None, "TensorBoard directory (None: the Algorithm's logdir)")
+    log_text_every: int = setting(10, "iterations between text-sample tables (0: never)", low=0)
+    num_text_samples: int = setting(4, "samples per text table", low=0)
+    export_hf_on_checkpoint: bool = setting(True, "write hf_policy/ (Hugging Face format) beside each checkpoint")
+
+
+@dataclasses.dataclass
+class RLlibSettings:
+    """RLlib's own AlgorithmConfig fields that a run config may set."""
+
+    env: str = setting("opefo/Arithmetic-v0", "registered text env (see `opefo envs`), or module:env-id")
+    env_config: dict | None = setting(None, "keyword arguments of the env")
+    lr: float = setting(1e-4, "learning rate", low=0.0)
+    grad_clip: float | None = setting(1.0, "gradient-norm clip (None: off)", low=0.0, low_open=True)
+    seed: int | None = setting(0, "seed of sampling, data order and the learner")
+    num_learners: int = setting(0, "RLlib learner actors (0: one local learner; more is not supported yet)",
+                                low=0, high=1)
+
+
+@dataclasses.dataclass
+class RunSettings:
+    """Keys of a run config that are not algorithm fields (read by `opefo train`)."""
+
+    algorithm: str = setting("OPEFO", "OPEFO or GRPO", choices=("OPEFO", "GRPO", "opefo", "grpo"))
+    iterations: int = setting(100, "train until the run has done this many iterations (a resumed run continues to it)", low=1)
+    checkpoint_every: int = setting(0, "iterations between checkpoints (0: only at the end)", low=0)
+    logdir: str | None = setting(None, "run directory (None: opefo_runs/<time>)")
+    ray: dict | None = setting(None, "keyword arguments of ray.init (None here means {num_cpus: 2})")
+    base: str | None = setting(None, "a run config this one overlays (path relative to this file)")
+
+
+class _LossSettings:
+    """Settings of the registered policy losses and advantage estimators."""
+
+
+def _registry_settings() -> list[type]:
+    seen: list[type] = []
+    for cls in list(POLICY_LOSS_SETTINGS.values()) + list(ADV_EST_SETTINGS.values()):
+        if cls not in seen:
+            seen.append(cls)
+    return seen
+
+
+class RegistrySection(Section):
+    """The "loss_settings" section: the fields of every registered loss's / estimator's settings,
+    collected when asked (a loss registered later contributes its fields too)."""
+
+    def fields(self):
+        out, names = [], set()
+        for cls in _registry_settings():
+            for spec in Section(self.name, cls, self.setter, self.doc, {}).fields():
+                if spec.name not in names:
+                    names.add(spec.name)
+                    out.append(spec)
+        return out
+
+
+register_section("environment", EnvironmentSettings)
+register_section("policy_model", PolicyModelSettings)
+register_section("prompts", PromptSettings, setter="generation")
+register_section("generation", GenerationSettings)
+register_section("fleet", FleetSettings)
+register_section("objective", ObjectiveSettings, setter="training")
+SECTIONS["loss_settings"] = RegistrySection("loss_settings", _LossSettings, "training",
+                                            "Settings of the registered policy losses and advantage estimators", {})
+register_section("entropy_flow", EntropyFlowSettings, aliases={"estimator": "entropy_flow_estimator"})
+register_section("optimization", OptimizationSettings, setter="training")
+register_section("deepspeed", DeepSpeedSettings)
+register_section("logging", LoggingSettings)
+
+# Not GRPOConfig sections of ours: RLlib's own fields and the run keys (checked the same way).
+RLLIB_SECTION = Section("rllib", RLlibSettings, "", RLlibSettings.__doc__.strip(), {})
+RUN_SECTION = Section("run", RunSettings, "", RunSettings.__doc__.strip(), {})
+
+
+def rllib_fields() -> dict[str, Any]:
+    return {f.name: f for f in RLLIB_SECTION.fields()}
+
+
+def run_fields() -> dict[str, Any]:
+    return {f.name: f for f in RUN_SECTION.fields()}
+
+
+def _loss_cross_checks(c) -> Iterator[tuple[str, str]]:
+    for cls in _registry_settings():
+        rules = getattr(cls, "cross_checks", None)
+        if rules:
+            yield from rules(c)
+
+
+_LossSettings.cross_checks = staticmethod(_loss_cross_checks)

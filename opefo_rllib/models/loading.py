@@ -1,0 +1,54 @@
+"""Loading a policy from a local Hugging Face directory: the path rule, the model + tokenizer,
+and a full state dict into a model (tied ``lm_head`` allowed to be absent).
+
+Models load from local directories only (no hub downloads at run time); ``"tiny-default"``
+names the shipped tiny checkpoint (:mod:`opefo_rllib.models.tiny`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from opefo_rllib.models.tiny import TINY_DEFAULT, TINY_DEFAULT_PATH
+from opefo_rllib.models.tokenizer import CharTokenizer
+
+__all__ = ["resolve_model_path", "load_policy", "load_policy_weights"]
+
+
+def resolve_model_path(path: str | Path) -> Path:
+    """``"tiny-default"`` means the shipped checkpoint; anything else is a local directory."""
+    p = TINY_DEFAULT_PATH if str(path) == TINY_DEFAULT else Path(path).expanduser()
+    if not (p / "config.json").exists():
+        raise FileNotFoundError(f"model path {str(path)!r}: no config.json in {p} (models load from local "
+                                f"directories only; use 'tiny-default' for the shipped tiny model)")
+    return p
+
+
+def load_policy(path: str | Path, dtype: torch.dtype = torch.float32):
+    """Load (model, tokenizer) from a local directory; the tokenizer is the character one if
+    present, else the directory's Hugging Face tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    p = resolve_model_path(path)
+    model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype)
+    try:
+        tokenizer = CharTokenizer.load(p)
+    except FileNotFoundError:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(p)
+    return model, tokenizer
+
+
+def load_policy_weights(model, weights, where: str) -> None:
+    """Load a full state dict into ``model``; a tied ``lm_head.weight`` may be absent. Any other
+    missing or unexpected key is an error naming ``where``."""
+    missing, unexpected = model.load_state_dict(dict(weights), strict=False)
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    missing = [m for m in missing if not (m == "lm_head.weight" and tied)]
+    if missing or unexpected:
+        raise ValueError(f"{where}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if tied:
+        model.tie_weights()
