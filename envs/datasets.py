@@ -26,6 +26,7 @@ __all__ = ["DatasetError", "BadRow", "LoadedProblems", "load_problems", "Problem
 
 FORMATS = ("jsonl", "parquet", "csv", "hf")
 FINGERPRINT_VERSION = 2  # 1: ids only; 2: ids, problems and answers
+DEFAULT_ID_FIELD = "id"  # optional in a file: rows without it are numbered "<stem>-<line>"
 
 log = logging.getLogger(__name__)
 
@@ -128,12 +129,20 @@ def _as_text(value: Any, source: str, line: int, field: str, allow_numbers: bool
     return text
 
 
+def _problem_id(row: dict, id_field: str | None, path: Path, name: str, line: int) -> str:
+    """The row's id from ``id_field``, or "<stem>-<line>" (id_field None, or the default "id"
+    column absent from the row: a user's own file need not number its problems)."""
+    if id_field is None or (id_field == DEFAULT_ID_FIELD and id_field not in row):
+        return f"{path.stem}-{line}"
+    return _as_text(row.get(id_field), name, line, id_field, True)
+
+
 def load_problems(
     source: str | os.PathLike,
     fmt: str | None = None,
     problem_field: str = "problem",
     answer_field: str = "answer",
-    id_field: str | None = "id",
+    id_field: str | None = DEFAULT_ID_FIELD,
     on_bad_row: str = "raise",
     split: str = "train",
     meta_fields: Iterable[str] | None = None,
@@ -144,7 +153,10 @@ def load_problems(
     Args:
         source: a .jsonl / .parquet / .csv file, a ``save_to_disk`` directory, or a hub name.
         fmt: "jsonl", "parquet", "csv" or "hf" (default: from the suffix; directories are "hf").
-        problem_field, answer_field, id_field: column names (id_field None: ids are "<stem>-<line>").
+        problem_field, answer_field: column names.
+        id_field: column of the problem id. The default, "id", may be absent from a file: a row
+            without that column gets "<stem>-<line>" (file stem and line or row number). Any other
+            name is required in every row; None numbers every row "<stem>-<line>".
         on_bad_row: "raise" (DatasetError naming file, line, field) or "skip" (recorded in .skipped).
         split: split of a Hugging Face DatasetDict.
         meta_fields: other columns kept in ``Problem.meta`` (default: all other columns).
@@ -173,7 +185,7 @@ def load_problems(
                 raise DatasetError(name, line, None, f"row is a {type(row).__name__}, expected an object")
             prompt = _as_text(row.get(problem_field), name, line, problem_field, allow_numbers=False)
             answer = _as_text(row.get(answer_field), name, line, answer_field, allow_numbers=True)
-            pid = f"{path.stem}-{line}" if id_field is None else _as_text(row.get(id_field), name, line, id_field, True)
+            pid = _problem_id(row, id_field, path, name, line)
         except DatasetError as e:
             if on_bad_row == "raise":
                 raise

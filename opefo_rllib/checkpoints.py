@@ -30,12 +30,13 @@ __all__ = ["CheckpointError", "ResumePlan", "save_checkpoint", "plan_resume", "l
 RUN_FILE = "opefo_run.json"
 LATEST = "latest"
 FORMAT = 2
-# Keys a resumed run may change: how long it runs, where and how often it logs and saves, and
-# timeouts. Anything else (model, env, batch shape, objective, optimiser) would make the resumed
+# Keys a resumed run may change: how long it runs, where and how often it logs, saves and
+# evaluates, and timeouts. Anything else (model, env, batch shape, objective, optimiser) would make the resumed
 # run a different experiment, so it is refused naming the field.
 SAFE_ON_RESUME = frozenset({
     "iterations", "checkpoint_every", "logdir", "ray", "base", "tensorboard_dir", "log_text_every",
     "num_text_samples", "export_hf_on_checkpoint", "generate_timeout_s", "weight_sync_timeout_s",
+    "resource_wait_timeout_s", "eval_every", "eval_before_train", "eval_tasks",
 })
 
 

@@ -3,6 +3,8 @@
     opefo train  [--config FILE ...] [--set key=value ...] [--resume DIR] [--logdir DIR]
     opefo config [--config FILE ...] [--set key=value ...]
     opefo envs
+    opefo eval MODEL (--task ENV | --data FILE ... | --suite math6 --data-dir DIR) [options]
+    opefo compare RUN_DIR ... [--out compare.png]
 
 Bad input (a config value, a missing file or directory, a bad dataset row) ends in one line
 naming what is wrong and where, and exit status 2; ``--debug`` shows the traceback instead.
@@ -78,10 +80,14 @@ def preflight(config) -> None:
     from opefo_rllib.models.loading import resolve_model_path
     from opefo_rllib.run_config import ConfigError
 
+    from opefo_rllib.models.tokenizer import TokenizerError, load_tokenizer
+    from opefo_rllib.rollout.prompts import PromptBuilder
+
     try:
-        resolve_model_path(config.model_path)
-    except (FileNotFoundError, NotADirectoryError) as e:
+        tokenizer = load_tokenizer(resolve_model_path(config.model_path))
+    except (FileNotFoundError, NotADirectoryError, TokenizerError) as e:
         raise ConfigError(f"config field 'model_path' = {config.model_path!r}: {e}") from None
+    PromptBuilder(tokenizer, config)  # prompt_format chat without a chat template fails here
     try:
         import_env_modules(config.imports)
         env = make_env(config.env, **dict(config.env_config or {}))
@@ -94,6 +100,10 @@ def preflight(config) -> None:
     close = getattr(env, "close", None)
     if close is not None:
         close()
+    if config.eval_tasks and (config.eval_every or config.eval_before_train):
+        from opefo_rllib.evaluation.validation import TrainingEvaluator
+
+        TrainingEvaluator(config, out_dir=".").close()  # opens every eval set: a missing file fails here
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -144,6 +154,18 @@ def _train_setup(args: argparse.Namespace):
     return data, config, logdir, None
 
 
+def _eval_line(result: dict, iteration: int) -> str:
+    """The accuracies of an in-training evaluation, one line, in a fixed order (all of it is in
+    TensorBoard and RUN/eval/)."""
+    def rank(key: str):
+        name, metric = key[len("eval/"):].rsplit("/", 1)
+        kind = next((i for i, prefix in enumerate(("greedy_acc", "avg@", "pass@")) if metric.startswith(prefix)), None)
+        return name, kind, metric
+
+    keys = sorted((k for k in result if k.startswith("eval/") and rank(k)[1] is not None), key=rank)
+    return f"  eval {iteration:4d}  " + "  ".join(f"{k[len('eval/'):]} {result[k]:.3f}" for k in keys)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from opefo_rllib.checkpoints import latest_checkpoint, save_checkpoint
 
@@ -163,6 +185,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         ray_kwargs.setdefault("_node_ip_address", "127.0.0.1")
     ray.init(**ray_kwargs)
     from opefo_rllib.algorithms.grpo.grpo import NonFiniteTrainingError
+    from opefo_rllib.resources import InsufficientResources, wait_for_resources
+
+    try:
+        wait_for_resources(config, config.resource_wait_timeout_s)
+    except InsufficientResources as e:
+        ray.shutdown()
+        raise UserError(str(e)) from None
 
     print(f"opefo train: {data['algorithm']} on {config.env} with {config.model_path}, {iterations} iterations")
     print(f"  logs:        {logdir}")
@@ -184,6 +213,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                   f"lambda {result.get('entropy_flow/lambda', float('nan')):+.3f}  "
                   f"{result.get('time/step_s', 0):.2f}s/it  left {_fmt_eta(eta)}"
                   + ("  [step skipped: non-finite]" if result.get("learner/nonfinite_in_a_row") else ""), flush=True)
+            if algo.evaluator is not None and algo.evaluator.due(i):
+                print(_eval_line(result, i), flush=True)
             if (every and i % every == 0) or i == iterations:
                 print(f"  checkpoint:  {save_checkpoint(algo, logdir, i, data)}")
     except NonFiniteTrainingError as e:
@@ -197,12 +228,156 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_tasks(args: argparse.Namespace, exclude_draws: int) -> list:
+    """The problem sets of ``opefo eval`` (opened before Ray starts, so bad input fails fast)."""
+    from opefo_rllib.evaluation.tasks import env_task, file_task, suite_tasks
+
+    chosen = [name for name, value in (("--task", args.task), ("--data", args.data), ("--suite", args.suite))
+              if value]
+    if len(chosen) != 1:
+        raise UserError("give exactly one of --task ENV, --data FILE ..., --suite NAME --data-dir DIR"
+                        + (f" (got {' and '.join(chosen)})" if chosen else ""))
+    if args.suite:
+        if not args.data_dir:
+            raise UserError(f"--suite {args.suite} needs --data-dir DIR (the folder of its files)")
+        return suite_tasks(args.suite, args.data_dir, args.num_problems)
+    if args.data:
+        return [file_task(f, args.num_problems) for f in args.data]
+    return [env_task(args.task, _env_config(args.env_config), args.num_problems, exclude_draws=exclude_draws)]
+
+
+def _eval_spec(args: argparse.Namespace):
+    """The EvalSpec of ``opefo eval``'s options; errors name the options."""
+    from opefo_rllib.evaluation.spec import EvalSpec, parse_pass_k
+
+    if args.num_engines < 1 or (args.num_problems is not None and args.num_problems < 1):
+        raise UserError("--num-engines and --num-problems must be >= 1")
+    pass_k = parse_pass_k(args.pass_k) if args.pass_k else (parse_pass_k([1, args.samples]) if args.samples else ())
+    try:
+        return EvalSpec(samples=args.samples, pass_k=pass_k, greedy=args.greedy, temperature=args.temperature,
+                        max_new_tokens=args.max_new_tokens, seed=args.seed)
+    except ValueError as e:
+        raise UserError(f"{e} (--samples {args.samples}, --pass-k {','.join(map(str, pass_k))})") from None
+
+
+def _env_config(text: str | None) -> dict:
+    """``--env-config``: a YAML file, or an inline YAML mapping such as '{max_digits: 3}'."""
+    import yaml
+
+    if not text:
+        return {}
+    path = Path(text).expanduser()
+    try:
+        value = yaml.safe_load(path.read_text() if path.is_file() else text)
+    except yaml.YAMLError as e:
+        raise UserError(f"--env-config {text}: not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(value, dict):
+        raise UserError(f"--env-config {text}: expected a mapping (a YAML file or e.g. '{{max_digits: 3}}')")
+    return value
+
+
+def _progress(name: str, done: int, total: int, seconds: float) -> None:
+    print(f"  {name}: {done}/{total} problems  {done / max(seconds, 1e-9):.1f} problems/s", file=sys.stderr,
+          flush=True)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Evaluate a model on problem sets: a table on stdout, and --out FILE.json (+ FILE.problems.jsonl)."""
+    from opefo_rllib.evaluation.codec import Codec, model_tokenizer
+    from opefo_rllib.evaluation.model import resolve_eval_model
+    from opefo_rllib.evaluation.report import format_table, records_path, write_report
+    from opefo_rllib.evaluation.runner import eval_fleet, evaluate_task
+    from opefo_rllib.evaluation.tasks import TRAIN_EPOCH_DRAWS
+
+    model_dir = resolve_eval_model(args.model)
+    spec = _eval_spec(args)
+    exclude_draws = TRAIN_EPOCH_DRAWS if args.exclude_draws is None else args.exclude_draws
+    if exclude_draws < 0:
+        raise UserError(f"--exclude-draws {exclude_draws}: must be >= 0")
+    codec = Codec(model_tokenizer(model_dir), args.prompt_format, args.system_prompt)
+    tasks = _eval_tasks(args, exclude_draws)
+    import ray
+
+    cpus = os.cpu_count() or 2
+    started = not ray.is_initialized()  # called from Python inside a Ray session: use that one
+    if started:
+        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, configure_logging=False,
+                 _node_ip_address="127.0.0.1")
+    fleet, reports = None, []
+    try:
+        print(f"opefo eval: {args.model} ({model_dir}) with {args.num_engines} {args.engine} engine(s)",
+              file=sys.stderr)
+        fleet = eval_fleet(args.engine, args.num_engines, model_dir, codec, min(1.0, cpus / args.num_engines))
+        reports = [evaluate_task(fleet, codec, task, spec, progress=_progress) for task in tasks]
+    finally:
+        for task in tasks:
+            task.close()
+        if fleet is not None:
+            fleet.shutdown()
+        if started:
+            ray.shutdown()
+    print(format_table(reports))
+    for r in reports:
+        if r.metrics.get("truncated_frac", 0.0) > 0.5:
+            print(f"note: {r.name}: {r.metrics['truncated_frac']:.0%} of responses stopped at --max-new-tokens "
+                  f"{spec.max_new_tokens}; raise it", file=sys.stderr)
+    if args.out:
+        config = {k: v for k, v in vars(args).items() if k not in ("func", "debug", "version", "command", "out")}
+        config.update(model_dir=str(model_dir), pass_k=list(spec.pass_k), exclude_draws=exclude_draws)
+        out = write_report(args.out, args.model, config, reports)
+        print(f"wrote {out} and {records_path(out)}", file=sys.stderr)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Plot several runs' curves in one figure and print a table of first/last values."""
+    from opefo_rllib.evaluation.compare import compare_runs
+
+    table = compare_runs(args.runs, args.out)
+    print(table)
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
 def cmd_envs(args: argparse.Namespace) -> int:
     from opefo_rllib.envs import list_envs
 
     for name in list_envs():
         print(name)
     return 0
+
+
+def _add_eval_parser(sub) -> None:
+    ev = sub.add_parser("eval", help="evaluate a model: greedy / avg@K / pass@k / maj@K on tasks or datasets")
+    ev.add_argument("model", metavar="MODEL", help="tiny-default, a Hugging Face model directory, a checkpoint "
+                    "directory (its hf_policy/) or a run directory (its latest checkpoint)")
+    ev.add_argument("--task", metavar="ENV", help="a registered env (see `opefo envs`)")
+    ev.add_argument("--env-config", metavar="YAML", help="keyword arguments of --task: a YAML file or '{key: value}'")
+    ev.add_argument("--data", nargs="+", metavar="FILE", help="problem files (JSONL / Parquet / CSV), each its own "
+                    "set, posed and verified like opefo/Math-v0")
+    ev.add_argument("--suite", help="a benchmark suite (math6: math500, aime24, aime25, amc23, minerva_math, "
+                    "olympiadbench), its files found by name in --data-dir")
+    ev.add_argument("--data-dir", metavar="DIR", help="the folder of the suite's files")
+    ev.add_argument("--num-problems", type=int, metavar="N", help="problems per set (default: all; a generated "
+                    "task: a fixed held-out set of 512)")
+    ev.add_argument("--exclude-draws", type=int, metavar="N",
+                    help="a generated task's held-out set leaves out the first N problems of the training stream "
+                    "(seed 0; default 8000, the default run's 250 iterations x 32 prompts; 0: none)")
+    ev.add_argument("--samples", type=int, default=8, metavar="K", help="samples per problem (default 8)")
+    ev.add_argument("--temperature", type=float, default=1.0, metavar="T", help="sampling temperature (default 1)")
+    ev.add_argument("--pass-k", metavar="K1,K2", help="pass@k to report (default: 1 and --samples)")
+    ev.add_argument("--greedy", action="store_true", help="also decode greedily (greedy_acc)")
+    ev.add_argument("--max-new-tokens", type=int, default=8, metavar="M",
+                    help="longest response (default 8, as `opefo train`; math datasets need e.g. 2048)")
+    ev.add_argument("--prompt-format", choices=("raw", "chat"), default="raw",
+                    help="raw text, or the tokenizer's chat template")
+    ev.add_argument("--system-prompt", help="system message of --prompt-format chat")
+    ev.add_argument("--engine", choices=("hf", "vllm"), default="hf", help="engine kind (default hf)")
+    ev.add_argument("--num-engines", type=int, default=1, metavar="E", help="engine actors (default 1)")
+    ev.add_argument("--seed", type=int, default=0, metavar="S", help="sampling seed (default 0)")
+    ev.add_argument("--out", metavar="FILE.json", help="write the results here, and per-problem records to "
+                    "FILE.problems.jsonl")
+    ev.set_defaults(func=cmd_eval)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -223,6 +398,11 @@ def main(argv: list[str] | None = None) -> int:
     config.set_defaults(func=cmd_config)
     envs = sub.add_parser("envs", help="list the registered environments")
     envs.set_defaults(func=cmd_envs)
+    _add_eval_parser(sub)
+    compare = sub.add_parser("compare", help="plot reward, entropy, lambda and eval metrics of several runs")
+    compare.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (or their tensorboard/)")
+    compare.add_argument("--out", default="compare.png", help="the figure (PNG; default compare.png)")
+    compare.set_defaults(func=cmd_compare)
     args = parser.parse_args(argv)
     if "" not in sys.path and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())  # like `python -m`: your env modules in the current directory import

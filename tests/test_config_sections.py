@@ -27,7 +27,8 @@ BAD_VALUES = [
     ("algorithm=ppo", "algorithm"), ("iterations=-1", "iterations"), ("iterations=0", "iterations"),
     ("checkpoint_every=-1", "checkpoint_every"), ("logdir=5", "logdir"),
     ("lr=abc", "lr"), ("lr=-1", "lr"), ("grad_clip=0", "grad_clip"), ("seed=abc", "seed"),
-    ("num_learners=2", "num_learners"), ("env_config=[1]", "env_config"),
+    ("num_learners=2", "num_learners"), ("num_gpus_per_learner=-1", "num_gpus_per_learner"),
+    ("offload_optimizer=1", "offload_optimizer"), ("offload_optimizer=true", "offload_optimizer"), ("env_config=[1]", "env_config"),
     ("imports=[1]", "imports"), ("imports=mymod", "imports"), ("model_path=5", "model_path"), ("model_dtype=float16", "model_dtype"),
     ("gradient_checkpointing=maybe", "gradient_checkpointing"), ("logits_chunk_size=0", "logits_chunk_size"),
     ("prompt_format=jinja", "prompt_format"), ("system_prompt=3", "system_prompt"),
@@ -40,7 +41,7 @@ BAD_VALUES = [
     ("engine=tgi", "engine"), ("num_engines=0", "num_engines"), ("num_cpus_per_engine=-1", "num_cpus_per_engine"),
     ("num_gpus_per_engine=-1", "num_gpus_per_engine"), ("colocate_engines=2", "colocate_engines"),
     ("engine_dtype=int8", "engine_dtype"), ("generate_timeout_s=0", "generate_timeout_s"),
-    ("weight_sync_timeout_s=-5", "weight_sync_timeout_s"), ("weight_sync=nccl", "weight_sync"),
+    ("weight_sync_timeout_s=-5", "weight_sync_timeout_s"), ("resource_wait_timeout_s=-1", "resource_wait_timeout_s"), ("weight_sync=nccl", "weight_sync"),
     ("weight_sync=native", "weight_sync"), ("weight_transfer_backend=mpi", "weight_transfer_backend"),
     ("weight_transfer_address=7", "weight_transfer_address"),
     ("adv_estimator=ppo", "adv_estimator"), ("policy_loss=dpo", "policy_loss"), ("loss_agg_mode=sum", "loss_agg_mode"),
@@ -58,6 +59,8 @@ BAD_VALUES = [
     ("learner_num_threads=0", "learner_num_threads"), ("tensorboard_dir=3", "tensorboard_dir"),
     ("log_text_every=-1", "log_text_every"), ("num_text_samples=-1", "num_text_samples"),
     ("export_hf_on_checkpoint=off_", "export_hf_on_checkpoint"),
+    ("eval_every=-1", "eval_every"), ("eval_exclude_draws=-1", "eval_exclude_draws"),
+    ("eval_tasks=[{task: opefo/Arithmetic-v0, data: x.jsonl}]", "eval_tasks"),
 ]
 
 

@@ -11,7 +11,8 @@ OVERLAYS = sorted((CONFIGS / "overlays").glob("*.yaml"))
 LAYOUTS = sorted((CONFIGS / "layouts").glob("*.yaml"))
 
 
-@pytest.mark.parametrize("name", ["tiny_cpu.yaml", "qwen2.5-math-7b_opefo.yaml", "qwen3-4b-base_opefo.yaml"])
+@pytest.mark.parametrize("name", ["tiny_cpu.yaml", "qwen2.5-math-7b_opefo.yaml", "qwen3-4b-base_opefo.yaml",
+                                  "qwen2.5-math-1.5b_opefo_1gpu.yaml"])
 def test_shipped_configs_validate(name):
     config = build_algo_config(load_run_config([CONFIGS / name]))
     assert config.prompts_per_batch >= 1
@@ -33,6 +34,9 @@ def test_overlay_base_chain_and_values():
     assert config.strict_on_policy is False
     qwen3 = load_run_config([CONFIGS / "qwen3-4b-base_opefo.yaml"])
     assert qwen3["max_new_tokens"] == 8000 and qwen3["group_size"] == 8  # from its base
+    one_gpu = build_algo_config(load_run_config([CONFIGS / "qwen2.5-math-1.5b_opefo_1gpu.yaml"]))
+    assert one_gpu.colocate_engines and one_gpu.num_engines == 1 and one_gpu.max_tokens_per_micro_batch == 16384
+    assert one_gpu.num_gpus_per_learner + one_gpu.num_gpus_per_engine == 1.0 and not one_gpu.offload_optimizer
 
 
 def test_errors_name_the_key_or_field(tmp_path):

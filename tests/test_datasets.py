@@ -46,6 +46,23 @@ def test_field_names_are_configurable(tmp_path):
     assert lp.problems[0].answer == "4" and lp.problems[0].id == "g-1"
 
 
+def test_a_file_without_an_id_column_is_numbered_by_file_stem_and_line(tmp_path):
+    path = _write_jsonl(tmp_path / "mine.jsonl", [{"problem": "1+1", "answer": "2"}, {"problem": "2+2", "answer": 4}])
+    assert [p.id for p in load_problems(path).problems] == ["mine-1", "mine-2"]
+    with open(tmp_path / "mine.csv", "w") as f:
+        f.write("question,final\n3+3,6\n")
+    csv_rows = load_problems(tmp_path / "mine.csv", problem_field="question", answer_field="final").problems
+    assert [p.id for p in csv_rows] == ["mine-2"]  # the csv line number
+    # A column named on purpose must be there: a misspelt id_field is an error, not silent numbering.
+    with pytest.raises(DatasetError, match=r"mine.jsonl:1: field 'qid': missing"):
+        load_problems(path, id_field="qid")
+    # A row that has the id column keeps its id; one with an empty id is a bad row, as before.
+    bad = _write_jsonl(tmp_path / "ids.jsonl", [{"id": "a", "problem": "p", "answer": "1"},
+                                                {"id": "", "problem": "q", "answer": "2"}])
+    with pytest.raises(DatasetError, match=r"ids.jsonl:2: field 'id': empty"):
+        load_problems(bad)
+
+
 def test_hugging_face_dataset_directory(tmp_path):
     datasets = pytest.importorskip("datasets", reason="the `data` extra is not installed")
     datasets.Dataset.from_list(ROWS).save_to_disk(str(tmp_path / "hf"))

@@ -161,3 +161,20 @@ def test_resuming_an_older_checkpoint_branches(finished_run, tmp_path):
     branch = next((finished_run / "branches").iterdir())
     assert (branch / "checkpoints" / "iter_000002").is_dir()
     assert [s for s, _ in _scalars(branch / "tensorboard", "rollout/reward_mean")] == [2]
+
+
+def _iteration_numbers(stdout: str, i: int) -> str:
+    line = next(ln for ln in stdout.splitlines() if ln.strip().startswith(f"iter {i:4d}/"))
+    return line.split("s/it")[0].rsplit(" ", 1)[0]
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_checkpoints_resume_to_the_same_iteration(tmp_path, stage):
+    """ZeRO-3 could not checkpoint at all (a KeyError from the client optimizer's state); now a
+    run resumed from iteration 2 reproduces iteration 3 of the uninterrupted run."""
+    run = tmp_path / "run"
+    straight = _cli(*SMALL, "--set", f"zero_stage={stage}", "--set", "iterations=3", "--set", "checkpoint_every=2",
+                    "--logdir", str(run), cwd=tmp_path)
+    resumed = _cli("--resume", str(run / "checkpoints" / "iter_000002"), cwd=tmp_path)
+    assert "new branch" in resumed.stdout
+    assert _iteration_numbers(resumed.stdout, 3) == _iteration_numbers(straight.stdout, 3)

@@ -163,7 +163,7 @@ class _FakeFleet:
     def wait_any(self, pending, step):
         idx, n = pending[0]
         groups = [[SimpleNamespace(response_ids=[2], prompt_index=i, sampling_logp=[-0.5], weight_version=0,
-                                   finished=True) for _ in range(n)] for i in range(len(idx))]
+                                   finished=False) for _ in range(n)] for i in range(len(idx))]  # "2": no stop id
         return idx, groups, 0.0, pending[1:]
 
     def shutdown(self):
@@ -174,16 +174,19 @@ class _FakeTokenizer:
     def encode(self, text):
         return [ord(c) % 64 for c in text]
 
-    def decode(self, ids):
+    def decode(self, ids, skip_special_tokens=True):
         return "".join(str(i) for i in ids)
 
 
 def _runner(env):
+    from opefo_rllib.config.sections import PromptSettings
     from opefo_rllib.rollout.env_runner import LLMEnvRunner
+    from opefo_rllib.rollout.prompts import PromptBuilder
 
     runner = LLMEnvRunner.__new__(LLMEnvRunner)  # skips Ray and the engines; sample() needs only these
     runner.config = SimpleNamespace(env="test/Fake-v0", prompts_per_batch=2, group_size=2, seed=0)
     runner.env, runner.fleet, runner.tokenizer, runner.sampling = env, _FakeFleet(), _FakeTokenizer(), None
+    runner.prompts = PromptBuilder(runner.tokenizer, PromptSettings())  # raw prompts, no length limit
     runner._next_group_id, runner._sample_calls, runner.last_timings, runner.last_metrics = 0, 0, {}, {}
     runner.num_env_steps_sampled_lifetime = 0
     return runner
@@ -275,7 +278,7 @@ def test_runner_publishes_skipped_rows_in_last_metrics():
     runner = _runner(_SkippingEnv())
     rollouts = runner.sample()
     assert len(rollouts) == 4 and all(r.reward == 1.0 for r in rollouts)  # the fake engine answers "2"
-    assert runner.last_metrics == {"data/skipped_rows": 3.0}
+    assert runner.last_metrics == {"data/skipped_rows": 3.0, "rollout/prompts_skipped_too_long": 0.0}
 
 
 # --------------------------------------------------------------------------- 5. workers close with the env

@@ -77,3 +77,31 @@ def test_sglang_weights_go_through_load_weights_only():
     assert engine_cls.weight_transfer_backend is None
     assert not hasattr(engine_cls, "init_weight_group") and not hasattr(engine_cls, "load_weights_distributed")
     assert not {"init_weights_update_group", "update_weights_from_distributed"} & set(SGLANG_CALLS)
+
+
+def test_sglang_sampling_params_are_fields_of_sglangs_sampling_params():
+    # generate(sampling_params=dict) builds sglang's SamplingParams(**dict): every key must be one of its fields.
+    from opefo_rllib.fleet.engine import SamplingConfig
+
+    root = Path(importlib.util.find_spec("sglang").submodule_search_locations[0]) / "srt"
+    tree = ast.parse((root / "sampling" / "sampling_params.py").read_text())
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "SamplingParams")
+    fields = {n.target.id for n in cls.body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)}
+    params = sglang_engine.sglang_sampling_params(SamplingConfig(stop_token_ids=[7]), (2, 0, 7))
+    assert set(params) <= fields, f"not fields of sglang's SamplingParams: {set(params) - fields}"
+    assert params["stop_token_ids"] == [2, 0, 7] and params["top_k"] == -1 and params["top_p"] == 1.0
+
+
+def test_sglang_engine_stops_at_every_eos_id_and_stop_token_id():
+    from opefo_rllib.fleet.engine import SamplingConfig
+
+    class FakeSGLang:  # answers like sglang.Engine.generate: (logprob, token id, text) per output token
+        def generate(self, input_ids, sampling_params, return_logprob):
+            self.params = sampling_params
+            return [{"meta_info": {"output_token_logprobs": [(-0.1, 5, None), (-0.2, 0, None)]}} for _ in input_ids]
+
+    engine = object.__new__(sglang_engine.SGLangEngine)
+    engine.engine, engine.eos_ids, engine._version = FakeSGLang(), (2, 0), 3
+    results = engine.generate([[1, 2]], 2, SamplingConfig(stop_token_ids=(9,)))
+    assert engine.engine.params["stop_token_ids"] == [2, 0, 9]  # both EOS ids, then the run's stop ids
+    assert all(r.finished and r.response_ids == [5, 0] and r.weight_version == 3 for r in results[0])

@@ -6,6 +6,7 @@ The recipe of one ``training_step``:
     batch = learner_batch(rollouts, ...)            # tensors; group advantages before any split
     learner_group.foreach_learner(update)           # flow pass, then ONE optimizer step
     sync_fleet_weights(step)                        # new weights and version, before the next sample
+    validate(step + 1)                              # eval_tasks on the synced fleet, when scheduled
     rollout_metrics(...), timings -> metrics, TensorBoard
 
 The config covers the paper's baselines: strict on-policy GRPO (``policy_loss="pg"``, one
@@ -126,6 +127,15 @@ class GRPOConfig(AlgorithmConfig):
     training.__doc__ = _setter_doc("training", "Plus the entropy_flow fields, and RLlib's own training settings "
                                    "(lr, grad_clip, ...).")
 
+    def evaluation(self, **kwargs) -> "GRPOConfig":
+        ours = {f.name for s in SECTIONS.values() if s.setter == "evaluation" for f in s.fields()}
+        self._set_fields("evaluation", {k: v for k, v in kwargs.items() if k in ours})
+        super().evaluation(**{k: v for k, v in kwargs.items() if k not in ours})
+        return self
+
+    evaluation.__doc__ = _setter_doc("evaluation", "Validation during training on the training fleet (RLlib's own "
+                                     "evaluation_* settings are passed on but unused).")
+
     # ------------------------------------------------------------------ RLlib hooks
     @override(AlgorithmConfig)
     def get_default_rl_module_spec(self) -> RLModuleSpec:
@@ -191,12 +201,19 @@ class GRPO(Algorithm):
         self.weight_sync = WeightSync(self.env_runner.fleet,
                                       lambda fn: _first_result(self.learner_group.foreach_learner(fn)),
                                       master_address=self.config.weight_transfer_address)
+        self.evaluator = None  # validation on the training fleet (eval_tasks), when scheduled
+        if self.config.eval_tasks and (self.config.eval_every or self.config.eval_before_train):
+            from opefo_rllib.evaluation.validation import TrainingEvaluator, eval_dir
+
+            self.evaluator = TrainingEvaluator(self.config, eval_dir(self.tb.logdir))
 
     @override(Algorithm)
     def training_step(self) -> None:
         c = self.config
         step = self.training_iteration
         runner = self.env_runner
+        if step == 0 and self.evaluator is not None and self.evaluator.due(0):
+            self.tb.scalars(self.validate(0), 0)  # the starting policy, at TensorBoard step 0
         t0 = time.perf_counter()
         rollouts = runner.sample()
         batch = learner_batch(rollouts, runner.tokenizer.pad_token_id, c.adv_estimator, c.verify_failure_policy)
@@ -225,9 +242,11 @@ class GRPO(Algorithm):
             **runner.fleet.metrics(),  # fleet/engine_restarts, fleet/memory_releases
             **self.weight_sync.metrics(),  # fleet/native_weight_sync, fleet/transfer_group_builds
         })
+        global_step = step + 1
+        if self.evaluator is not None and self.evaluator.due(global_step):
+            metrics.update(self.validate(global_step))  # engines hold version global_step: the new policy
         for key, value in metrics.items():
             self.metrics.log_value(key, value, window=1)
-        global_step = step + 1
         self.tb.scalars(metrics, global_step)
         self.tb.histogram("entropy_flow/delta", delta_hist, global_step)
         if c.log_text_every and (step % c.log_text_every == 0):
@@ -239,6 +258,11 @@ class GRPO(Algorithm):
                 f"non-finite loss or gradient norm (grad norm {metrics['learner/grad_norm']:.4g}); their steps were "
                 f"skipped and the weights are those of version {int(metrics['learner/weight_version'])} "
                 f"(max_nonfinite_steps = {c.max_nonfinite_steps}; lower lr or raise grad_clip)")
+
+    def validate(self, iteration: int) -> dict[str, float]:
+        """Evaluate ``eval_tasks`` on the training fleet, which holds the current weights (called
+        after the weight sync); writes RUN/eval/iter_NNNNNN.json, returns the eval/... scalars."""
+        return self.evaluator.run(self.env_runner.fleet, self.env_runner.tokenizer, iteration)
 
     def sync_fleet_weights(self, step: int) -> float:
         """Push the learner's weights and version to every engine (before the next sample); seconds."""
@@ -275,6 +299,8 @@ class GRPO(Algorithm):
     def cleanup(self) -> None:
         if getattr(self, "tb", None) is not None:
             self.tb.close()
+        if getattr(self, "evaluator", None) is not None:
+            self.evaluator.close()
         super().cleanup()
 
 

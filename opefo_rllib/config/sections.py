@@ -23,7 +23,7 @@ from opefo_rllib.config.fields import Section, register_section, setting, SECTIO
 
 __all__ = ["RunSettings", "RLlibSettings", "PolicyModelSettings", "GenerationSettings", "FleetSettings",
            "ObjectiveSettings", "EntropyFlowSettings", "OptimizationSettings", "DeepSpeedSettings",
-           "LoggingSettings", "RUN_SECTION", "RLLIB_SECTION", "run_fields", "rllib_fields"]
+           "LoggingSettings", "EvaluationSettings", "RUN_SECTION", "RLLIB_SECTION", "run_fields", "rllib_fields"]
 
 DTYPES = ("float32", "bfloat16")
 
@@ -101,11 +101,16 @@ class FleetSettings:
     generate_timeout_s: float = setting(600.0, "deadline of one generation call; the error names engines and step",
                                         low=0.0, low_open=True)
     weight_sync_timeout_s: float = setting(120.0, "deadline of one weight push", low=0.0, low_open=True)
+    resource_wait_timeout_s: float = setting(10.0, "how long a run waits for the Ray cluster to have the CPUs and "
+                                             "GPUs it asks for before it stops naming what is missing (raise it "
+                                             "for autoscaling clusters)", low=0.0)
     weight_sync: str = setting("auto", "native (vLLM's weight-transfer API), object_store, or auto",
                                choices=("auto", "native", "object_store"))
     weight_transfer_backend: str = setting("auto", "native backend: nccl, ipc (colocated), opefo_gloo (CPU), or auto",
                                            choices=("auto", "nccl", "ipc", "opefo_gloo"))
     weight_transfer_address: str = setting("127.0.0.1", "address the learner's weight-transfer store listens on")
+    engine_kwargs: dict | None = setting(None, "extra keyword arguments of each engine (vLLM: LLM(...) arguments such "
+                                         "as gpu_memory_utilization, max_model_len, tensor_parallel_size)")
 
     @staticmethod
     def cross_checks(c) -> Iterator[tuple[str, str]]:
@@ -174,6 +179,13 @@ class DeepSpeedSettings:
     zero_stage: int = setting(0, "DeepSpeed ZeRO stage (3 shards parameters too)", choices=(0, 1, 2, 3))
     bf16: bool = setting(False, "bf16 mixed precision in the learner")
     learner_num_threads: int = setting(1, "torch threads of the learner process", low=1)
+    offload_optimizer: bool = setting(False, "keep fp32 master weights and Adam states in CPU memory (ZeRO-Offload; "
+                                      "needs zero_stage >= 1): ~12 bytes/param off the GPU")
+
+    @staticmethod
+    def cross_checks(c) -> Iterator[tuple[str, str]]:
+        if c.offload_optimizer and c.zero_stage == 0:
+            yield "offload_optimizer", "ZeRO-Offload needs zero_stage 1, 2 or 3"
 
 
 @dataclasses.dataclass
@@ -184,6 +196,30 @@ class LoggingSettings:
     log_text_every: int = setting(10, "iterations between text-sample tables (0: never)", low=0)
     num_text_samples: int = setting(4, "samples per text table", low=0)
     export_hf_on_checkpoint: bool = setting(True, "write hf_policy/ (Hugging Face format) beside each checkpoint")
+
+
+def _check_eval_tasks(value: Any) -> str | None:
+    from opefo_rllib.evaluation.spec import check_eval_tasks  # pure Python; imported late (it imports config)
+
+    return check_eval_tasks(value)
+
+
+@dataclasses.dataclass
+class EvaluationSettings:
+    """Validation during training: problem sets evaluated on the training fleet with the current weights."""
+
+    eval_every: int = setting(0, "iterations between evaluations of eval_tasks (0: never)", low=0)
+    eval_before_train: bool = setting(False, "also evaluate eval_tasks before the first iteration (iteration 0)")
+    eval_tasks: list | None = setting(None, "problem sets: a list of {name, task or data, env_config, num_problems, "
+                                      "samples, pass_k, greedy}; logged as eval/NAME/<metric>",
+                                      check=_check_eval_tasks)
+    eval_exclude_draws: int = setting(8000, "a generated task's held-out set leaves out the training stream's first "
+                                      "this many problems (its first epoch: the default run draws 250 x 32)", low=0)
+
+    @staticmethod
+    def cross_checks(c) -> Iterator[tuple[str, str]]:
+        if (c.eval_every or c.eval_before_train) and not c.eval_tasks:
+            yield "eval_tasks", "eval_every / eval_before_train are set but eval_tasks is empty"
 
 
 @dataclasses.dataclass
@@ -197,6 +233,8 @@ class RLlibSettings:
     seed: int | None = setting(0, "seed of sampling, data order and the learner")
     num_learners: int = setting(0, "RLlib learner actors (0: one local learner; more is not supported yet)",
                                 low=0, high=1)
+    num_gpus_per_learner: float = setting(0, "GPUs of each learner (with num_learners 0: of the local learner)",
+                                          low=0.0)
 
 
 @dataclasses.dataclass
@@ -249,6 +287,7 @@ register_section("entropy_flow", EntropyFlowSettings, aliases={"estimator": "ent
 register_section("optimization", OptimizationSettings, setter="training")
 register_section("deepspeed", DeepSpeedSettings)
 register_section("logging", LoggingSettings)
+register_section("evaluation", EvaluationSettings)
 
 # Not GRPOConfig sections of ours: RLlib's own fields and the run keys (checked the same way).
 RLLIB_SECTION = Section("rllib", RLlibSettings, "", RLlibSettings.__doc__.strip(), {})

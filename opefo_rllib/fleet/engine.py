@@ -11,31 +11,50 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
 
-__all__ = ["SamplingConfig", "GenerationResult", "Engine", "NoNativeTransfer"]
+__all__ = ["SamplingConfig", "GenerationResult", "Engine", "NoNativeTransfer", "as_token_ids"]
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
     """How to sample. Strict on-policy training needs top_p = 1 and top_k = 0 (the full
-    distribution at ``temperature``), which is what the learner scores."""
+    distribution at ``temperature``), which is what the learner scores. ``temperature`` 0 is
+    greedy decoding (the argmax; for evaluation only: the learner cannot score it)."""
 
     temperature: float = 1.0
     max_new_tokens: int = 16
     top_p: float = 1.0
     top_k: int = 0
     seed: int = 0
+    stop_token_ids: tuple[int, ...] = ()  # end a response too, beside the engine's EOS ids
 
     def __post_init__(self) -> None:
-        if not self.temperature > 0:
-            raise ValueError(f"SamplingConfig.temperature must be > 0, got {self.temperature}")
+        object.__setattr__(self, "stop_token_ids", as_token_ids(self.stop_token_ids, "SamplingConfig.stop_token_ids"))
+        if not self.temperature >= 0:
+            raise ValueError(f"SamplingConfig.temperature must be >= 0 (0: greedy), got {self.temperature}")
         if self.max_new_tokens < 1:
             raise ValueError(f"SamplingConfig.max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"SamplingConfig.top_p must be in (0, 1], got {self.top_p}")
 
     @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
     def is_full_distribution(self) -> bool:
         return self.top_p == 1.0 and self.top_k == 0
+
+    def stop_ids(self, eos_token_ids: Sequence[int]) -> tuple[int, ...]:
+        """Every id that ends a response: the engine's EOS ids, then ``stop_token_ids``."""
+        return tuple(dict.fromkeys([*eos_token_ids, *self.stop_token_ids]))
+
+
+def as_token_ids(ids: int | Sequence[int], what: str) -> tuple[int, ...]:
+    """``ids`` (one id or several) as a tuple of ints >= 0; ValueError naming ``what`` otherwise."""
+    values = [ids] if isinstance(ids, int) else list(ids)
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in values):
+        raise ValueError(f"{what} must be token ids (integers >= 0), got {ids!r}")
+    return tuple(values)
 
 
 @dataclasses.dataclass
@@ -47,7 +66,7 @@ class GenerationResult:
     response_ids: list[int]
     sampling_logp: list[float]
     weight_version: int
-    finished: bool  # ended with EOS (False: cut at max_new_tokens)
+    finished: bool  # ended with a stop id (an EOS id or a stop_token_id; False: cut at max_new_tokens)
 
 
 @runtime_checkable

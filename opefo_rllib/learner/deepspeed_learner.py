@@ -28,6 +28,8 @@ from ray.rllib.utils.annotations import override
 
 __all__ = ["DeepSpeedTorchLearner", "ensure_process_group"]
 
+_ZERO3_OPTIMIZER = "zero3_optimizer"  # learner-state key of the ZeRO-3 optimizer's own state dict
+
 
 def ensure_process_group(backend: str) -> None:
     """Create a one-process torch.distributed group if none exists.
@@ -78,14 +80,23 @@ class DeepSpeedTorchLearner(TorchLearner):
             "gradient_accumulation_steps": 1,
             "managed_gradient_accumulation": False,
             "gradient_clipping": float(c.grad_clip) if c.grad_clip else 0.0,
-            "zero_optimization": {"stage": int(c.zero_stage)},
+            "zero_optimization": {"stage": int(c.zero_stage), **self._offload_config()},
             # check_grad_overflow: ZeRO 2 skips a bf16 step whose gradient norm is not finite
             # (it always does in fp32); see optimizer_step.
             "bf16": {"enabled": bool(c.bf16), "check_grad_overflow": True},
             "zero_allow_untested_optimizer": True,
+            "zero_force_ds_cpu_optimizer": False,
             "steps_per_print": 10**9,
             "wall_clock_breakdown": False,
         }
+
+    def _offload_config(self) -> dict:
+        """ZeRO-Offload of the optimizer (fp32 master weights + Adam states) to CPU memory. The
+        registered torch AdamW then steps on CPU: correct but slower than DeepSpeed's CPUAdam
+        (which needs a compiled op); ``zero_force_ds_cpu_optimizer: false`` allows it."""
+        if not getattr(self.config, "offload_optimizer", False):
+            return {}
+        return {"offload_optimizer": {"device": "cpu", "pin_memory": torch.cuda.is_available()}}
 
     @override(TorchLearner)
     def _make_modules_ddp_if_necessary(self) -> None:
@@ -169,14 +180,33 @@ class DeepSpeedTorchLearner(TorchLearner):
 
     @override(TorchLearner)
     def get_state(self, components=None, *, not_components=None, **kwargs):
-        state = super().get_state(components, not_components=not_components, **kwargs)
+        if int(self.config.zero_stage) == 3:
+            state = self._get_state_zero3(components, not_components, **kwargs)
+        else:
+            state = super().get_state(components, not_components=not_components, **kwargs)
         state["torch_rng"] = torch.get_rng_state().numpy()
         state["lr_scheduler"] = self.ds_scheduler.state_dict() if self.ds_scheduler is not None else None
         return state
 
+    def _get_state_zero3(self, components, not_components, **kwargs) -> dict:
+        """ZeRO-3 partitions the parameters, and RLlib's path reads the client optimizer, whose
+        parameters DeepSpeed replaced (a KeyError): save whole (gathered) module weights, and
+        the ZeRO-3 optimizer's own state (its fp32 master partitions and Adam states)."""
+        from ray.rllib.core import COMPONENT_OPTIMIZER
+
+        skip = [*(not_components or []), COMPONENT_OPTIMIZER]
+        with self._gathered_policy():
+            state = super().get_state(components, not_components=skip, **kwargs)
+        if self._check_component(COMPONENT_OPTIMIZER, components, not_components):
+            state[_ZERO3_OPTIMIZER] = self.ds_optimizer.state_dict()
+        return state
+
     @override(TorchLearner)
     def set_state(self, state) -> None:
-        super().set_state(state)
+        if int(self.config.zero_stage) == 3:
+            self._set_state_zero3(state)
+        else:
+            super().set_state(state)
         if state.get("torch_rng") is not None:
             torch.set_rng_state(torch.as_tensor(state["torch_rng"], dtype=torch.uint8))
         if state.get("lr_scheduler") is not None and self.ds_scheduler is not None:
@@ -184,3 +214,44 @@ class DeepSpeedTorchLearner(TorchLearner):
         restore = getattr(self.ds_engine.optimizer, "_restore_from_bit16_weights", None)
         if restore is not None and int(self.config.zero_stage) in (1, 2):
             restore()  # ZeRO keeps flat fp32 copies: refresh them from the loaded weights
+
+    def _set_state_zero3(self, state) -> None:
+        """Load whole module weights into the partitioned parameters, then the ZeRO-3
+        optimizer state (which also restores the fp32 master partitions)."""
+        from ray.rllib.core import COMPONENT_OPTIMIZER
+
+        rest = {k: v for k, v in state.items() if k not in (COMPONENT_OPTIMIZER, _ZERO3_OPTIMIZER)}
+        if self._restoring_zero3:  # restore_from_path holds the gathered parameters already
+            super().set_state(rest)
+            self._pending_zero3_optimizer = state.get(_ZERO3_OPTIMIZER)
+            return
+        with self._gathered_for_loading():
+            super().set_state(rest)
+        if state.get(_ZERO3_OPTIMIZER) is not None:
+            self.ds_optimizer.load_state_dict([state[_ZERO3_OPTIMIZER]])
+
+    _restoring_zero3 = False
+    _pending_zero3_optimizer = None
+
+    @override(TorchLearner)
+    def restore_from_path(self, path, *args, **kwargs):
+        """RLlib restores the RL module from its own sub-directory, straight into the module:
+        under ZeRO-3 that happens with the parameters gathered (whole), and the ZeRO-3
+        optimizer state is loaded after they are partitioned again."""
+        if int(self.config.zero_stage) != 3:
+            return super().restore_from_path(path, *args, **kwargs)
+        self._restoring_zero3, self._pending_zero3_optimizer = True, None
+        try:
+            with self._gathered_for_loading():
+                super().restore_from_path(path, *args, **kwargs)
+        finally:
+            self._restoring_zero3 = False
+        if self._pending_zero3_optimizer is not None:
+            self.ds_optimizer.load_state_dict([self._pending_zero3_optimizer])
+            self._pending_zero3_optimizer = None
+
+    def _gathered_for_loading(self):
+        import deepspeed
+
+        lm = self._module[DEFAULT_MODULE_ID].lm
+        return deepspeed.zero.GatheredParameters(list(lm.parameters()), modifier_rank=0)

@@ -1,5 +1,6 @@
-"""Loading a policy from a local Hugging Face directory: the path rule, the model + tokenizer,
-and a full state dict into a model (tied ``lm_head`` allowed to be absent).
+"""Loading a policy from a local Hugging Face directory: the path rule, the model (and its
+tokenizer, through :func:`opefo_rllib.models.tokenizer.load_tokenizer`), and a full state dict
+into a model (tied ``lm_head`` allowed to be absent).
 
 Models load from local directories only (no hub downloads at run time); ``"tiny-default"``
 names the shipped tiny checkpoint (:mod:`opefo_rllib.models.tiny`).
@@ -8,13 +9,14 @@ names the shipped tiny checkpoint (:mod:`opefo_rllib.models.tiny`).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from opefo_rllib.models.tiny import TINY_DEFAULT, TINY_DEFAULT_PATH
-from opefo_rllib.models.tokenizer import CharTokenizer
+from opefo_rllib.models.tokenizer import ModelTokenizer, load_tokenizer
 
-__all__ = ["resolve_model_path", "load_policy", "load_policy_weights"]
+__all__ = ["resolve_model_path", "load_model", "load_policy", "load_policy_weights"]
 
 
 def resolve_model_path(path: str | Path) -> Path:
@@ -26,20 +28,17 @@ def resolve_model_path(path: str | Path) -> Path:
     return p
 
 
-def load_policy(path: str | Path, dtype: torch.dtype = torch.float32):
-    """Load (model, tokenizer) from a local directory; the tokenizer is the character one if
-    present, else the directory's Hugging Face tokenizer."""
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32):
+    """The causal LM of a local directory (engines and the learner need no tokenizer)."""
     from transformers import AutoModelForCausalLM
 
-    p = resolve_model_path(path)
-    model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype)
-    try:
-        tokenizer = CharTokenizer.load(p)
-    except FileNotFoundError:
-        from transformers import AutoTokenizer
+    return AutoModelForCausalLM.from_pretrained(resolve_model_path(path), dtype=dtype, local_files_only=True)
 
-        tokenizer = AutoTokenizer.from_pretrained(p)
-    return model, tokenizer
+
+def load_policy(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Any, ModelTokenizer]:
+    """Load (model, tokenizer) from a local directory; the tokenizer is the character one if
+    present, else the directory's Hugging Face tokenizer (see ``load_tokenizer``)."""
+    return load_model(path, dtype), load_tokenizer(resolve_model_path(path))
 
 
 def load_policy_weights(model, weights, where: str) -> None:

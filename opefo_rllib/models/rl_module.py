@@ -26,7 +26,7 @@ class HFCausalLMModule(TorchRLModule):
 
     @override(TorchRLModule)
     def setup(self) -> None:
-        from opefo_rllib.models.loading import load_policy
+        from opefo_rllib.models.loading import load_model
 
         cfg = self.model_config or {}
         dtype = getattr(torch, cfg.get("dtype", "float32"))
@@ -36,7 +36,7 @@ class HFCausalLMModule(TorchRLModule):
             hf = dict(cfg["hf_config"])
             self.lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(hf.pop("model_type"), **hf), dtype=dtype)
         else:
-            self.lm, _ = load_policy(cfg.get("model_path", "tiny-default"), dtype=dtype)
+            self.lm = load_model(cfg.get("model_path", "tiny-default"), dtype=dtype)
         if cfg.get("gradient_checkpointing"):
             self.lm.gradient_checkpointing_enable()
             self.lm.config.use_cache = False

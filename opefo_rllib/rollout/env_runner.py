@@ -1,6 +1,8 @@
 """LLMEnvRunner: an RLlib EnvRunner that turns text-env prompts into on-policy rollouts.
 
-One ``sample()``: draw B problems from the Gymnasium text env, send the B prompt groups to
+One ``sample()``: draw B problems from the Gymnasium text env and turn their prompts into token
+ids with the model's own tokenizer (:mod:`opefo_rllib.rollout.prompts`: raw or chat format; a
+prompt over ``max_prompt_tokens`` is replaced by another problem), send the B prompt groups to
 the engine fleet (G samples each, each group whole on one engine), and verify each engine's
 groups as soon as that engine is done, so verification overlaps the generation of the rest.
 Every rollout carries its prompt group and the weight version that generated it.
@@ -22,6 +24,7 @@ from opefo_rllib.envs.pool import wait_all
 from opefo_rllib.fleet.engine import SamplingConfig
 from opefo_rllib.fleet.fleet import EngineFleet
 from opefo_rllib.rollout.batch import Rollout
+from opefo_rllib.rollout.prompts import PromptBuilder, draw_prompts, response_text
 
 __all__ = ["LLMEnvRunner"]
 
@@ -32,7 +35,6 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
     def __init__(self, *, config, **kwargs):
         super().__init__(config=config, **kwargs)
         from opefo_rllib.models.loading import resolve_model_path
-        from opefo_rllib.models.tokenizer import CharTokenizer
 
         c = self.config
         import_env_modules(c.imports)  # the run's own env modules, in whichever process builds the env
@@ -41,15 +43,20 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
             raise ValueError(f"env {c.env!r} is multi-turn; the trainer samples single-turn envs only for now")
         self.env.seed_problems(c.seed if c.seed is not None else 0)  # draws nothing: no item is skipped
         model_dir = resolve_model_path(c.model_path)
-        self.tokenizer = CharTokenizer.load(model_dir)
+        self.tokenizer = _load_tokenizer(c.model_path, model_dir)
+        self.prompts = PromptBuilder(self.tokenizer, c)
         self.sampling = SamplingConfig(temperature=c.temperature, max_new_tokens=c.max_new_tokens,
-                                       top_p=c.top_p, top_k=c.top_k, seed=c.seed or 0)
-        engine_kwargs = {"model_path": str(model_dir), "eos_token_id": self.tokenizer.eos_token_id,
+                                       top_p=c.top_p, top_k=c.top_k, seed=c.seed or 0,
+                                       stop_token_ids=tuple(c.stop_token_ids or ()))
+        # Engines get every EOS id of the model (each ends a response) and a pad id that is always
+        # masked; they see token ids only, never text.
+        engine_kwargs = {"model_path": str(model_dir), "eos_token_id": list(self.tokenizer.eos_token_ids),
                          "pad_token_id": self.tokenizer.pad_token_id, "dtype": c.engine_dtype}
         if c.engine == "vllm":
             engine_kwargs["colocated"] = c.colocate_engines
             if c.weight_sync != "object_store":
                 engine_kwargs["weight_transfer_backend"] = c.weight_transfer_backend
+        engine_kwargs.update(c.engine_kwargs or {})  # e.g. vLLM's gpu_memory_utilization, HF's device
         self.fleet = EngineFleet(
             kind=c.engine, num_engines=c.num_engines, engine_kwargs=engine_kwargs,
             num_cpus_per_engine=c.num_cpus_per_engine, num_gpus_per_engine=c.num_gpus_per_engine,
@@ -76,12 +83,14 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
     def sample(self, **kwargs) -> list[Rollout]:
         c = self.config
         step = self._sample_calls
-        problems = self.env.sample_problems(c.prompts_per_batch)
-        prompts = [self.tokenizer.encode(p.prompt) for p in problems]
+        draw = draw_prompts(self.env, self.prompts, c.prompts_per_batch, env_name=str(c.env))
+        problems, prompts = draw.problems, draw.prompt_ids
         group_ids = list(range(self._next_group_id, self._next_group_id + len(problems)))
         self._next_group_id += len(problems)
         start = time.perf_counter()
         pending = self.fleet.submit(prompts, c.group_size, self.sampling, seed=(c.seed or 0) * 100_003 + step)
+        # What the model saw, special tokens (chat markers) included: for the TensorBoard samples.
+        prompt_texts = [self.tokenizer.decode(ids, skip_special_tokens=False) for ids in prompts]
         verifying = []  # (prompt indices, results, futures)
         gen_done = start
         while pending:
@@ -90,7 +99,7 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
             texts, probs = [], []
             for k, group in zip(idx, results):
                 for res in group:
-                    texts.append(self.tokenizer.decode(res.response_ids))
+                    texts.append(response_text(self.tokenizer, res.response_ids, res.finished))
                     probs.append(problems[k])
             verifying.append((idx, results, texts, self.env.score_batch_async(probs, texts)))
         verify_start = time.perf_counter()
@@ -105,7 +114,7 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
                     group_id=group_ids[k], prompt_ids=prompts[k], response_ids=res.response_ids,
                     sampling_logp=res.sampling_logp, reward=float(verdict.reward), weight_version=res.weight_version,
                     correct=bool(verdict.correct), finished=res.finished, task_id=problems[k].id,
-                    prompt_text=problems[k].prompt, response_text=text,
+                    prompt_text=prompt_texts[k], response_text=text,
                     info={"format_ok": verdict.format_ok, "timed_out": verdict.timed_out,
                           "error": verdict.error is not None}))
         end = time.perf_counter()
@@ -114,7 +123,8 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
         n_tokens = sum(len(r.response_ids) for r in rollouts)
         self.num_env_steps_sampled_lifetime += len(rollouts)
         self.last_timings["response_tokens"] = n_tokens
-        self.last_metrics = {"data/skipped_rows": float(self.env.skipped_rows)}
+        self.last_metrics = {"data/skipped_rows": float(self.env.skipped_rows),
+                             "rollout/prompts_skipped_too_long": float(draw.skipped_too_long)}
         return rollouts
 
     def _await_verification(self, verifying: list, step: int) -> None:
@@ -162,3 +172,14 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
             if getattr(self, "fleet", None) is not None:
                 self.fleet.shutdown()
                 self.fleet = None
+
+
+def _load_tokenizer(model_path: str, model_dir):
+    """The model directory's tokenizer; a missing or unusable one is a ConfigError naming the field."""
+    from opefo_rllib.config.fields import ConfigError
+    from opefo_rllib.models.tokenizer import TokenizerError, load_tokenizer
+
+    try:
+        return load_tokenizer(model_dir)
+    except TokenizerError as e:
+        raise ConfigError(f"config field 'model_path' = {model_path!r}: {e}") from None

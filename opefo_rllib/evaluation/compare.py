@@ -1,0 +1,104 @@
+"""``opefo compare``: several runs' curves in one figure, and their first/last values.
+
+Reads the TensorBoard event files of each run (tensorboard's EventAccumulator) and plots the
+training reward, policy entropy, lambda and the eval accuracies (``eval/NAME/greedy_acc``,
+``avg@K``, ``pass@k``, ``maj@K``) against iteration, one panel per metric and one line per run
+(matplotlib, Agg backend: no display needed).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Sequence
+
+from opefo_rllib.config.fields import ConfigError
+
+__all__ = ["TRAINING_TAGS", "EVAL_METRICS", "read_scalars", "compare_runs", "first_last_table"]
+
+TRAINING_TAGS = ("rollout/reward_mean", "policy/entropy", "entropy_flow/lambda")
+Series = dict[str, tuple[list[int], list[float]]]  # tag -> (steps, values)
+
+
+def read_scalars(run_dir: str | Path) -> Series:
+    """Every scalar of a run, sorted by step. The run's event files are those of the shallowest
+    folder below ``run_dir`` that has any (RUN/tensorboard, not a branch's); reading the folder as
+    one log applies TensorBoard's own rule for a resumed run (later events purge a restarted step)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    folders = {f.parent for f in Path(run_dir).expanduser().rglob("events.out.tfevents.*")}
+    if not folders:
+        raise ConfigError(f"compare: {run_dir}: no TensorBoard event files (give run directories of `opefo train`)")
+    acc = EventAccumulator(str(min(folders, key=lambda d: (len(d.parts), str(d)))), size_guidance={"scalars": 0})
+    acc.Reload()
+    series: Series = {}
+    for tag in acc.Tags().get("scalars", []):
+        points = {e.step: e.value for e in acc.Scalars(tag)}  # a repeated step keeps its last value
+        series[tag] = (sorted(points), [points[s] for s in sorted(points)])
+    return series
+
+
+EVAL_METRICS = ("greedy_acc", "avg@", "pass@", "maj@")  # the eval/NAME/<metric> curves worth a panel
+
+
+def _tags(runs: dict[str, Series]) -> list[str]:
+    evals = sorted({t for series in runs.values() for t in series
+                    if t.startswith("eval/") and t.rsplit("/", 1)[-1].startswith(EVAL_METRICS)})
+    return [t for t in TRAINING_TAGS if any(t in s for s in runs.values())] + evals
+
+
+def first_last_table(runs: dict[str, Series], tags: Sequence[str]) -> str:
+    """Markdown: one row per run and metric, with its first and last value (and their steps)."""
+    rows = ["| run | metric | first (iteration) | last (iteration) |", "|---|---|---|---|"]
+    for name, series in runs.items():
+        for tag in tags:
+            if tag in series:
+                steps, values = series[tag]
+                rows.append(f"| {name} | {tag} | {_num(values[0])} ({steps[0]}) | {_num(values[-1])} ({steps[-1]}) |")
+    return "\n".join(rows)
+
+
+def _num(x: float) -> str:
+    return "nan" if math.isnan(x) else f"{x:.4g}"
+
+
+def _names(dirs: Sequence[str]) -> list[str]:
+    """Short labels: the directory name, or its parent's when it is a tensorboard/ folder."""
+    names = []
+    for d in dirs:
+        p = Path(d).expanduser().resolve()
+        label = p.parent.name if p.name == "tensorboard" else p.name
+        names.append(label if label not in names else f"{label} ({len(names)})")
+    return names
+
+
+def compare_runs(run_dirs: Sequence[str], out: str | Path) -> str:
+    """Write the figure to ``out`` and return the markdown table."""
+    runs = {name: read_scalars(d) for name, d in zip(_names(run_dirs), run_dirs)}
+    tags = _tags(runs)
+    if not tags:
+        raise ConfigError(f"compare: none of {list(TRAINING_TAGS)} or eval/... in {', '.join(map(str, run_dirs))}")
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: works without a display
+    import matplotlib.pyplot as plt
+
+    cols = min(3, len(tags))
+    rows = math.ceil(len(tags) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.4 * rows), squeeze=False)
+    for ax, tag in zip(axes.flat, tags):
+        for name, series in runs.items():
+            if tag in series:
+                steps, values = series[tag]
+                ax.plot(steps, values, marker="o" if len(steps) < 20 else None, markersize=3, label=name)
+        ax.set_title(tag, fontsize=9)
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(tags):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=8)
+    fig.tight_layout()
+    Path(out).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return first_last_table(runs, tags)

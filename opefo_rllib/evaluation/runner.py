@@ -1,0 +1,153 @@
+"""One problem set through an EngineFleet, scored by its env's verifier.
+
+Per chunk of problems: a greedy call (n = 1) and a sampled call (n = K) go to the fleet at once
+(each prompt group whole on one engine); as each engine's share comes back it is decoded and
+handed to ``env.score_batch_async``, so verification (math-verify worker processes for
+opefo/Math-v0) overlaps the generation of the rest. The fleet serves whatever weights it holds:
+the trainer's current policy during training, the model under test in ``opefo eval``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from opefo_rllib.envs.pool import wait_all
+from opefo_rllib.evaluation.codec import Codec
+from opefo_rllib.evaluation.metrics import summarize
+from opefo_rllib.evaluation.spec import GREEDY_TEMPERATURE, EvalSpec
+from opefo_rllib.evaluation.tasks import EvalTask
+from opefo_rllib.fleet.engine import SamplingConfig
+
+__all__ = ["TaskReport", "evaluate_task", "eval_fleet"]
+
+Progress = Callable[[str, int, int, float], None]  # (task name, problems done, total, seconds so far)
+
+
+@dataclasses.dataclass
+class TaskReport:
+    """The metrics of one problem set, its per-problem records, and how long it took."""
+
+    name: str
+    metrics: dict[str, Any]
+    records: list[dict[str, Any]]
+    seconds: float
+
+
+@dataclasses.dataclass
+class _Outcome:
+    length: int
+    finished: bool
+    reward: float
+    correct: bool
+    answer: str | None
+    format_ok: bool
+
+
+def _submit_chunk(fleet, prompts: list[list[int]], chunk: range, spec: EvalSpec, chunk_no: int):
+    """Start the greedy and the sampled calls of one chunk; returns [(kind, pending)]."""
+    passes = []
+    if spec.greedy:
+        passes.append(("greedy", 1, GREEDY_TEMPERATURE))
+    if spec.samples:
+        passes.append(("sampled", spec.samples, spec.temperature))
+    calls = []
+    for offset, (kind, n, temperature) in enumerate(passes):
+        sampling = SamplingConfig(temperature=temperature, max_new_tokens=spec.max_new_tokens, seed=spec.seed,
+                                  stop_token_ids=spec.stop_token_ids)
+        seed = spec.seed * 1_000_003 + 2 * chunk_no + offset  # fixed per chunk: a rerun draws the same samples
+        calls.append((kind, fleet.submit([prompts[i] for i in chunk], n, sampling, seed=seed)))
+    return calls
+
+
+def evaluate_task(fleet, codec: Codec, task: EvalTask, spec: EvalSpec, step: int = 0,
+                  progress: Progress | None = None) -> TaskReport:
+    """Generate, score and summarise ``task`` on ``fleet`` (an EngineFleet); ``step`` names the
+    training iteration in timeout errors."""
+    start = time.perf_counter()
+    scoring = _generate(fleet, codec, task, spec, step, progress)
+    futures = [f for *_, fs in scoring for f in fs]
+    wait_all(futures, task.env.score_deadline_s(len(futures)), f"evaluating {task.name}: verifying answers")
+    greedy, sampled = _outcomes(scoring, len(task.problems), spec.samples)
+    metrics = _metrics(greedy, sampled, spec)
+    if task.excluded:
+        metrics["excluded_training_draws"] = task.excluded
+    seconds = time.perf_counter() - start
+    metrics["seconds"] = seconds
+    return TaskReport(task.name, metrics, _records(task.problems, greedy, sampled), seconds)
+
+
+def _generate(fleet, codec: Codec, task: EvalTask, spec: EvalSpec, step: int, progress: Progress | None) -> list:
+    """Every chunk through the fleet; each engine's share is handed to the verifier as it arrives.
+    Returns [(kind, problem indices, generation results, verdict futures)]."""
+    start = time.perf_counter()
+    problems = task.problems
+    prompts = [codec.encode(p.prompt, p.id) for p in problems]
+    scoring = []
+    for chunk_no, first in enumerate(range(0, len(problems), spec.chunk_problems)):
+        chunk = range(first, min(first + spec.chunk_problems, len(problems)))
+        for kind, pending in _submit_chunk(fleet, prompts, chunk, spec, chunk_no):
+            while pending:
+                idx, results, _, pending = fleet.wait_any(pending, step)
+                rows = [chunk[i] for i in idx]
+                texts = [codec.decode(r.response_ids, r.finished) for group in results for r in group]
+                asked = [problems[k] for k, group in zip(rows, results) for _ in group]
+                scoring.append((kind, rows, results, task.env.score_batch_async(asked, texts)))
+        if progress is not None:
+            progress(task.name, chunk.stop, len(problems), time.perf_counter() - start)
+    return scoring
+
+
+def _outcomes(scoring: list, num_problems: int, samples: int) -> tuple[list, list[list]]:
+    """The greedy outcome [P] and the sampled outcomes [P][K] of verified generations."""
+    greedy: list[_Outcome | None] = [None] * num_problems
+    sampled: list[list[_Outcome | None]] = [[None] * samples for _ in range(num_problems)]
+    for kind, rows, results, futures in scoring:
+        verdicts = iter(f.result() for f in futures)
+        for k, group in zip(rows, results):
+            for res in group:
+                v = next(verdicts)
+                out = _Outcome(len(res.response_ids), res.finished, float(v.reward), bool(v.correct), v.extracted,
+                               bool(v.format_ok))
+                if kind == "greedy":
+                    greedy[k] = out
+                else:
+                    sampled[k][res.sample_index] = out
+    return greedy, sampled
+
+
+def _matrix(rows: list[list], name: str) -> np.ndarray:
+    """[P, K] array of one attribute of the outcomes."""
+    return np.array([[getattr(o, name) for o in row] for row in rows], dtype=np.float64).reshape(len(rows), -1)
+
+
+def _metrics(greedy: list, sampled: list[list], spec: EvalSpec) -> dict[str, Any]:
+    rows = sampled if spec.samples else [[g] for g in greedy]  # lengths etc. of greedy when K = 0
+    return summarize(_matrix(sampled, "correct"), [[o.answer for o in row] for row in sampled], _matrix(rows, "length"),
+                     _matrix(rows, "finished"), _matrix(rows, "format_ok"), spec.pass_k,
+                     np.array([g.correct for g in greedy], dtype=np.float64) if spec.greedy else None)
+
+
+def _records(problems, greedy: list, sampled: list[list]) -> list[dict[str, Any]]:
+    records = []
+    for p, g, row in zip(problems, greedy, sampled):
+        rec = {"id": p.id, "reference": p.answer, "answers": [o.answer for o in row],
+               "rewards": [o.reward for o in row]}
+        if g is not None:
+            rec.update(greedy_answer=g.answer, greedy_reward=g.reward)
+        records.append(rec)
+    return records
+
+
+def eval_fleet(engine: str, num_engines: int, model_dir, codec: Codec, num_cpus_per_engine: float,
+               dtype: str = "float32"):
+    """An EngineFleet serving ``model_dir`` for ``opefo eval`` (Ray must be running)."""
+    from opefo_rllib.fleet.fleet import EngineFleet
+
+    engine_kwargs = {"model_path": str(model_dir), "eos_token_id": codec.eos_token_ids,
+                     "pad_token_id": codec.pad_token_id, "dtype": dtype}
+    return EngineFleet(kind=engine, num_engines=num_engines, engine_kwargs=engine_kwargs,
+                       num_cpus_per_engine=num_cpus_per_engine)
