@@ -5,6 +5,7 @@
     opefo envs
     opefo eval MODEL (--task ENV | --data FILE ... | --suite math6 --data-dir DIR) [options]
     opefo compare RUN_DIR ... [--out compare.png]
+    opefo study STUDY.yaml [--out DIR] [--parallel N] [--dry-run] [--report-only]
 
 Bad input (a config value, a missing file or directory, a bad dataset row) ends in one line
 naming what is wrong and where, and exit status 2; ``--debug`` shows the traceback instead.
@@ -339,6 +340,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    """Run a grid of configs x seeds (each an `opefo train` process), resuming what is unfinished,
+    then write OUT/results.md and OUT/curves.png."""
+    from opefo_rllib.study import load_study, run_study
+
+    study = load_study(args.study)
+    out = Path(args.out) if args.out else Path("study_runs") / study.path.stem
+    return run_study(study, out, parallel=args.parallel, dry_run=args.dry_run, report_only=args.report_only)
+
+
 def cmd_envs(args: argparse.Namespace) -> int:
     from opefo_rllib.envs import list_envs
 
@@ -403,6 +414,15 @@ def main(argv: list[str] | None = None) -> int:
     compare.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (or their tensorboard/)")
     compare.add_argument("--out", default="compare.png", help="the figure (PNG; default compare.png)")
     compare.set_defaults(func=cmd_compare)
+    study = sub.add_parser("study", help="a grid of configs x seeds: run, resume, and tabulate mean ± std over seeds")
+    study.add_argument("study", metavar="STUDY.yaml", help="the study file (or a shipped one: studies/entropy_rules)")
+    study.add_argument("--out", metavar="DIR", help="where the runs and results.md go (default study_runs/<study>)")
+    study.add_argument("--parallel", type=int, default=1, metavar="N", help="runs at a time (default 1: one run "
+                       "uses both cores of a 2-core machine; raise it only with cores to spare)")
+    study.add_argument("--dry-run", action="store_true", help="print which runs are done, resumable or new, and "
+                       "the commands; run nothing")
+    study.add_argument("--report-only", action="store_true", help="run nothing; rewrite results.md from the runs")
+    study.set_defaults(func=cmd_study)
     args = parser.parse_args(argv)
     if "" not in sys.path and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())  # like `python -m`: your env modules in the current directory import

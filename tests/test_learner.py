@@ -319,3 +319,46 @@ def test_learner_state_round_trips_under_every_zero_stage(engine, stage):
     w_first, w_second = first.policy_weights(), second.policy_weights()
     for k in w_first:
         torch.testing.assert_close(w_first[k], w_second[k], rtol=1e-6, atol=1e-8, msg=lambda m: f"{k}: {m}")
+
+
+def _mean_entropy(learner, batch) -> float:
+    module = learner._module[DEFAULT_MODULE_ID]
+    with torch.no_grad():
+        stats = module.sequence_token_stats(batch["input_ids"], batch["attention_mask"], 1.0)
+    mask = batch["response_mask"]
+    return float((stats.entropy * mask).sum() / mask.sum())
+
+
+def test_realized_change_is_the_direct_before_after_difference(engine):
+    learner = _build_learner(lr=1e-2)
+    batch = _rollout_batch(engine)
+    before = _mean_entropy(learner, batch)
+    metrics = learner.update_from_rollouts(batch, step=0)
+    after = _mean_entropy(learner, batch)
+    assert abs(after - before) > 1e-4, "the step should move the entropy"
+    assert metrics["entropy_flow/realized_change"] == pytest.approx(after - before, abs=1e-6)
+    assert metrics["entropy_flow/entropy_after_step"] == pytest.approx(after, abs=1e-6)
+    off = _build_learner(measure_realized_change=False).update_from_rollouts(_rollout_batch(engine), step=0)
+    assert "entropy_flow/realized_change" not in off
+
+
+def test_closed_loop_fraction_follows_the_realized_change_within_its_bounds(engine):
+    learner = _build_learner(balance_mode="closed_loop", closed_loop_gain=10.0, closed_loop_target_gain=1.0,
+                             closed_loop_max_fraction=1.5)
+    learner.update_closed_loop(entropy_after=1.0, change=0.0)  # sets the target to the first batch's entropy
+    assert learner.entropy_target == 1.0 and learner.closed_loop_fraction == 1.0
+    learner.update_closed_loop(entropy_after=1.1, change=0.1)  # rising: f falls by 10 x 0.1 + 0.1
+    assert learner.closed_loop_fraction == pytest.approx(0.0)
+    for _ in range(50):
+        learner.update_closed_loop(entropy_after=0.2, change=-0.5)  # collapsing: f rises, capped
+    assert learner.closed_loop_fraction == 1.5
+    batch = _rollout_batch(engine)
+    metrics = learner.update_from_rollouts(batch, step=0)
+    assert metrics["entropy_flow/balance_fraction"] == 1.5
+    assert abs(metrics["entropy_flow/lambda"]) <= 0.95 + 1e-9
+    assert 0.0 <= learner.closed_loop_fraction <= 1.5 and "entropy_flow/entropy_target" in metrics
+    state = learner.get_state()
+    fresh = _build_learner(balance_mode="closed_loop")
+    fresh.set_state(state)
+    assert fresh.closed_loop_fraction == learner.closed_loop_fraction
+    assert fresh.entropy_target == learner.entropy_target == 1.0

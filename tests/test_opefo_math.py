@@ -200,6 +200,7 @@ def test_each_balance_mode_does_what_the_spec_says():
         "static": (1 + 0.001, 1 - 0.001),
         "none": (1.0, 1.0),
         "two_sided": (1 + lam, 1 - lam),
+        "closed_loop": (1 + lam, 1 - lam),  # with its fraction f = 1 (the learner sets f)
     }
     assert set(expect) == set(BALANCE_MODES)
     for mode, (up, down) in expect.items():

@@ -199,7 +199,7 @@ class GRPO(Algorithm):
 
         # Learner -> engines weights (native or object store), and the weights of a restarted engine.
         self.weight_sync = WeightSync(self.env_runner.fleet,
-                                      lambda fn: _first_result(self.learner_group.foreach_learner(fn)),
+                                      self.run_on_learner,
                                       master_address=self.config.weight_transfer_address)
         self.evaluator = None  # validation on the training fleet (eval_tasks), when scheduled
         if self.config.eval_tasks and (self.config.eval_every or self.config.eval_before_train):
@@ -220,8 +220,8 @@ class GRPO(Algorithm):
         t1 = time.perf_counter()
         if c.colocate_engines:  # engines share the learners' devices: free their memory meanwhile
             runner.fleet.release_memory()
-        results = self.learner_group.foreach_learner(lambda learner, b=batch, s=step: learner.update_from_rollouts(b, s))
-        metrics = _first_result(results)
+        metrics = self.run_on_learner(lambda learner, b=batch, s=step: learner.update_from_rollouts(b, s),
+                                      what=f"the update of iteration {step + 1}")
         if c.colocate_engines:
             runner.fleet.resume_memory()
         t2 = time.perf_counter()
@@ -287,7 +287,13 @@ class GRPO(Algorithm):
 
     def policy_weights(self) -> dict:
         """A CPU copy of the policy's state dict, from the learner."""
-        return _first_result(self.learner_group.foreach_learner(lambda learner: learner.policy_weights()))
+        return self.run_on_learner(lambda learner: learner.policy_weights(), what="the policy weights")
+
+    def run_on_learner(self, fn, what: str = "a learner call"):
+        """``fn(learner)`` on the learner, its result; a remote learner that does not answer within
+        ``learner_timeout_s`` is an error naming what was asked (a local learner runs inline)."""
+        timeout = self.config.learner_timeout_s
+        return _first_result(self.learner_group.foreach_learner(fn, timeout_seconds=timeout), what, timeout)
 
     def export_policy(self, directory: str) -> str:
         """Write the current policy in Hugging Face format (safetensors + config + tokenizer)."""
@@ -304,7 +310,9 @@ class GRPO(Algorithm):
         super().cleanup()
 
 
-def _first_result(results):
+def _first_result(results, what: str = "a learner call", timeout_s: float | None = None):
     """The value of the first learner's call (re-raising its error, if any)."""
-    first = next(iter(results))
+    first = next(iter(results), None)
+    if first is None:
+        raise TimeoutError(f"no learner answered {what} within learner_timeout_s = {timeout_s} s")
     return first.get() if hasattr(first, "get") else first

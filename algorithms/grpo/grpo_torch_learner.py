@@ -15,7 +15,10 @@ later feature can extend):
    Strict on-policy: one mini-batch; approximate on-policy (``num_updates_per_batch`` > 1) takes
    that many mini-batch steps. A non-finite loss or gradient norm skips the step (finite-step
    guard, ``DeepSpeedTorchLearner.optimizer_step``) and keeps the weight version.
-5. ``batch_metrics``: entropy, flow diagnostics and the engine-vs-learner log-prob gap.
+5. ``realized_change`` (``measure_realized_change``, on by default): re-score the batch after the
+   step, the realized change of its mean entropy; ``closed_loop`` balancing feeds it back
+   (``update_closed_loop``).
+6. ``batch_metrics``: entropy, flow diagnostics and the engine-vs-learner log-prob gap.
 
 With policy_loss "pg" and no TIS, steps 2-4 compute the gradient of ``opefo_loss`` on the batch
 (tests/test_learner.py ties the two).
@@ -58,6 +61,8 @@ class FlowPass:
     totals: FlowTotals
 
 
+_CLOSED_LOOP_MAX_LAMBDA = 0.95  # f > 1 may push |f lambda*| towards 1, where one side's weight vanishes
+
 # Stats of balance_weights logged as entropy_flow/<name>.
 _FLOW_STATS = ("P", "N", "lambda", "lambda_star", "frac_increase", "frac_decrease", "w_mean", "w_min", "w_max")
 
@@ -70,6 +75,8 @@ class GRPOTorchLearner(DeepSpeedTorchLearner):
     weight_version: int = 0
     nonfinite_steps: int = 0  # optimizer steps skipped by the finite-step guard, in all
     nonfinite_in_a_row: int = 0  # batches in a row whose every step was skipped
+    closed_loop_fraction: float = 1.0  # f of balance_mode closed_loop (lambda = f lambda*)
+    entropy_target: float | None = None  # closed_loop's target (config, or the first batch's entropy)
 
     def check_on_policy(self, batch: dict[str, Any], step: int) -> None:
         """Strict on-policy: refuse a batch sampled under other weights than the learner's."""
@@ -118,9 +125,14 @@ class GRPOTorchLearner(DeepSpeedTorchLearner):
         is set, the truncated importance weights min(pi_learner / pi_engine, C) (detached)."""
         c = self.config
         mask = batch["response_mask"]
-        weights, bstats = balance_weights(flow.delta, mask, c.balance_mode, c.static_lambda, c.balance_fraction,
-                                          c.max_abs_lambda, totals=flow.totals)
+        fraction, cap = c.balance_fraction, c.max_abs_lambda
+        if c.balance_mode == "closed_loop":  # lambda = f lambda*, f from the realized changes so far
+            fraction = self.closed_loop_fraction
+            cap = min(cap, _CLOSED_LOOP_MAX_LAMBDA) if cap is not None else _CLOSED_LOOP_MAX_LAMBDA
+        weights, bstats = balance_weights(flow.delta, mask, c.balance_mode, c.static_lambda, fraction, cap,
+                                          totals=flow.totals)
         metrics = {f"entropy_flow/{key}": bstats[key] for key in _FLOW_STATS}
+        metrics["entropy_flow/balance_fraction"] = float(fraction)
         metrics["entropy_flow/net"] = bstats["net_flow"]
         metrics["entropy_flow/weighted_net"] = bstats["weighted_net_flow"]
         metrics["entropy_flow/one_sided_batches"] = bstats["one_sided"]
@@ -201,6 +213,34 @@ class GRPOTorchLearner(DeepSpeedTorchLearner):
                 metrics[f"learner/{key}"] = value
         return metrics
 
+    def realized_change(self, batch: dict[str, Any], flow: "FlowPass") -> dict[str, float]:
+        """Re-score the same batch after the optimizer step (no grad): the realized change of its
+        mean response-token entropy, beside the first-order prediction (OPEFO balances the
+        predicted flow; this measures what the optimizer really did to the entropy)."""
+        mask = batch["response_mask"]
+        n_tok = max(float(mask.sum()), 1.0)
+        before = float((flow.entropy * mask).sum()) / n_tok
+        after_sum = 0.0
+        with torch.no_grad():
+            for rows in self._micro_batches(torch.arange(len(mask)), batch["attention_mask"].sum(-1)):
+                stats, w = self._stats(batch, rows)
+                after_sum += float((stats.entropy * mask[rows, :w]).sum())
+        change = after_sum / n_tok - before
+        net = float(flow.totals.P - flow.totals.N)
+        return {"entropy_flow/realized_change": change, "entropy_flow/entropy_after_step": after_sum / n_tok,
+                "entropy_flow/realized_over_net_flow": change / net if net else float("nan")}
+
+    def update_closed_loop(self, entropy_after: float, change: float) -> None:
+        """closed_loop balancing: f -= gain x realized change + target_gain x relative gap to the
+        entropy target, kept in [0, closed_loop_max_fraction]. Entropy rising (change > 0, or above
+        the target) lowers f, so less of the net decreasing flow is cancelled next step."""
+        c = self.config
+        if self.entropy_target is None:
+            self.entropy_target = float(c.entropy_target) if c.entropy_target is not None else entropy_after - change
+        gap = (entropy_after - self.entropy_target) / self.entropy_target
+        f = self.closed_loop_fraction - c.closed_loop_gain * change - c.closed_loop_target_gain * gap
+        self.closed_loop_fraction = min(max(f, 0.0), float(c.closed_loop_max_fraction))
+
     def batch_metrics(self, batch: dict[str, Any], flow: "FlowPass") -> dict[str, Any]:
         """Policy entropy, flow diagnostics, and the engine-vs-learner log-prob gap of the batch."""
         mask, n = batch["response_mask"], batch["input_ids"].shape[0]
@@ -222,6 +262,12 @@ class GRPOTorchLearner(DeepSpeedTorchLearner):
         flow = self.flow_pass(batch)
         weights, metrics = self.token_weights(batch, flow)
         metrics.update(self.training_pass(batch, flow, weights, step))
+        if self.config.measure_realized_change:
+            metrics.update(self.realized_change(batch, flow))
+            if self.config.balance_mode == "closed_loop":
+                self.update_closed_loop(metrics["entropy_flow/entropy_after_step"],
+                                        metrics["entropy_flow/realized_change"])
+                metrics["entropy_flow/entropy_target"] = self.entropy_target
         metrics.update(self.batch_metrics(batch, flow))
         return metrics
 
@@ -243,6 +289,7 @@ class GRPOTorchLearner(DeepSpeedTorchLearner):
         state = super().get_state(components, not_components=not_components, **kwargs)
         state["weight_version"] = self.weight_version
         state["nonfinite_steps"] = self.nonfinite_steps
+        state["closed_loop"] = {"fraction": self.closed_loop_fraction, "entropy_target": self.entropy_target}
         return state
 
     def set_state(self, state) -> None:
@@ -250,6 +297,9 @@ class GRPOTorchLearner(DeepSpeedTorchLearner):
         if "weight_version" in state:
             self.weight_version = int(state["weight_version"])
         self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
+        if "closed_loop" in state:
+            self.closed_loop_fraction = float(state["closed_loop"]["fraction"])
+            self.entropy_target = state["closed_loop"]["entropy_target"]
 
 
 def pack_by_tokens(rows: torch.Tensor, lengths: torch.Tensor, budget: int, max_rows: int | None = None):

@@ -22,7 +22,9 @@ side can be traded against it, so the balancing modes apply lambda = 0 (w = 1, a
 ``lambda_star`` reports NaN and ``is_one_sided`` lets the caller count such batches.
 
 Modes: "two_sided" (OPEFO), "increase_only" (1 + lambda* on S+ only), "decrease_only"
-(1 - lambda* on S- only), "static" (a fixed lambda on both sides), "none" (w = 1: GRPO).
+(1 - lambda* on S- only), "static" (a fixed lambda on both sides), "none" (w = 1: GRPO),
+"closed_loop" (two-sided weights with lambda = f lambda*, f set by the learner from the realized
+entropy changes; here it is "two_sided" with ``balance_fraction`` = f).
 Guard rails (OPEFO.md section 8), off by default: ``balance_fraction`` f cancels only the
 fraction f of the net flow (lambda = f lambda*), ``max_abs_lambda`` caps |lambda|.
 
@@ -51,7 +53,7 @@ __all__ = [
 ]
 
 ESTIMATORS = ("paper", "single_logit", "exact")
-BALANCE_MODES = ("two_sided", "increase_only", "decrease_only", "static", "none")
+BALANCE_MODES = ("two_sided", "increase_only", "decrease_only", "static", "none", "closed_loop")
 
 
 class FlowTotals(NamedTuple):
@@ -193,8 +195,8 @@ def balance_weights(
     if totals is None:
         totals = flow_totals(delta, mask)
     lam = balance_lambda(totals, mode, static_lambda, balance_fraction, max_abs_lambda)
-    up = 1.0 + lam if mode in ("two_sided", "increase_only", "static") else 1.0
-    down = 1.0 - lam if mode in ("two_sided", "decrease_only", "static") else 1.0
+    up = 1.0 + lam if mode in ("two_sided", "closed_loop", "increase_only", "static") else 1.0
+    down = 1.0 - lam if mode in ("two_sided", "closed_loop", "decrease_only", "static") else 1.0
     d = delta.detach()
     m = mask.to(torch.bool)
     weights = torch.ones_like(d, dtype=torch.float32)

@@ -157,6 +157,20 @@ class EntropyFlowSettings:
     balance_fraction: float = setting(1.0, "f in lambda = f * lambda*: the fraction of the net flow cancelled",
                                       low=0.0, high=1.0)
     max_abs_lambda: float | None = setting(None, "cap on |lambda| (None: no cap)", low=0.0, high=1.0, high_open=True)
+    measure_realized_change: bool = setting(True, "re-score the batch after the optimizer step (no grad) and log "
+                                            "entropy_flow/realized_change (one extra forward per step)")
+    entropy_target: float | None = setting(None, 'closed_loop: the entropy to hold (None: the first batch\'s)',
+                                           low=0.0, low_open=True)
+    closed_loop_gain: float = setting(10.0, "closed_loop: f -= gain x realized entropy change per step", low=0.0)
+    closed_loop_target_gain: float = setting(1.0, "closed_loop: f -= target_gain x (batch entropy - target) / target",
+                                             low=0.0)
+    closed_loop_max_fraction: float = setting(1.5, "closed_loop: f stays in [0, this]; lambda = f x lambda*, |lambda| "
+                                              "<= 0.95", low=0.0, high=5.0)
+
+    @staticmethod
+    def cross_checks(c) -> Iterator[tuple[str, str]]:
+        if c.balance_mode == "closed_loop" and not c.measure_realized_change:
+            yield "measure_realized_change", "closed_loop balancing is driven by the realized entropy change"
 
 
 @dataclasses.dataclass
@@ -179,6 +193,8 @@ class DeepSpeedSettings:
     zero_stage: int = setting(0, "DeepSpeed ZeRO stage (3 shards parameters too)", choices=(0, 1, 2, 3))
     bf16: bool = setting(False, "bf16 mixed precision in the learner")
     learner_num_threads: int = setting(1, "torch threads of the learner process", low=1)
+    learner_timeout_s: float = setting(1800.0, "deadline of one call on a remote learner (an update, the weights); "
+                                       "the error names the call", low=0.0, low_open=True)
     offload_optimizer: bool = setting(False, "keep fp32 master weights and Adam states in CPU memory (ZeRO-Offload; "
                                       "needs zero_stage >= 1): ~12 bytes/param off the GPU")
 

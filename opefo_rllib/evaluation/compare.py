@@ -14,7 +14,7 @@ from typing import Sequence
 
 from opefo_rllib.config.fields import ConfigError
 
-__all__ = ["TRAINING_TAGS", "EVAL_METRICS", "read_scalars", "compare_runs", "first_last_table"]
+__all__ = ["TRAINING_TAGS", "EVAL_METRICS", "read_scalars", "compare_runs", "plot_runs", "first_last_table"]
 
 TRAINING_TAGS = ("rollout/reward_mean", "policy/entropy", "entropy_flow/lambda")
 Series = dict[str, tuple[list[int], list[float]]]  # tag -> (steps, values)
@@ -75,9 +75,15 @@ def _names(dirs: Sequence[str]) -> list[str]:
 def compare_runs(run_dirs: Sequence[str], out: str | Path) -> str:
     """Write the figure to ``out`` and return the markdown table."""
     runs = {name: read_scalars(d) for name, d in zip(_names(run_dirs), run_dirs)}
+    return plot_runs(runs, out, where=", ".join(map(str, run_dirs)))
+
+
+def plot_runs(runs: dict[str, Series], out: str | Path, where: str = "the runs") -> str:
+    """Draw already-read curves (one line per entry of ``runs``) to ``out``; return the markdown
+    table. ``opefo study`` passes each run's mean over seeds."""
     tags = _tags(runs)
     if not tags:
-        raise ConfigError(f"compare: none of {list(TRAINING_TAGS)} or eval/... in {', '.join(map(str, run_dirs))}")
+        raise ConfigError(f"compare: none of {list(TRAINING_TAGS)} or eval/... in {where}")
     import matplotlib
 
     matplotlib.use("Agg")  # files only: works without a display
@@ -87,10 +93,11 @@ def compare_runs(run_dirs: Sequence[str], out: str | Path) -> str:
     rows = math.ceil(len(tags) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.4 * rows), squeeze=False)
     for ax, tag in zip(axes.flat, tags):
-        for name, series in runs.items():
+        for color, (name, series) in enumerate(runs.items()):  # a run keeps its colour in every panel
             if tag in series:
                 steps, values = series[tag]
-                ax.plot(steps, values, marker="o" if len(steps) < 20 else None, markersize=3, label=name)
+                ax.plot(steps, values, marker="o" if len(steps) < 20 else None, markersize=3, label=name,
+                        color=f"C{color % 10}")
         ax.set_title(tag, fontsize=9)
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)

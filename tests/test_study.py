@@ -1,0 +1,200 @@
+"""`opefo study`: a grid of configs x seeds that skips finished runs, resumes interrupted ones
+from their latest checkpoint, reports a failing run and goes on, and tabulates mean ± std over
+seeds from the run files only.
+
+The report and the planning are tested on hand-made run directories (TensorBoard files written
+with SummaryWriter, eval JSON files, fake checkpoints); two tiny real runs (4 prompts x 4
+samples, 1 then 2 iterations, no eval) check the whole path once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from opefo_rllib.cli import main
+from opefo_rllib.config import ConfigError
+from opefo_rllib.study import DONE_FILE, load_study, run_state, train_command
+from opefo_rllib.study_report import DASH, seed_summary, write_report
+
+TINY = ("set: {prompts_per_batch: 4, group_size: 4, max_new_tokens: 6, eval_before_train: false, eval_every: 0,\n"
+        "      log_text_every: 0, export_hf_on_checkpoint: false}\n")
+
+
+def _study(tmp_path: Path, body: str, name: str = "study.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(body)
+    return path
+
+
+def _fake_checkpoint(run_dir: Path, iteration: int) -> Path:
+    ckpt = run_dir / "checkpoints" / f"iter_{iteration:06d}"
+    ckpt.mkdir(parents=True)
+    (run_dir / "checkpoints" / "latest").write_text(ckpt.name + "\n")
+    return ckpt
+
+
+# ------------------------------------------------------------------ the study file and the plan
+
+def test_a_study_file_names_its_configs_and_values_and_bad_keys_are_refused(tmp_path):
+    study = load_study(_study(tmp_path, "base: [tiny_cpu]\nruns:\n  strict: {config: [overlays/grpo_strict]}\n"
+                                        "  closed: {set: {balance_mode: closed_loop, env_config: {max_digits: 1}}}\n"
+                                        "seeds: [0, 1]\niterations: 3\n"))
+    grid = study.grid()
+    assert [(r.name, r.seed) for r in grid] == [("strict", 0), ("strict", 1), ("closed", 0), ("closed", 1)]
+    cmd = train_command(grid[3], tmp_path / "out", 3)
+    assert [Path(c).name for c in cmd if c.endswith(".yaml")] == ["tiny_cpu.yaml"]
+    run_dir = tmp_path / "out" / "closed" / "seed_1"
+    assert cmd[-6:] == ["--set", "seed=1", "--set", "iterations=3", "--logdir", str(run_dir)]
+    assert "balance_mode=closed_loop" in cmd and 'env_config={"max_digits": 1}' in cmd
+    tail = "seeds: [0]\niterations: 2\n"
+    for body, words in [("runs: {a: {}}\n" + tail + "seed: 1\n", "unknown key 'seed' (did you mean 'seeds'?)"),
+                        ("runs: {a: {set: {seed: 3}}}\n" + tail, "'seed' is set by the study"),
+                        ("runs: {a: {set: {grup_size: 3}}}\n" + tail, "run 'a'"),
+                        ("runs: {a: {config: [overlays/nope]}}\n" + tail, "overlays/nope"),
+                        ("runs: {a: {}}\nseeds: [0, 0]\niterations: 2\n", "seeds")]:
+        with pytest.raises(ConfigError) as e:
+            load_study(_study(tmp_path, body, "bad.yaml"))
+        assert words in str(e.value), str(e.value)
+
+
+def test_the_shipped_entropy_rules_study_is_24_runs_of_500_iterations():
+    study = load_study("studies/entropy_rules")
+    assert list(study.runs) == ["grpo_strict", "clip_higher", "entropy_bonus", "clip_cov", "opefo_paper",
+                                "opefo_exact", "opefo_guard", "opefo_closed_loop"]
+    assert len(study.grid()) == 24 and study.iterations == 500
+    assert study.runs["opefo_closed_loop"][1] == {"balance_mode": "closed_loop"}
+
+
+def test_a_run_is_done_resumable_restarted_or_new_from_its_directory_only(tmp_path, capsys):
+    run = tmp_path / "out" / "a" / "seed_0"
+    assert run_state(run, 2).kind == "new"
+    (run / "tensorboard").mkdir(parents=True)
+    assert run_state(run, 2).kind == "restart"  # an attempt that left no checkpoint
+    ckpt = _fake_checkpoint(run, 1)
+    state = run_state(run, 2)
+    assert (state.kind, state.checkpoint, state.iteration) == ("resumable", ckpt, 1)
+    assert run_state(run, 1).kind == "done"  # the final checkpoint exists
+    study = _study(tmp_path, f"base: [tiny_cpu]\n{TINY}runs: {{a: {{}}}}\nseeds: [0, 1]\niterations: 2\n")
+    assert main(["study", str(study), "--out", str(tmp_path / "out"), "--dry-run"]) == 0
+    plan = capsys.readouterr().out
+    assert "0 done, 1 resumable, 0 restart, 1 new" in plan
+    assert f"--resume {ckpt}" in plan and f"--logdir {tmp_path / 'out' / 'a' / 'seed_1'}" in plan
+    (run / DONE_FILE).write_text(json.dumps({"iterations": 2}))
+    assert run_state(run, 2).kind == "done" and run_state(run, 3).kind == "resumable"
+
+
+# ------------------------------------------------------------------ the report, on hand-made runs
+
+def _fake_run(run_dir: Path, scalars: dict[str, list[float]], evals: dict[int, dict] | None = None,
+              eval_tags: dict[int, dict[str, float]] | None = None) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(run_dir / "tensorboard"))
+    for step, tags in sorted((eval_tags or {}).items()):
+        for tag, value in tags.items():
+            writer.add_scalar(tag, value, step)
+    for tag, values in scalars.items():
+        for step, value in enumerate(values, start=1):
+            writer.add_scalar(tag, value, step)
+    writer.close()
+    for iteration, results in (evals or {}).items():
+        (run_dir / "eval").mkdir(parents=True, exist_ok=True)
+        (run_dir / "eval" / f"iter_{iteration:06d}.json").write_text(json.dumps({"model": "m", "config": {},
+                                                                                 "results": results}))
+
+
+def _row(text: str, name: str, table: int) -> list[str]:
+    section = text.split("### ")[table]
+    line = next(line for line in section.splitlines() if line.startswith(f"| {name} |"))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def test_the_table_is_mean_and_std_over_seeds_of_the_run_files(tmp_path):
+    nan = math.nan
+    out = tmp_path / "out"
+    for seed, (h0, h1, lam, n_wins, greedy, slope) in enumerate([(1.0, 0.5, [0.2, nan, 0.4], 10, 0.1, 2.0),
+                                                                 (1.2, 0.6, [0.5] * 3, 5, 0.2, -1.0),
+                                                                 (1.4, 0.7, [0.7] * 3, 0, 0.3, None)]):
+        predicted = [0.01 * i * (-1) ** i for i in range(10)]
+        scalars = {"policy/entropy": [h0] + [9.0] * 8 + [h1], "rollout/reward_mean": [0.1 * seed] * 10,
+                   "entropy_flow/lambda_star": lam, "entropy_flow/P": [1.0] * 10,
+                   "entropy_flow/N": [2.0] * n_wins + [0.5] * (10 - n_wins),
+                   "predicted_entropy_change/exact": predicted}
+        if slope is not None:  # seed 2 does not log the realized change
+            scalars["entropy_flow/realized_change"] = [slope * p for p in predicted]
+        results = {"heldout": {"greedy_acc": greedy, "avg@8": greedy / 2, "avg@8_ci95": [0, 1],
+                               "pass@1": greedy / 2, "pass@8": 2 * greedy, "maj@8": 0.0, "num_problems": 512}}
+        _fake_run(out / "opefo" / f"seed_{seed}", scalars, {0: {"heldout": {"greedy_acc": 0.9}}, 10: results})
+    # one seed, no flows, eval only in TensorBoard; one seed directory missing
+    _fake_run(out / "grpo" / "seed_0", {"policy/entropy": [0.8, 0.4], "rollout/reward_mean": [0.0, 1.0]},
+              eval_tags={0: {"eval/heldout/greedy_acc": 0.5}, 2: {"eval/heldout/greedy_acc": 0.25,
+                                                                   "eval/heldout/pass@8": 0.75}})
+    _fake_checkpoint(out / "grpo" / "seed_0", 2)
+    runs = {"opefo": [out / "opefo" / f"seed_{s}" for s in range(3)],
+            "grpo": [out / "grpo" / f"seed_{s}" for s in range(2)]}
+
+    report = write_report(out, runs, iterations=2)
+    text = report.read_text()
+    assert _row(text, "opefo", 1) == ["opefo", "3", "10", "0.200 ± 0.100", "0.100 ± 0.050", "0.400 ± 0.200"]
+    assert _row(text, "grpo", 1) == ["grpo", "1", "2", "0.250", DASH, "0.750"]
+    opefo = _row(text, "opefo", 2)
+    assert opefo[:6] == ["opefo", "3 (0)", "0.100 ± 0.100 → 0.100 ± 0.100", "1.200 ± 0.200 → 0.600 ± 0.100",
+                         "0.500 ± 0.200", "50% ± 50%"]
+    assert opefo[7] == "0.000 ± 1.414 (n=2)"  # corr +1 and -1; seed 2 has no realized change
+    assert opefo[6].endswith("(n=2)")
+    assert _row(text, "grpo", 2) == ["grpo", "1 (1)", "0.000 → 1.000", "0.800 → 0.400", DASH, DASH, DASH, DASH]
+    assert seed_summary(out / "opefo" / "seed_0")["lambda_star_mean"] == pytest.approx(0.3)  # NaN left out
+    assert (out / "curves.png").stat().st_size > 0
+    assert write_report(out, runs, iterations=2).read_text() == text  # the same files give the same table
+
+
+# ------------------------------------------------------------------ two tiny real runs
+
+@pytest.mark.slow
+def test_a_study_reports_a_failing_run_goes_on_resumes_and_never_reruns_a_finished_run(tmp_path, capsys):
+    out = tmp_path / "out"
+    first = _study(tmp_path, f"base: [tiny_cpu]\n{TINY}runs:\n  broken: {{set: {{model_path: {tmp_path}/no_model}}}}\n"
+                             "  ok: {}\nseeds: [0]\niterations: 1\n")
+    assert main(["study", str(first), "--out", str(out)]) == 1
+    captured = capsys.readouterr()
+    assert "FAILED broken seed 0: exit status 2" in captured.out and "no_model" in captured.err
+    assert "done   ok seed 0" in captured.out  # after the failure, the study went on
+    ok = out / "ok" / "seed_0"
+    assert (ok / "checkpoints" / "iter_000001").is_dir() and (ok / DONE_FILE).is_file()
+
+    # The same run, now 2 iterations long: interrupted after its checkpoint at 1, it resumes there.
+    second = _study(tmp_path, f"base: [tiny_cpu]\n{TINY}runs:\n  ok: {{}}\nseeds: [0]\niterations: 2\n")
+    assert main(["study", str(second), "--out", str(out)]) == 0
+    assert "start  ok seed 0 (resume from iter_000001)" in capsys.readouterr().out
+    log = (ok / "train.log").read_text()
+    assert f"resumed from {ok / 'checkpoints' / 'iter_000001'} at iteration 1" in log
+    assert (ok / "checkpoints" / "iter_000002").is_dir()
+    from opefo_rllib.evaluation.compare import read_scalars
+
+    assert read_scalars(ok)["rollout/reward_mean"][0] == [1, 2]  # each step once
+    table = (out / "results.md").read_text()
+    assert _row(table, "ok", 2)[1] == "1 (1)"
+
+    assert main(["study", str(second), "--out", str(out)]) == 0  # finished: nothing runs
+    assert "0 to run (1 done already)" in capsys.readouterr().out
+    assert log == (ok / "train.log").read_text()
+    assert (out / "results.md").read_text() == table
+
+
+def test_an_attempt_without_a_checkpoint_is_kept_aside_and_the_run_starts_again(tmp_path, capsys):
+    out = tmp_path / "out"
+    attempt = out / "broken" / "seed_0"
+    (attempt / "tensorboard").mkdir(parents=True)
+    (attempt / "train.log").write_text("an earlier attempt\n")
+    study = _study(tmp_path, f"base: [tiny_cpu]\n{TINY}runs:\n  broken: {{set: {{model_path: {tmp_path}/no_model}}}}\n"
+                             "seeds: [0]\niterations: 1\n")
+    assert main(["study", str(study), "--out", str(out)]) == 1  # fails at once: no model (no training)
+    assert "start  broken seed 0 (restart)" in capsys.readouterr().out
+    kept = list((out / ".attempts").iterdir())
+    assert len(kept) == 1 and (kept[0] / "train.log").read_text() == "an earlier attempt\n"
+    assert "an earlier attempt" not in (attempt / "train.log").read_text()
+    assert "| broken | 1 (0) | — | — |" in (out / "results.md").read_text()
