@@ -22,7 +22,8 @@ def test_shipped_configs_validate(name):
 def test_every_overlay_validates_on_top_of_the_default(overlay):
     data = load_run_config([CONFIGS / "tiny_cpu.yaml", overlay])
     config = build_algo_config(data)
-    if "grpo" in overlay.stem or overlay.stem in ("clip_higher", "clip_cov", "kl_cov", "entropy_bonus"):
+    if "grpo" in overlay.stem or overlay.stem in ("clip_higher", "clip_cov", "kl_cov", "entropy_bonus",
+                                                  "adaptive_entropy", "forking_tokens"):
         assert type(config).__name__ == "GRPOConfig" and config.balance_mode == "none"
     else:
         assert type(config).__name__ == "OPEFOConfig"

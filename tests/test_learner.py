@@ -362,3 +362,29 @@ def test_closed_loop_fraction_follows_the_realized_change_within_its_bounds(engi
     fresh.set_state(state)
     assert fresh.closed_loop_fraction == learner.closed_loop_fraction
     assert fresh.entropy_target == learner.entropy_target == 1.0
+
+
+def test_high_entropy_tokens_keep_the_top_quantile():
+    from opefo_rllib.algorithms.grpo.grpo_torch_learner import high_entropy_tokens
+
+    entropy = torch.tensor([[0.1, 0.5, 0.9, 0.3, 2.0], [1.5, 0.2, 0.7, 0.0, 9.0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]], dtype=torch.float32)
+    keep = high_entropy_tokens(entropy, mask, 0.25)  # 9 response tokens: the top ~2-3 by H
+    assert keep[1, 4] == 0  # not a response token, whatever its entropy
+    kept = sorted(round(v, 4) for v in entropy[keep.bool()].tolist())
+    assert kept in ([1.5, 2.0], [0.9, 1.5, 2.0])  # the 75th percentile of the 9 lies between 0.9 and 1.5
+
+
+def test_forking_tokens_and_adaptive_entropy_train_and_stay_in_bounds(engine):
+    batch = _rollout_batch(engine)
+    forking = _build_learner(balance_mode="none", top_entropy_quantile=0.2)
+    metrics = forking.update_from_rollouts(batch, step=0)
+    assert 0.15 <= metrics["entropy_flow/high_entropy_frac"] <= 0.3
+    assert metrics["entropy_flow/w_min"] == 1.0 and forking.weight_version == 1  # balancing off, step taken
+    adaptive = _build_learner(balance_mode="none", adaptive_entropy=True, entropy_coef=0.0, entropy_coef_lr=1.0,
+                              entropy_coef_max=0.05, entropy_target=5.0)  # far above: the coefficient rises
+    m1 = adaptive.update_from_rollouts(batch, step=0)
+    assert m1["learner/entropy_coef"] == 0.05  # clipped at entropy_coef_max
+    adaptive.entropy_target = 0.01  # far below: it falls back to 0
+    adaptive.update_entropy_coef(batch_entropy=1.0)
+    assert adaptive.adaptive_entropy_coef == 0.0

@@ -44,7 +44,7 @@ from opefo_rllib.algorithms.opefo.entropy_flow import (
 )
 from opefo_rllib.learner.deepspeed_learner import DeepSpeedTorchLearner
 
-__all__ = ["GRPOTorchLearner", "StaleBatchError", "FlowPass", "pack_by_tokens"]
+__all__ = ["GRPOTorchLearner", "StaleBatchError", "FlowPass", "pack_by_tokens", "high_entropy_tokens"]
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +76,8 @@ class GRPOTorchLearner(DeepSpeedTorchLearner):
     nonfinite_steps: int = 0  # optimizer steps skipped by the finite-step guard, in all
     nonfinite_in_a_row: int = 0  # batches in a row whose every step was skipped
     closed_loop_fraction: float = 1.0  # f of balance_mode closed_loop (lambda = f lambda*)
-    entropy_target: float | None = None  # closed_loop's target (config, or the first batch's entropy)
+    entropy_target: float | None = None  # closed_loop's / adaptive_entropy's target (config, or the first batch's)
+    adaptive_entropy_coef: float | None = None  # adaptive_entropy's current coefficient
 
     def check_on_policy(self, batch: dict[str, Any], step: int) -> None:
         """Strict on-policy: refuse a batch sampled under other weights than the learner's."""
@@ -136,6 +137,10 @@ class GRPOTorchLearner(DeepSpeedTorchLearner):
         metrics["entropy_flow/net"] = bstats["net_flow"]
         metrics["entropy_flow/weighted_net"] = bstats["weighted_net_flow"]
         metrics["entropy_flow/one_sided_batches"] = bstats["one_sided"]
+        if c.top_entropy_quantile < 1.0:  # forking tokens only: the rest get weight 0
+            keep = high_entropy_tokens(flow.entropy, mask, c.top_entropy_quantile)
+            weights = weights * keep
+            metrics["entropy_flow/high_entropy_frac"] = float((keep * mask).sum()) / max(float(mask.sum()), 1.0)
         metrics["rollout/tis_enabled"] = float(c.tis_cap is not None)
         if c.tis_cap is not None:
             n_tok = float(mask.sum())
@@ -164,7 +169,7 @@ class GRPOTorchLearner(DeepSpeedTorchLearner):
             loss_mat, lm = policy_loss(c.policy_loss, stats.logp, flow.logp[micro, :w], adv[micro], m,
                                        weights=weights[micro, :w], config=settings, generator=generator)
             loss = aggregate_loss(loss_mat, m, c.loss_agg_mode, **counts)
-            loss = loss + entropy_bonus(stats.entropy, m, c.entropy_coef, c.loss_agg_mode, **counts)
+            loss = loss + entropy_bonus(stats.entropy, m, self.current_entropy_coef(), c.loss_agg_mode, **counts)
             self.ds_engine.backward(loss, scale_wrt_gas=False)
             loss_total += float(loss.detach())
             loss_metrics.append(lm)
@@ -230,6 +235,21 @@ class GRPOTorchLearner(DeepSpeedTorchLearner):
         return {"entropy_flow/realized_change": change, "entropy_flow/entropy_after_step": after_sum / n_tok,
                 "entropy_flow/realized_over_net_flow": change / net if net else float("nan")}
 
+    def current_entropy_coef(self) -> float:
+        """entropy_coef, or its adapted value under ``adaptive_entropy``."""
+        return self.adaptive_entropy_coef if self.config.adaptive_entropy else self.config.entropy_coef
+
+    def update_entropy_coef(self, batch_entropy: float) -> None:
+        """adaptive_entropy: coef += entropy_coef_lr x (target - batch entropy), in [0, entropy_coef_max];
+        the target is entropy_target, or the first batch's entropy."""
+        c = self.config
+        if self.entropy_target is None:
+            self.entropy_target = float(c.entropy_target) if c.entropy_target is not None else batch_entropy
+        if self.adaptive_entropy_coef is None:
+            self.adaptive_entropy_coef = float(c.entropy_coef)
+        coef = self.adaptive_entropy_coef + c.entropy_coef_lr * (self.entropy_target - batch_entropy)
+        self.adaptive_entropy_coef = min(max(coef, 0.0), float(c.entropy_coef_max))
+
     def update_closed_loop(self, entropy_after: float, change: float) -> None:
         """closed_loop balancing: f -= gain x realized change + target_gain x relative gap to the
         entropy target, kept in [0, closed_loop_max_fraction]. Entropy rising (change > 0, or above
@@ -260,7 +280,12 @@ class GRPOTorchLearner(DeepSpeedTorchLearner):
         self.check_on_policy(batch, step)
         self.ds_engine.train()
         flow = self.flow_pass(batch)
+        if self.config.adaptive_entropy:
+            mask = batch["response_mask"]
+            self.update_entropy_coef(float((flow.entropy * mask).sum()) / max(float(mask.sum()), 1.0))
         weights, metrics = self.token_weights(batch, flow)
+        if self.config.adaptive_entropy:
+            metrics["learner/entropy_coef"] = self.adaptive_entropy_coef
         metrics.update(self.training_pass(batch, flow, weights, step))
         if self.config.measure_realized_change:
             metrics.update(self.realized_change(batch, flow))
@@ -289,7 +314,8 @@ class GRPOTorchLearner(DeepSpeedTorchLearner):
         state = super().get_state(components, not_components=not_components, **kwargs)
         state["weight_version"] = self.weight_version
         state["nonfinite_steps"] = self.nonfinite_steps
-        state["closed_loop"] = {"fraction": self.closed_loop_fraction, "entropy_target": self.entropy_target}
+        state["closed_loop"] = {"fraction": self.closed_loop_fraction, "entropy_target": self.entropy_target,
+                                "entropy_coef": self.adaptive_entropy_coef}
         return state
 
     def set_state(self, state) -> None:
@@ -300,6 +326,18 @@ class GRPOTorchLearner(DeepSpeedTorchLearner):
         if "closed_loop" in state:
             self.closed_loop_fraction = float(state["closed_loop"]["fraction"])
             self.entropy_target = state["closed_loop"]["entropy_target"]
+            self.adaptive_entropy_coef = state["closed_loop"].get("entropy_coef")
+
+
+def high_entropy_tokens(entropy: torch.Tensor, mask: torch.Tensor, quantile: float) -> torch.Tensor:
+    """1.0 on the response tokens whose entropy H_t is in the top ``quantile`` of the batch's
+    response tokens (ties at the threshold kept), 0.0 elsewhere (Wang et al. 2025, "forking" tokens)."""
+    m = mask.bool()
+    values = entropy[m]
+    if values.numel() == 0:
+        return torch.zeros_like(entropy)
+    threshold = torch.quantile(values.float(), 1.0 - quantile)
+    return ((entropy >= threshold) & m).to(entropy.dtype)
 
 
 def pack_by_tokens(rows: torch.Tensor, lengths: torch.Tensor, budget: int, max_rows: int | None = None):

@@ -127,6 +127,13 @@ class ObjectiveSettings:
     policy_loss: str = setting("pg", "registered policy loss (pg = strict on-policy)", choices=lambda: POLICY_LOSSES)
     loss_agg_mode: str = setting("token-mean", "how the per-token loss is reduced", choices=AGG_MODES)
     entropy_coef: float = setting(0.0, "entropy bonus coefficient (a baseline; 0 = off)")
+    adaptive_entropy: bool = setting(False, "adapt entropy_coef towards entropy_target each step (Skywork-OR1; TRL's "
+                                     "use_adaptive_entropy): coef += entropy_coef_lr x (target - batch entropy)")
+    entropy_coef_lr: float = setting(0.01, "adaptive_entropy: step size of the coefficient per nat of gap", low=0.0)
+    entropy_coef_max: float = setting(0.05, "adaptive_entropy: the coefficient stays in [0, this]", low=0.0)
+    top_entropy_quantile: float = setting(1.0, "train on the highest-entropy tokens only: the top this fraction of "
+                                          "each batch's response tokens by H_t (0.2: the 'forking' tokens; TRL's "
+                                          "top_entropy_quantile; 1: all)", low=0.0, high=1.0, low_open=True)
     tis_cap: float | None = setting(None, "truncated importance sampling cap C on pi_learner / pi_engine (None: off)",
                                     low=0.0, low_open=True)
     strict_on_policy: bool = setting(True, "refuse samples of other weight versions; one optimizer step per batch")
