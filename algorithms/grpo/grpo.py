@@ -118,20 +118,21 @@ class GRPOConfig(AlgorithmConfig):
     deepspeed = _section_setter("deepspeed")
     logging = _section_setter("logging")
 
-    def training(self, **kwargs) -> "GRPOConfig":
-        ours = {f.name for s in SECTIONS.values() if s.setter in ("training", "entropy_flow") for f in s.fields()}
-        self._set_fields("training", {k: v for k, v in kwargs.items() if k in ours}, also=("entropy_flow",))
-        super().training(**{k: v for k, v in kwargs.items() if k not in ours})
+    def _set_with_rllib(self, setter: str, kwargs: dict, rllib_setter, also: tuple[str, ...] = ()) -> "GRPOConfig":
+        """Our sections' fields of ``setter`` (and ``also``) here; every other keyword to RLlib's own setter."""
+        ours = {f.name for s in SECTIONS.values() if s.setter in (setter, *also) for f in s.fields()}
+        self._set_fields(setter, {k: v for k, v in kwargs.items() if k in ours}, also=also)
+        rllib_setter(**{k: v for k, v in kwargs.items() if k not in ours})
         return self
+
+    def training(self, **kwargs) -> "GRPOConfig":
+        return self._set_with_rllib("training", kwargs, super().training, also=("entropy_flow",))
 
     training.__doc__ = _setter_doc("training", "Plus the entropy_flow fields, and RLlib's own training settings "
                                    "(lr, grad_clip, ...).")
 
     def evaluation(self, **kwargs) -> "GRPOConfig":
-        ours = {f.name for s in SECTIONS.values() if s.setter == "evaluation" for f in s.fields()}
-        self._set_fields("evaluation", {k: v for k, v in kwargs.items() if k in ours})
-        super().evaluation(**{k: v for k, v in kwargs.items() if k not in ours})
-        return self
+        return self._set_with_rllib("evaluation", kwargs, super().evaluation)
 
     evaluation.__doc__ = _setter_doc("evaluation", "Validation during training on the training fleet (RLlib's own "
                                      "evaluation_* settings are passed on but unused).")

@@ -101,6 +101,11 @@ class Section:
             specs.append(FieldSpec(f.name, self.name, hints[f.name], f.default, f.metadata["doc"], dict(f.metadata)))
         return specs
 
+    def cross_checks(self, config: Any) -> Iterator[tuple[str, str]]:
+        """(field, why) for each broken rule across fields (the dataclass's ``cross_checks``)."""
+        rules = getattr(self.cls, "cross_checks", None)
+        return rules(config) if rules else iter(())
+
 
 SECTIONS: dict[str, Section] = {}
 
@@ -212,8 +217,7 @@ def validate_sections(config: Any) -> None:
     for spec in all_fields().values():
         check_value(spec, getattr(config, spec.name))
     for section in SECTIONS.values():
-        rules: Callable[[Any], Iterator[tuple[str, str]]] | None = getattr(section.cls, "cross_checks", None)
-        for name, why in (rules(config) if rules else ()):
+        for name, why in section.cross_checks(config):
             raise _fail(name, getattr(config, name, None), why)
 
 

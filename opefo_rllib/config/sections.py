@@ -272,10 +272,6 @@ class RunSettings:
     base: str | None = setting(None, "a run config this one overlays (path relative to this file)")
 
 
-class _LossSettings:
-    """Settings of the registered policy losses and advantage estimators."""
-
-
 def _registry_settings() -> list[type]:
     seen: list[type] = []
     for cls in list(POLICY_LOSS_SETTINGS.values()) + list(ADV_EST_SETTINGS.values()):
@@ -285,17 +281,23 @@ def _registry_settings() -> list[type]:
 
 
 class RegistrySection(Section):
-    """The "loss_settings" section: the fields of every registered loss's / estimator's settings,
-    collected when asked (a loss registered later contributes its fields too)."""
+    """The "loss_settings" section: the fields and rules of every registered loss's / estimator's
+    settings dataclass, collected when asked (a loss registered later contributes its fields too)."""
+
+    def _parts(self) -> list[Section]:
+        return [Section(self.name, cls, self.setter, self.doc, {}) for cls in _registry_settings()]
 
     def fields(self):
         out, names = [], set()
-        for cls in _registry_settings():
-            for spec in Section(self.name, cls, self.setter, self.doc, {}).fields():
-                if spec.name not in names:
-                    names.add(spec.name)
-                    out.append(spec)
+        for spec in (spec for part in self._parts() for spec in part.fields()):
+            if spec.name not in names:
+                names.add(spec.name)
+                out.append(spec)
         return out
+
+    def cross_checks(self, config):
+        for part in self._parts():
+            yield from part.cross_checks(config)
 
 
 register_section("environment", EnvironmentSettings)
@@ -304,7 +306,7 @@ register_section("prompts", PromptSettings, setter="generation")
 register_section("generation", GenerationSettings)
 register_section("fleet", FleetSettings)
 register_section("objective", ObjectiveSettings, setter="training")
-SECTIONS["loss_settings"] = RegistrySection("loss_settings", _LossSettings, "training",
+SECTIONS["loss_settings"] = RegistrySection("loss_settings", object, "training",
                                             "Settings of the registered policy losses and advantage estimators", {})
 register_section("entropy_flow", EntropyFlowSettings, aliases={"estimator": "entropy_flow_estimator"})
 register_section("optimization", OptimizationSettings, setter="training")
@@ -324,12 +326,3 @@ def rllib_fields() -> dict[str, Any]:
 def run_fields() -> dict[str, Any]:
     return {f.name: f for f in RUN_SECTION.fields()}
 
-
-def _loss_cross_checks(c) -> Iterator[tuple[str, str]]:
-    for cls in _registry_settings():
-        rules = getattr(cls, "cross_checks", None)
-        if rules:
-            yield from rules(c)
-
-
-_LossSettings.cross_checks = staticmethod(_loss_cross_checks)
