@@ -2,7 +2,7 @@
 
 Ray queues an actor it cannot place and waits, silently, for resources that may never come (a
 2-CPU machine asked for 8 engines waited until killed). ``wait_for_resources`` compares the run's
-request (the algorithm's resource bundles: driver + learner, and one bundle per engine) with the
+request (the algorithm's resource bundles: driver, remote learners, one bundle per engine) with the
 cluster's totals, waits up to ``resource_wait_timeout_s`` for an autoscaling cluster to grow, and
 then raises ``InsufficientResources`` with the arithmetic:
 
@@ -26,30 +26,35 @@ def _fmt(x: float) -> str:
 
 
 def requested_resources(config: Any) -> dict[str, dict[str, float]]:
-    """Per resource ("CPU", "GPU"): the driver/learner part and the engines' part of the request."""
+    """Per resource ("CPU", "GPU"): the driver's (with the local learner when num_learners is 0),
+    the remote learners' and the engines' parts of the request."""
     from opefo_rllib.algorithms.grpo.grpo import GRPO
 
     bundles = GRPO.default_resource_request(config).bundles
-    engines = bundles[len(bundles) - config.num_engines:]
-    rest = bundles[:len(bundles) - config.num_engines]
-    out: dict[str, dict[str, float]] = {}
-    for kind in ("CPU", "GPU"):
-        out[kind] = {"driver": sum(b.get(kind, 0.0) for b in rest), "engines": sum(b.get(kind, 0.0) for b in engines)}
-    return out
+    n_engines, n_learners = config.num_engines, config.num_learners
+    parts = {"driver": bundles[:len(bundles) - n_engines - n_learners],
+             "learners": bundles[len(bundles) - n_engines - n_learners:len(bundles) - n_engines],
+             "engines": bundles[len(bundles) - n_engines:]}
+    return {kind: {part: sum(b.get(kind, 0.0) for b in bs) for part, bs in parts.items()} for kind in ("CPU", "GPU")}
 
 
 def shortfall(config: Any, cluster: dict[str, float]) -> str | None:
     """None if ``cluster`` (Ray's cluster_resources) covers the request, else the explanation."""
     request = requested_resources(config)
     lines = []
-    for kind, unit in (("CPU", "CPU"), ("GPU", "GPU")):
-        need = request[kind]["driver"] + request[kind]["engines"]
+    for kind in ("CPU", "GPU"):
+        need = sum(request[kind].values())
         have = float(cluster.get(kind, 0.0))
         if need > have + 1e-9:
             per_engine = config.num_cpus_per_engine if kind == "CPU" else config.num_gpus_per_engine
-            lines.append(f"{config.num_engines} engines x {_fmt(per_engine)} {unit} + "
-                         f"{_fmt(request[kind]['driver'])} driver/learner {unit} = {_fmt(need)} {unit}s; "
-                         f"the cluster has {_fmt(have)}")
+            terms = [f"{config.num_engines} engines x {_fmt(per_engine)} {kind}"]
+            if config.num_learners:
+                per_learner = request[kind]["learners"] / config.num_learners
+                terms.append(f"{config.num_learners} learners x {_fmt(per_learner)} {kind}")
+                terms.append(f"{_fmt(request[kind]['driver'])} driver {kind}")
+            else:
+                terms.append(f"{_fmt(request[kind]['driver'])} driver/learner {kind}")
+            lines.append(f"{' + '.join(terms)} = {_fmt(need)} {kind}s; the cluster has {_fmt(have)}")
     return "; ".join(lines) or None
 
 
@@ -68,6 +73,7 @@ def wait_for_resources(config: Any, timeout_s: float, cluster_resources: Callabl
         if time.monotonic() >= deadline:
             raise InsufficientResources(
                 f"the run asks for more than the Ray cluster has: {missing} (waited {_fmt(timeout_s)} s; lower "
-                "num_engines / num_cpus_per_engine / num_gpus_per_engine, add nodes, or raise "
+                "num_engines / num_learners / num_cpus_per_engine / num_cpus_per_learner / num_gpus_per_*, add nodes, "
+                "or raise "
                 "resource_wait_timeout_s for an autoscaling cluster)")
         time.sleep(min(poll_s, max(deadline - time.monotonic(), 0.0)))

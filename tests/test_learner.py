@@ -7,53 +7,14 @@ import torch
 
 pytestmark = pytest.mark.slow
 
-from opefo_rllib.algorithms.grpo import group_advantages  # noqa: E402
-from opefo_rllib.algorithms.grpo.grpo_torch_learner import StaleBatchError  # noqa: E402
-from opefo_rllib.algorithms.opefo import OPEFOConfig  # noqa: E402
-from opefo_rllib.envs import ArithmeticEnv  # noqa: E402
-from opefo_rllib.fleet.engine import SamplingConfig  # noqa: E402
-from opefo_rllib.fleet.hf_engine import HFEngine  # noqa: E402
-from opefo_rllib.models.tiny import TINY_DEFAULT_PATH  # noqa: E402
-from opefo_rllib.models.tokenizer import CharTokenizer  # noqa: E402
-from opefo_rllib.rollout.batch import Rollout, collate  # noqa: E402
-from ray.rllib.core import DEFAULT_MODULE_ID  # noqa: E402
-
-TOK = CharTokenizer.load(TINY_DEFAULT_PATH)
-
-
-def _build_learner(**overrides):
-    config = OPEFOConfig()
-    for key, value in {"lr": 1e-3, "seed": 0, **overrides}.items():
-        setattr(config, key, value)
-    env = ArithmeticEnv()
-    learner = config.build_learner(spaces={DEFAULT_MODULE_ID: (env.observation_space, env.action_space)})
-    return learner
+from learner_fixtures import _build_learner, _rollout_batch, make_engine
+from opefo_rllib.algorithms.grpo.grpo_torch_learner import StaleBatchError
+from ray.rllib.core import DEFAULT_MODULE_ID
 
 
 @pytest.fixture
 def engine():
-    return HFEngine(str(TINY_DEFAULT_PATH), eos_token_id=TOK.eos_token_id, pad_token_id=TOK.pad_token_id)
-
-
-def _rollout_batch(engine, prompts=6, group=4, seed=0):
-    env = ArithmeticEnv()
-    rng = np.random.default_rng(seed)
-    problems = [env.sample_problem(rng) for _ in range(prompts)]
-    ids = [TOK.encode(p.prompt) for p in problems]
-    results = engine.generate(ids, group, SamplingConfig(temperature=1.0, max_new_tokens=6), seed=seed)
-    rollouts = []
-    for k, (p, res_group) in enumerate(zip(problems, results)):
-        for res in res_group:
-            verdict = env.score(p, TOK.decode(res.response_ids))
-            rollouts.append(Rollout(group_id=k, prompt_ids=ids[k], response_ids=res.response_ids,
-                                    sampling_logp=res.sampling_logp, reward=verdict.reward,
-                                    weight_version=res.weight_version, correct=verdict.correct))
-    # Make sure some groups have mixed rewards, so advantages are not all zero.
-    for r in rollouts[::3]:
-        r.reward = 1.0 - r.reward
-    batch = collate(rollouts, TOK.pad_token_id)
-    batch["advantages"] = group_advantages(batch["rewards"], batch["group_ids"], "grpo")
-    return batch
+    return make_engine()
 
 
 def test_learner_logprobs_equal_engine_sampling_logprobs(engine):
@@ -169,10 +130,13 @@ def _update_deltas(engine, **overrides):
     return {k: after[k] - before[k] for k in before}, metrics
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_zero_stages_give_the_zero_0_update(engine, stage):
-    ref, m_ref = _update_deltas(engine, zero_stage=0)
-    other, m_other = _update_deltas(engine, zero_stage=stage)
+@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("micro_batch_size", [None, 5])
+def test_zero_stages_give_the_zero_0_update(engine, stage, micro_batch_size):
+    # micro_batch_size 5: several backward passes per step (ZeRO-3 once kept only the last one's gradient)
+    ref, m_ref = _update_deltas(engine, zero_stage=0, micro_batch_size=micro_batch_size)
+    other, m_other = _update_deltas(engine, zero_stage=stage, micro_batch_size=micro_batch_size)
+    assert m_ref["learner/grad_norm"] == pytest.approx(m_other["learner/grad_norm"], rel=1e-4)
     assert m_ref["learner/loss"] == pytest.approx(m_other["learner/loss"], abs=1e-6)
     _assert_grads_close(ref, other)
 
@@ -183,6 +147,15 @@ def test_optimizer_offload_gives_the_same_update(engine, stage):
     optimizer runs, not what it computes."""
     ref, m_ref = _update_deltas(engine, zero_stage=0)
     offloaded, m_off = _update_deltas(engine, zero_stage=stage, offload_optimizer=True)
+    assert m_ref["learner/loss"] == pytest.approx(m_off["learner/loss"], abs=1e-6)
+    _assert_grads_close(ref, offloaded)
+
+
+def test_parameter_offload_gives_the_same_update(engine):
+    """ZeRO-3 with its parameter partitions (and the optimizer) in CPU memory, several micro-batches."""
+    ref, m_ref = _update_deltas(engine, zero_stage=0, micro_batch_size=5)
+    offloaded, m_off = _update_deltas(engine, zero_stage=3, offload_params=True, offload_optimizer=True,
+                                      micro_batch_size=5)
     assert m_ref["learner/loss"] == pytest.approx(m_off["learner/loss"], abs=1e-6)
     _assert_grads_close(ref, offloaded)
 

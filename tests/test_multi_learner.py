@@ -82,3 +82,86 @@ def test_two_learners_make_the_one_learner_update(ray_session, stage):
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-6)
     assert any(not torch.equal(w1[k], w) for k, w in _build_learner().policy_weights().items())  # it moved
+
+
+# ---------------------------------------------------------------------------- the CLI, end to end
+SMALL = ["--set", "prompts_per_batch=4", "--set", "group_size=4", "--set", "max_new_tokens=6", "--set",
+         "ray={num_cpus: 2}", "--set", "log_text_every=0", "--set", "eval_every=0", "--set", "iterations=3"]
+# Two learners on this 2-CPU machine: 1 driver + 2 x 0.25 + 1 engine x 0.5 = 2 CPUs.
+TWO_LEARNERS = ["--set", "num_learners=2", "--set", "num_cpus_per_learner=0.25", "--set", "zero_stage=2"]
+
+
+def _cli(*args, cwd):
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "opefo_rllib.cli", "train", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=900, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc.stdout
+
+
+def _line(stdout: str, i: int) -> str:
+    line = next(ln for ln in stdout.splitlines() if ln.strip().startswith(f"iter {i:4d}/"))
+    return line.split("s/it")[0].rsplit(" ", 1)[0]  # every number but the timing
+
+
+def test_cli_trains_with_two_learners_and_resumes_to_the_same_iteration(tmp_path):
+    from opefo_rllib.evaluation.compare import read_scalars
+
+    straight = _cli(*SMALL, *TWO_LEARNERS, "--set", "checkpoint_every=2", "--set", f"logdir={tmp_path / 'two'}",
+                    cwd=tmp_path)
+    one = _cli(*SMALL, "--set", "zero_stage=2", "--set", f"logdir={tmp_path / 'one'}", cwd=tmp_path)
+    two, single = read_scalars(tmp_path / "two"), read_scalars(tmp_path / "one")
+    assert set(two) == set(single)  # every TensorBoard tag
+    assert two["learner/optimizer_steps"][1] == [1.0, 1.0, 1.0]  # one optimizer step per iteration
+    assert two["learner/weight_version"][1] == [1.0, 2.0, 3.0]
+    assert two["rollout/num_samples"][1] == [16.0, 16.0, 16.0]  # whole batches: 4 prompts x 4
+    # The same run as one learner's, up to float summation order (shards sum in another order).
+    for tag in ("rollout/reward_mean", "policy/entropy", "entropy_flow/lambda_star"):
+        assert two[tag][1] == pytest.approx(single[tag][1], rel=1e-3, abs=1e-5), tag
+    resumed = _cli("--resume", str(tmp_path / "two" / "checkpoints" / "iter_000002"), cwd=tmp_path)
+    assert "at iteration 2" in resumed
+    assert _line(resumed, 3) == _line(straight, 3)
+
+
+def test_resume_with_another_learner_count_is_refused_naming_the_field(tmp_path):
+    import subprocess
+    import sys
+
+    _cli(*SMALL, *TWO_LEARNERS, "--set", "iterations=1", "--set", f"logdir={tmp_path / 'run'}", cwd=tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "opefo_rllib.cli", "train", "--resume",
+                           str(tmp_path / "run" / "checkpoints" / "iter_000001"), "--set", "num_learners=0",
+                           "--set", "iterations=2"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and "num_learners" in proc.stderr + proc.stdout
+
+
+# ---------------------------------------------------------------------------- a learner that dies
+def test_a_learner_killed_mid_update_is_an_error_naming_it_within_the_timeout(ray_session):
+    import threading
+    import time
+
+    from opefo_rllib.algorithms.grpo.grpo import LearnerFailedError
+
+    batch = _rollout_batch(make_engine(), prompts=4, group=4)
+    group = _group(2, zero_stage=1)
+    actors = list(group._workers)
+
+    def slow_update(learner, b=batch):  # rank 1 dies while rank 0 waits in the update's first collective
+        time.sleep(2.0 if learner.dp_rank == 1 else 0.0)
+        return learner.update_from_rollouts(b, 0)
+
+    killer = threading.Timer(1.0, lambda: ray.kill(actors[1], no_restart=True))
+    killer.start()
+    start = time.monotonic()
+    try:
+        with pytest.raises(LearnerFailedError) as err:
+            _rank0_result(group.foreach_learner(slow_update, timeout_seconds=30, healthy_only=False), 2,
+                          "the update of iteration 1", 30)
+    finally:
+        killer.cancel()
+        group.shutdown()
+    assert time.monotonic() - start < 40
+    message = str(err.value)
+    assert message.startswith("learner 1 of 2 died during the update of iteration 1"), message

@@ -29,9 +29,13 @@ from opefo_rllib.envs.registry import register_all_with_tune
 from opefo_rllib.rollout.batch import learner_batch, rollout_metrics
 from opefo_rllib.config import SECTIONS, all_fields, check_value, coerce_value, rllib_fields, validate_sections
 
-__all__ = ["GRPOConfig", "GRPO", "NonFiniteTrainingError"]
+__all__ = ["GRPOConfig", "GRPO", "LearnerFailedError", "NonFiniteTrainingError"]
 
 register_all_with_tune()  # RLlib resolves env names through Tune's registry
+
+
+class LearnerFailedError(RuntimeError):
+    """A learner raised, died, or did not answer within ``learner_timeout_s``."""
 
 
 class NonFiniteTrainingError(RuntimeError):
@@ -291,10 +295,20 @@ class GRPO(Algorithm):
         return self.run_on_learner(lambda learner: learner.policy_weights(), what="the policy weights")
 
     def run_on_learner(self, fn, what: str = "a learner call"):
-        """``fn(learner)`` on the learner, its result; a remote learner that does not answer within
-        ``learner_timeout_s`` is an error naming what was asked (a local learner runs inline)."""
+        """``fn(learner)`` on every learner at once (their collectives need all of them), and the
+        result of rank 0 (the first that is not None: other ranks return None where rank 0 speaks
+        for all, e.g. the gathered weights). A learner that fails, has died, or does not answer
+        within ``learner_timeout_s`` is an error naming it and what was asked."""
         timeout = self.config.learner_timeout_s
-        return _first_result(self.learner_group.foreach_learner(fn, timeout_seconds=timeout), what, timeout)
+        results = self.learner_group.foreach_learner(fn, timeout_seconds=timeout, healthy_only=False)
+        return _rank0_result(results, max(1, self.config.num_learners), what, timeout)
+
+    @override(Algorithm)
+    def save_to_path(self, path=None, *args, **kwargs):
+        """RLlib saves learner 0's state; with several learners (or ZeRO-3) that state needs every
+        learner at once (gathered ZeRO-3 weights, each rank's optimizer shard): stage it first."""
+        self.run_on_learner(_stage_state, what="collecting the learner state for a checkpoint")
+        return super().save_to_path(path, *args, **kwargs)
 
     def export_policy(self, directory: str) -> str:
         """Write the current policy in Hugging Face format (safetensors + config + tokenizer)."""
@@ -311,9 +325,33 @@ class GRPO(Algorithm):
         super().cleanup()
 
 
-def _first_result(results, what: str = "a learner call", timeout_s: float | None = None):
-    """The value of the first learner's call (re-raising its error, if any)."""
-    first = next(iter(results), None)
-    if first is None:
-        raise TimeoutError(f"no learner answered {what} within learner_timeout_s = {timeout_s} s")
-    return first.get() if hasattr(first, "get") else first
+def _stage_state(learner) -> None:
+    learner.stage_state()
+
+
+def _rank0_result(results, num_learners: int, what: str = "a learner call", timeout_s: float | None = None):
+    """The first non-None result of the learners' calls (learner order); an error naming the
+    learners that died, failed or did not answer (a learner that died first: the others then
+    fail in their collectives with it)."""
+    import ray
+
+    got = sorted(results, key=lambda r: getattr(r, "actor_id", 0) or 0)
+    failed = [r for r in got if hasattr(r, "ok") and not r.ok]
+    answered = {getattr(r, "actor_id", 0) or 0 for r in got}
+    missing = [i for i in range(num_learners) if i not in answered]
+    if failed or missing:
+        died = [r for r in failed if isinstance(r.get(), ray.exceptions.RayActorError)]
+        parts = [f"learner {r.actor_id} of {num_learners} died during {what}" for r in died]
+        parts += [f"learner(s) {missing} of {num_learners} did not answer {what} within learner_timeout_s = "
+                  f"{timeout_s} s" for _ in missing[:1]]
+        parts += [f"learner {r.actor_id} of {num_learners} failed during {what}: {_last_line(r.get())}"
+                  for r in failed if r not in died]
+        raise LearnerFailedError("; ".join(parts)) from (failed[0].get() if failed else None)
+    values = [r.get() if hasattr(r, "get") else r for r in got]
+    return next((v for v in values if v is not None), None)
+
+
+def _last_line(error: BaseException) -> str:
+    """The error's own message (a RayTaskError carries the remote traceback before it)."""
+    lines = [ln for ln in str(error).strip().splitlines() if ln.strip()]
+    return f"{type(error).__name__}: {lines[-1].strip() if lines else ''}"

@@ -42,6 +42,7 @@ from opefo_rllib.algorithms.opefo.entropy_flow import (
     flow_diagnostics,
     flow_totals,
 )
+from opefo_rllib.learner.data_parallel import all_reduce_sum, padded_plan, reduce_floats, token_balanced_shards
 from opefo_rllib.learner.deepspeed_learner import DeepSpeedTorchLearner
 
 __all__ = ["GRPOTorchLearner", "StaleBatchError", "FlowPass", "pack_by_tokens", "high_entropy_tokens"]
@@ -100,6 +101,27 @@ class GRPOTorchLearner(DeepSpeedTorchLearner):
             return
         yield from pack_by_tokens(rows, lengths[rows], int(budget), c.micro_batch_size)
 
+    @property
+    def _zero3(self) -> bool:
+        return int(self.config.zero_stage) == 3
+
+    def _plan(self, batch: dict, rows: torch.Tensor, collective: bool = True):
+        """This learner's micro-batches of ``rows`` as ``(rows, is_filler)``: with several
+        learners, its token-balanced shard, padded with zero-weight filler micro-batches to the
+        longest plan of any learner when the pass runs collectives (every backward; forwards under
+        ZeRO-3). One learner: all of ``rows``, no filler."""
+        lengths = batch["attention_mask"].sum(-1)
+        if self.dp_world == 1:
+            for micro in self._micro_batches(rows, lengths):
+                yield micro, False
+            return
+        shards = token_balanced_shards(rows, lengths, self.dp_world)
+        if not collective:
+            for micro in self._micro_batches(shards[self.dp_rank], lengths):
+                yield micro, False
+            return
+        yield from padded_plan(shards, self.dp_rank, lambda r: self._micro_batches(r, lengths), rows[:1])
+
     def _stats(self, batch: dict, rows: torch.Tensor):
         module = self._module[DEFAULT_MODULE_ID]
         ids, attn = batch["input_ids"][rows], batch["attention_mask"][rows]
@@ -115,9 +137,12 @@ class GRPOTorchLearner(DeepSpeedTorchLearner):
         logp = torch.zeros(n, width - 1)
         entropy, expected_s = torch.zeros_like(logp), torch.zeros_like(logp)
         with torch.no_grad():
-            for rows in self._micro_batches(torch.arange(n), batch["attention_mask"].sum(-1)):
+            for rows, filler in self._plan(batch, torch.arange(n), collective=self._zero3):
                 stats, w = self._stats(batch, rows)
-                logp[rows, :w], entropy[rows, :w], expected_s[rows, :w] = stats.logp, stats.entropy, stats.expected_s
+                if not filler:
+                    logp[rows, :w], entropy[rows, :w], expected_s[rows, :w] = stats.logp, stats.entropy, stats.expected_s
+        if self.dp_world > 1:  # each rank filled its rows: the sum is the whole batch, on every rank
+            logp, entropy, expected_s = all_reduce_sum(torch.stack([logp, entropy, expected_s])).unbind(0)
         delta = entropy_flow(logp, entropy, batch["advantages"].float(), c.entropy_flow_estimator, expected_s)
         return FlowPass(logp, entropy, expected_s, delta, flow_totals(delta, batch["response_mask"]))
 
@@ -161,8 +186,9 @@ class GRPOTorchLearner(DeepSpeedTorchLearner):
         settings = loss_settings(c.policy_loss, c)
         counts = {"num_tokens": float(mask[rows].sum()), "num_seqs": float(len(rows)),
                   "norm_length": float(c.max_new_tokens)}
-        loss_total, loss_metrics = 0.0, []
-        for micro in self._micro_batches(rows, batch["attention_mask"].sum(-1)):
+        loss_total, loss_metrics, keys = 0.0, [], set()
+        for micro, filler in self._plan(batch, rows):
+            self.begin_training_forward()
             stats, w = self._stats(batch, micro)
             m = mask[micro, :w]
             # flow.logp is log pi_old: the policy that sampled (equal to the current one before the first step).
@@ -170,9 +196,19 @@ class GRPOTorchLearner(DeepSpeedTorchLearner):
                                        weights=weights[micro, :w], config=settings, generator=generator)
             loss = aggregate_loss(loss_mat, m, c.loss_agg_mode, **counts)
             loss = loss + entropy_bonus(stats.entropy, m, self.current_entropy_coef(), c.loss_agg_mode, **counts)
-            self.ds_engine.backward(loss, scale_wrt_gas=False)
-            loss_total += float(loss.detach())
-            loss_metrics.append(lm)
+            if filler:  # keeps this learner's collectives in step with the others; adds nothing
+                loss = loss * 0.0
+            # DeepSpeed averages gradients over learners; the loss is already a share of the
+            # global sum (global counts), so x world makes the reduced gradient that sum's.
+            self.ds_engine.backward(loss * self.dp_world if self.dp_world > 1 else loss, scale_wrt_gas=False)
+            keys.update(lm)  # the same on every learner (fillers included), so the reduce below matches
+            if not filler:
+                loss_total += float(loss.detach())
+                loss_metrics.append(lm)
+        if self.dp_world > 1:  # the global loss sum; the losses' metrics averaged over learners
+            loss_total = reduce_floats([loss_total])[0]
+            names = sorted(keys)
+            loss_metrics = [dict(zip(names, reduce_floats([_mean(loss_metrics, k) for k in names], mean=True)))]
         return loss_total, loss_metrics
 
     def training_pass(self, batch: dict[str, Any], flow: "FlowPass", weights: torch.Tensor,
@@ -227,9 +263,11 @@ class GRPOTorchLearner(DeepSpeedTorchLearner):
         before = float((flow.entropy * mask).sum()) / n_tok
         after_sum = 0.0
         with torch.no_grad():
-            for rows in self._micro_batches(torch.arange(len(mask)), batch["attention_mask"].sum(-1)):
+            for rows, filler in self._plan(batch, torch.arange(len(mask)), collective=self._zero3):
                 stats, w = self._stats(batch, rows)
-                after_sum += float((stats.entropy * mask[rows, :w]).sum())
+                if not filler:
+                    after_sum += float((stats.entropy * mask[rows, :w]).sum())
+        after_sum = reduce_floats([after_sum])[0]
         change = after_sum / n_tok - before
         net = float(flow.totals.P - flow.totals.N)
         return {"entropy_flow/realized_change": change, "entropy_flow/entropy_after_step": after_sum / n_tok,
@@ -306,8 +344,9 @@ class GRPOTorchLearner(DeepSpeedTorchLearner):
         if getattr(self, "_native_sender", None) is None:
             lm = self._module[DEFAULT_MODULE_ID].lm
             self._native_sender = NativeWeightSender(lambda: lm.state_dict().items(), master_address)
-        with self._gathered_policy():
-            self._native_sender.send(actors, world_sizes, backend, self.weight_version, step, timeout_s, rebuild)
+        with self._gathered_policy():  # every learner takes part in a ZeRO-3 gather; rank 0 sends
+            if self.dp_rank == 0:
+                self._native_sender.send(actors, world_sizes, backend, self.weight_version, step, timeout_s, rebuild)
         return self.weight_version
 
     def get_state(self, components=None, *, not_components=None, **kwargs):

@@ -204,11 +204,15 @@ class DeepSpeedSettings:
                                        "the error names the call", low=0.0, low_open=True)
     offload_optimizer: bool = setting(False, "keep fp32 master weights and Adam states in CPU memory (ZeRO-Offload; "
                                       "needs zero_stage >= 1): ~12 bytes/param off the GPU")
+    offload_params: bool = setting(False, "keep the bf16/fp32 parameter partitions in CPU memory between uses "
+                                   "(ZeRO-Infinity parameter offload; needs zero_stage 3): ~2 bytes/param off the GPU")
 
     @staticmethod
     def cross_checks(c) -> Iterator[tuple[str, str]]:
         if c.offload_optimizer and c.zero_stage == 0:
             yield "offload_optimizer", "ZeRO-Offload needs zero_stage 1, 2 or 3"
+        if c.offload_params and c.zero_stage != 3:
+            yield "offload_params", "parameter offload needs zero_stage 3 (only stage 3 partitions parameters)"
 
 
 @dataclasses.dataclass
@@ -245,6 +249,12 @@ class EvaluationSettings:
             yield "eval_tasks", "eval_every / eval_before_train are set but eval_tasks is empty"
 
 
+def _auto_or_non_negative(value) -> str | None:
+    if value == "auto" or (isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0):
+        return None
+    return 'must be "auto" or a number >= 0'
+
+
 @dataclasses.dataclass
 class RLlibSettings:
     """RLlib's own AlgorithmConfig fields that a run config may set."""
@@ -254,8 +264,10 @@ class RLlibSettings:
     lr: float = setting(1e-4, "learning rate", low=0.0)
     grad_clip: float | None = setting(1.0, "gradient-norm clip (None: off)", low=0.0, low_open=True)
     seed: int | None = setting(0, "seed of sampling, data order and the learner")
-    num_learners: int = setting(0, "RLlib learner actors (0: one local learner; more is not supported yet)",
-                                low=0, high=1)
+    num_learners: int = setting(0, "RLlib learner actors, data-parallel under DeepSpeed (0: one local learner in "
+                                "the driver; N: N remote learners in one torch.distributed group)", low=0)
+    num_cpus_per_learner: float | str = setting("auto", "CPUs of each remote learner (auto: 1 without GPUs, else 0)",
+                                                check=_auto_or_non_negative)
     num_gpus_per_learner: float = setting(0, "GPUs of each learner (with num_learners 0: of the local learner)",
                                           low=0.0)
 

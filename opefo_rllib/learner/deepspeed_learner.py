@@ -11,6 +11,11 @@ checkpointing, and replaces the rest:
 * ``compute_gradients`` / ``apply_gradients`` / ``_uncompiled_update``: not used; subclasses
   implement ``update_from_rollouts`` (called through ``LearnerGroup.foreach_learner``).
 * CPU (gloo) here, NCCL on GPUs; a single-process group is created when none exists.
+* Several learners (``num_learners`` > 1): RLlib's learner group starts them as Ray Train workers
+  in one torch.distributed group; DeepSpeed data-parallelises over it (ZeRO 1-3 shard the
+  optimizer state, gradients and, at stage 3, parameters across them). What needs every rank at
+  once (gathering ZeRO-3 parameters, each rank's optimizer shard) happens in ``stage_state``,
+  which the Algorithm runs on every learner before RLlib asks learner 0 for ``get_state``.
 """
 
 from __future__ import annotations
@@ -26,9 +31,16 @@ from ray.rllib.core import DEFAULT_MODULE_ID
 from ray.rllib.core.learner.torch.torch_learner import TorchLearner
 from ray.rllib.utils.annotations import override
 
-__all__ = ["DeepSpeedTorchLearner", "ensure_process_group"]
+from opefo_rllib.learner.data_parallel import all_reduce_sum, reduce_floats, world_and_rank
 
-_ZERO3_OPTIMIZER = "zero3_optimizer"  # learner-state key of the ZeRO-3 optimizer's own state dict
+__all__ = ["DeepSpeedTorchLearner", "LearnerStateError", "ensure_process_group"]
+
+_ZERO3_OPTIMIZER = "zero3_optimizer"  # key of one ZeRO-3 optimizer state dict (checkpoints of earlier versions)
+_ZERO_SHARDS = "zero_optimizer_shards"  # learner-state key: every rank's ZeRO optimizer state dict, by rank
+
+
+class LearnerStateError(RuntimeError):
+    """The learner state was asked of one learner where it needs all of them."""
 
 
 def ensure_process_group(backend: str) -> None:
@@ -39,23 +51,28 @@ def ensure_process_group(backend: str) -> None:
     """
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        return
     import deepspeed
 
+    os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's engine reads it (a learner actor sees its own device)
+    if dist.is_available() and dist.is_initialized():  # RLlib's learner group made it (num_learners > 1)
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)  # adopts it
+        return
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # launched by a distributed launcher
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
         return
-    os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's engine reads it
     dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)  # adopts the group above
 
 
 class DeepSpeedTorchLearner(TorchLearner):
-    """TorchLearner + DeepSpeed. Config fields read: zero_stage, bf16, lr, grad_clip,
-    weight_decay, adam_betas, adam_eps, lr_warmup_steps, learner_num_threads."""
+    """TorchLearner + DeepSpeed. Config fields read: zero_stage, bf16, offload_optimizer,
+    offload_params, lr, grad_clip, weight_decay, adam_betas, adam_eps, lr_warmup_steps,
+    learner_num_threads."""
 
     ds_engine: Any = None
+    dp_world: int = 1  # learners in the data-parallel group
+    dp_rank: int = 0
+    _staged_state: dict | None = None
 
     @override(TorchLearner)
     def build(self) -> None:
@@ -91,12 +108,17 @@ class DeepSpeedTorchLearner(TorchLearner):
         }
 
     def _offload_config(self) -> dict:
-        """ZeRO-Offload of the optimizer (fp32 master weights + Adam states) to CPU memory. The
-        registered torch AdamW then steps on CPU: correct but slower than DeepSpeed's CPUAdam
-        (which needs a compiled op); ``zero_force_ds_cpu_optimizer: false`` allows it."""
-        if not getattr(self.config, "offload_optimizer", False):
-            return {}
-        return {"offload_optimizer": {"device": "cpu", "pin_memory": torch.cuda.is_available()}}
+        """ZeRO-Offload of the optimizer (fp32 master weights + Adam states) to CPU memory, and
+        under ZeRO-3 of the parameter partitions too. The registered torch AdamW then steps on
+        CPU: correct but slower than DeepSpeed's CPUAdam (which needs a compiled op);
+        ``zero_force_ds_cpu_optimizer: false`` allows it."""
+        pin = torch.cuda.is_available()
+        out = {}
+        if getattr(self.config, "offload_optimizer", False):
+            out["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
+        if getattr(self.config, "offload_params", False):
+            out["offload_param"] = {"device": "cpu", "pin_memory": pin}
+        return out
 
     @override(TorchLearner)
     def _make_modules_ddp_if_necessary(self) -> None:
@@ -110,6 +132,18 @@ class DeepSpeedTorchLearner(TorchLearner):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
         self.ds_engine, self.ds_optimizer, _, self.ds_scheduler = deepspeed.initialize(
             model=module.lm, optimizer=optimizer, lr_scheduler=scheduler, config=self.deepspeed_config())
+        self.dp_world, self.dp_rank = world_and_rank()
+
+    def begin_training_forward(self) -> None:
+        """Call before each forward whose backward accumulates into this update. The policy runs
+        the Hugging Face model directly (the chunked head needs its hidden states), not through
+        ``ds_engine.forward``, so this does that forward's bookkeeping: ZeRO's micro-step counter.
+        Without it ZeRO-3 *copies* each micro-batch's gradient partition over the last one
+        instead of adding it (only the last micro-batch of an update counted)."""
+        from deepspeed.runtime.base_optimizer import ZeROOptimizer
+
+        if isinstance(self.ds_optimizer, ZeROOptimizer):
+            self.ds_optimizer.clear_backward_seen_flag()
 
     # RLlib's gradient path is replaced by update_from_rollouts.
     @override(TorchLearner)
@@ -132,7 +166,8 @@ class DeepSpeedTorchLearner(TorchLearner):
         keeps the weight version and counts it. The norm is measured before the step under ZeRO
         0, 1 and 3; under ZeRO 2 the gradients exist only inside DeepSpeed's step, which itself
         skips a step whose norm is not finite (``check_grad_overflow``), and that is read back."""
-        norm = self._grad_norm() if int(self.config.zero_stage) != 2 else 0.0
+        stage = int(self.config.zero_stage)
+        norm = self._grad_norm() if stage != 2 else 0.0
         if not (loss_finite and math.isfinite(norm)):
             self.ds_engine.zero_grad()
             optimizer_zero = getattr(self.ds_optimizer, "zero_grad", None)
@@ -141,7 +176,7 @@ class DeepSpeedTorchLearner(TorchLearner):
             return {"grad_norm": norm if not math.isfinite(norm) else float("nan"), "lr": self._lr(), "skipped": 1.0}
         skipped_before = self.ds_engine.skipped_steps
         self.ds_engine.step()
-        if int(self.config.zero_stage) == 2:
+        if stage == 2 or (self.dp_world > 1 and stage != 0):
             reported = self.ds_engine.get_global_grad_norm()
             norm = float(reported) if reported is not None else float("nan")
         skipped = float(self.ds_engine.skipped_steps > skipped_before)
@@ -152,18 +187,34 @@ class DeepSpeedTorchLearner(TorchLearner):
         return float(groups[0]["lr"] if groups else self.config.lr)
 
     def _grad_norm(self) -> float:
-        """L2 norm of the accumulated gradient before clipping (ZeRO 0, 1, 3: whole gradients)."""
-        if int(self.config.zero_stage) == 0:
+        """L2 norm of the accumulated gradient before clipping (ZeRO 0, 1, 3: whole gradients).
+
+        With several learners DeepSpeed reduces the gradients inside ``step`` (the caller-owned
+        accumulation boundary). ZeRO-0 sums them here first (DeepSpeed's own average of equal
+        gradients then changes nothing; one extra all-reduce), so the guard sees the global
+        gradient; under ZeRO 1 and 3 this is a local finiteness check (all learners agree, one
+        scalar reduce) and the logged norm is DeepSpeed's, after its step."""
+        stage = int(self.config.zero_stage)
+        if stage == 0:
             grads = [p.grad for p in self.ds_engine.module.parameters() if p.grad is not None]
+            if self.dp_world > 1:
+                for g in grads:  # the loss was scaled by world: the sum / world is the global gradient
+                    all_reduce_sum(g).div_(self.dp_world)
         else:
             from deepspeed.utils import safe_get_full_grad
 
             grads = [g for g in (safe_get_full_grad(p) for p in self.ds_engine.module.parameters()) if g is not None]
-        return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+        norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+        if self.dp_world > 1 and stage != 0:
+            norm = math.sqrt(reduce_floats([norm * norm])[0])  # not finite on any learner: not finite on all
+        return norm
 
-    def policy_weights(self) -> dict[str, torch.Tensor]:
-        """A CPU copy of the Hugging Face model's state dict (gathered under ZeRO-3)."""
+    def policy_weights(self) -> dict[str, torch.Tensor] | None:
+        """A CPU copy of the Hugging Face model's state dict (gathered under ZeRO-3), from rank 0;
+        None on the other learners (which take part in the gather)."""
         with self._gathered_policy() as lm:
+            if self.dp_rank != 0:
+                return None
             return {k: v.detach().to("cpu", copy=True) for k, v in lm.state_dict().items()}
 
     @contextlib.contextmanager
@@ -178,57 +229,101 @@ class DeepSpeedTorchLearner(TorchLearner):
         else:
             yield lm
 
+    def stage_state(self) -> None:
+        """Collect the whole learner state now, on every learner at once (the collectives need all
+        ranks), and keep it on rank 0 for the next ``get_state()``. The Algorithm calls this on
+        every learner before a checkpoint; with one learner it is optional."""
+        state = self._collect_state(None, None)
+        self._staged_state = state if self.dp_rank == 0 else None
+
+    def _needs_all_ranks(self, components, not_components) -> bool:
+        from ray.rllib.core import COMPONENT_OPTIMIZER, COMPONENT_RL_MODULE
+
+        if self.dp_world == 1:
+            return False
+        stage = int(self.config.zero_stage)
+        return ((stage == 3 and self._check_component(COMPONENT_RL_MODULE, components, not_components))
+                or (stage >= 1 and self._check_component(COMPONENT_OPTIMIZER, components, not_components)))
+
     @override(TorchLearner)
     def get_state(self, components=None, *, not_components=None, **kwargs):
-        if int(self.config.zero_stage) == 3:
-            state = self._get_state_zero3(components, not_components, **kwargs)
+        if self._staged_state is not None and components is None and not not_components:
+            state, self._staged_state = self._staged_state, None
+            return state
+        if self._needs_all_ranks(components, not_components):
+            raise LearnerStateError(
+                f"learner {self.dp_rank} of {self.dp_world}: with ZeRO stage {self.config.zero_stage} the module "
+                "weights / optimizer state are sharded over the learners; collect them on every learner at once "
+                "with stage_state() first (GRPO.save_to_path does)")
+        return self._collect_state(components, not_components, **kwargs)
+
+    def _collect_state(self, components, not_components, **kwargs) -> dict:
+        """The learner state. ZeRO-3 (and ZeRO 1-2 with several learners) save whole (gathered)
+        module weights and every rank's ZeRO optimizer state (its fp32 master partition and Adam
+        states), gathered on rank 0: RLlib's optimizer path reads the client optimizer, whose
+        parameters DeepSpeed replaced (a KeyError under ZeRO-3) or holds only this rank's shard."""
+        from ray.rllib.core import COMPONENT_OPTIMIZER
+
+        stage = int(self.config.zero_stage)
+        if stage == 3 or (stage >= 1 and self.dp_world > 1):
+            skip = [*(not_components or []), COMPONENT_OPTIMIZER]
+            with self._gathered_policy():
+                state = super().get_state(components, not_components=skip, **kwargs)
+            if self._check_component(COMPONENT_OPTIMIZER, components, not_components):
+                state[_ZERO_SHARDS] = self._gather_to_rank0(self.ds_optimizer.state_dict())
         else:
             state = super().get_state(components, not_components=not_components, **kwargs)
         state["torch_rng"] = torch.get_rng_state().numpy()
         state["lr_scheduler"] = self.ds_scheduler.state_dict() if self.ds_scheduler is not None else None
+        state["num_learners"] = self.dp_world
         return state
 
-    def _get_state_zero3(self, components, not_components, **kwargs) -> dict:
-        """ZeRO-3 partitions the parameters, and RLlib's path reads the client optimizer, whose
-        parameters DeepSpeed replaced (a KeyError): save whole (gathered) module weights, and
-        the ZeRO-3 optimizer's own state (its fp32 master partitions and Adam states)."""
-        from ray.rllib.core import COMPONENT_OPTIMIZER
+    def _gather_to_rank0(self, obj) -> list | None:
+        """[rank 0's obj, rank 1's, ...] on rank 0 (None elsewhere); [obj] in one process."""
+        if self.dp_world == 1:
+            return [obj]
+        import torch.distributed as dist
 
-        skip = [*(not_components or []), COMPONENT_OPTIMIZER]
-        with self._gathered_policy():
-            state = super().get_state(components, not_components=skip, **kwargs)
-        if self._check_component(COMPONENT_OPTIMIZER, components, not_components):
-            state[_ZERO3_OPTIMIZER] = self.ds_optimizer.state_dict()
-        return state
+        out = [None] * self.dp_world if self.dp_rank == 0 else None
+        dist.gather_object(obj, out, dst=0)
+        return out
 
     @override(TorchLearner)
     def set_state(self, state) -> None:
+        saved_world = int(state.get("num_learners", 1))
+        shards = state.get(_ZERO_SHARDS) or ([state[_ZERO3_OPTIMIZER]] if _ZERO3_OPTIMIZER in state else None)
+        if shards is not None and len(shards) != self.dp_world:
+            raise LearnerStateError(f"the checkpoint holds the ZeRO optimizer shards of {saved_world} learner(s); this "
+                                    f"run has {self.dp_world}: resume with num_learners = {saved_world if saved_world > 1 else 0}")
         if int(self.config.zero_stage) == 3:
-            self._set_state_zero3(state)
+            self._set_state_zero3(state, shards)
+        elif shards is not None:  # ZeRO 1-2 over several learners: weights as usual, then each rank's shard
+            super().set_state({k: v for k, v in state.items() if k != _ZERO_SHARDS})
+            self.ds_optimizer.load_state_dict(shards, load_from_fp32_weights=True)
         else:
             super().set_state(state)
+            restore = getattr(self.ds_engine.optimizer, "_restore_from_bit16_weights", None)
+            if restore is not None and int(self.config.zero_stage) in (1, 2):
+                restore()  # ZeRO keeps flat fp32 copies: refresh them from the loaded weights
         if state.get("torch_rng") is not None:
             torch.set_rng_state(torch.as_tensor(state["torch_rng"], dtype=torch.uint8))
         if state.get("lr_scheduler") is not None and self.ds_scheduler is not None:
             self.ds_scheduler.load_state_dict(state["lr_scheduler"])
-        restore = getattr(self.ds_engine.optimizer, "_restore_from_bit16_weights", None)
-        if restore is not None and int(self.config.zero_stage) in (1, 2):
-            restore()  # ZeRO keeps flat fp32 copies: refresh them from the loaded weights
 
-    def _set_state_zero3(self, state) -> None:
+    def _set_state_zero3(self, state, shards) -> None:
         """Load whole module weights into the partitioned parameters, then the ZeRO-3
-        optimizer state (which also restores the fp32 master partitions)."""
+        optimizer state (which also restores the fp32 master partitions); each rank takes its shard."""
         from ray.rllib.core import COMPONENT_OPTIMIZER
 
-        rest = {k: v for k, v in state.items() if k not in (COMPONENT_OPTIMIZER, _ZERO3_OPTIMIZER)}
+        rest = {k: v for k, v in state.items() if k not in (COMPONENT_OPTIMIZER, _ZERO3_OPTIMIZER, _ZERO_SHARDS)}
         if self._restoring_zero3:  # restore_from_path holds the gathered parameters already
             super().set_state(rest)
-            self._pending_zero3_optimizer = state.get(_ZERO3_OPTIMIZER)
+            self._pending_zero3_optimizer = shards
             return
         with self._gathered_for_loading():
             super().set_state(rest)
-        if state.get(_ZERO3_OPTIMIZER) is not None:
-            self.ds_optimizer.load_state_dict([state[_ZERO3_OPTIMIZER]])
+        if shards is not None:
+            self.ds_optimizer.load_state_dict(shards)
 
     _restoring_zero3 = False
     _pending_zero3_optimizer = None
@@ -247,7 +342,7 @@ class DeepSpeedTorchLearner(TorchLearner):
         finally:
             self._restoring_zero3 = False
         if self._pending_zero3_optimizer is not None:
-            self.ds_optimizer.load_state_dict([self._pending_zero3_optimizer])
+            self.ds_optimizer.load_state_dict(self._pending_zero3_optimizer)
             self._pending_zero3_optimizer = None
 
     def _gathered_for_loading(self):
