@@ -69,5 +69,11 @@ def test_gpu_layouts_validate_on_the_paper_recipe(layout):
     engine_bundles = bundles[-config.num_engines:]
     assert all(b.get("GPU") == config.num_gpus_per_engine for b in engine_bundles)
     assert config.colocate_engines == (layout.stem == "colocated_gpu")
-    assert config.weight_sync == "native"
-    assert config.weight_transfer_backend == ("ipc" if config.colocate_engines else "nccl")
+    # Colocated with several learners: NCCL cannot hold two ranks on one GPU, ipc reaches only the
+    # sender's GPU (the one-GPU recipe's case): the object store.
+    assert config.weight_sync == ("object_store" if config.colocate_engines else "native")
+    assert config.colocate_engines or config.weight_transfer_backend == "nccl"
+    learner_bundles = bundles[1:1 + config.num_learners]
+    assert config.num_learners > 1 and all(b.get("GPU") == config.num_gpus_per_learner for b in learner_bundles)
+    gpus = config.num_learners * config.num_gpus_per_learner + config.num_engines * config.num_gpus_per_engine
+    assert gpus == {"two_nodes_gpu": 16, "colocated_gpu": 8, "disaggregated_gpu": 8}[layout.stem]

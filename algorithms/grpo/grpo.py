@@ -4,7 +4,8 @@ The recipe of one ``training_step``:
 
     rollouts = env_runner.sample()                  # B prompts x G responses, verified, versioned
     batch = learner_batch(rollouts, ...)            # tensors; group advantages before any split
-    learner_group.foreach_learner(update)           # flow pass, then ONE optimizer step
+    learner_group.foreach_learner(update)           # flow pass, then ONE optimizer step (N learners:
+                                                    #   token-balanced shards, global lambda*, docs/scaling.md)
     sync_fleet_weights(step)                        # new weights and version, before the next sample
     validate(step + 1)                              # eval_tasks on the synced fleet, when scheduled
     rollout_metrics(...), timings -> metrics, TensorBoard
