@@ -361,3 +361,22 @@ def test_forking_tokens_and_adaptive_entropy_train_and_stay_in_bounds(engine):
     adaptive.entropy_target = 0.01  # far below: it falls back to 0
     adaptive.update_entropy_coef(batch_entropy=1.0)
     assert adaptive.adaptive_entropy_coef == 0.0
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_fused_flow_pass_makes_the_same_update_with_one_forward_fewer(engine, stage):
+    batch = _rollout_batch(engine)
+    results = {}
+    for fuse in (False, True):
+        learner = _build_learner(zero_stage=stage, fuse_flow_pass=fuse)
+        calls = []
+        original = learner._stats
+        learner._stats = lambda b, rows, _o=original: (calls.append(len(rows)), _o(b, rows))[1]
+        metrics = learner.update_from_rollouts(batch, step=0)
+        results[fuse] = (metrics, learner.policy_weights(), len(calls))
+    (m0, w0, calls0), (m1, w1, calls1) = results[False], results[True]
+    assert (calls0, calls1) == (3, 2)  # flow, training, realized change -> the first two are one forward
+    for key in ("learner/loss", "learner/grad_norm", "entropy_flow/lambda_star", "entropy_flow/realized_change"):
+        assert m1[key] == pytest.approx(m0[key], rel=1e-6, abs=1e-9), key
+    for k in w0:
+        torch.testing.assert_close(w1[k], w0[k], rtol=1e-6, atol=1e-8)

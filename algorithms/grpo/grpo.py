@@ -1,6 +1,6 @@
 """GRPO as a native RLlib algorithm: GRPOConfig and GRPO.
 
-The recipe of one ``training_step``:
+The recipe of one ``training_step`` (``pipeline: sync``):
 
     rollouts = env_runner.sample()                  # B prompts x G responses, verified, versioned
     batch = learner_batch(rollouts, ...)            # tensors; group advantages before any split
@@ -9,6 +9,11 @@ The recipe of one ``training_step``:
     sync_fleet_weights(step)                        # new weights and version, before the next sample
     validate(step + 1)                              # eval_tasks on the synced fleet, when scheduled
     rollout_metrics(...), timings -> metrics, TensorBoard
+
+``pipeline: async`` trains on the batch generated during the previous update and starts the
+next one before this update (``next_batch``, ``start_ahead``), then waits for it
+(``finish_ahead``) before the weight sync: generation overlaps learning, samples are one
+version old (approximately on-policy; ``max_staleness``, ``tis_cap``, ``offpolicy_mask``).
 
 The config covers the paper's baselines: strict on-policy GRPO (``policy_loss="pg"``, one
 update per batch), approximate on-policy (``"ppo_clip"`` with ``num_updates_per_batch`` > 1),
@@ -118,6 +123,7 @@ class GRPOConfig(AlgorithmConfig):
     policy_model = _section_setter("policy_model", "The policy: a local Hugging Face model directory, "
                                    'or "tiny-default".')
     generation = _section_setter("generation")
+    rollout = _section_setter("rollout", "The rollout pipeline (sync / async), dynamic sampling, overlong answers.")
     fleet = _section_setter("fleet")
     entropy_flow = _section_setter("entropy_flow", 'Alias: estimator= sets entropy_flow_estimator.')
     deepspeed = _section_setter("deepspeed")
@@ -221,8 +227,14 @@ class GRPO(Algorithm):
         if step == 0 and self.evaluator is not None and self.evaluator.due(0):
             self.tb.scalars(self.validate(0), 0)  # the starting policy, at TensorBoard step 0
         t0 = time.perf_counter()
-        rollouts = runner.sample()
-        batch = learner_batch(rollouts, runner.tokenizer.pad_token_id, c.adv_estimator, c.verify_failure_policy)
+        if c.pipeline == "async":  # train on the batch generated during the last update; start the next
+            rollouts = runner.next_batch()
+            runner.start_ahead()
+        else:
+            rollouts = runner.sample()
+        sample_metrics = dict(runner.last_metrics)  # of this batch (finishing the next one replaces them)
+        batch = learner_batch(rollouts, runner.tokenizer.pad_token_id, c.adv_estimator, c.verify_failure_policy,
+                              c.mask_truncated)
         t1 = time.perf_counter()
         if c.colocate_engines:  # engines share the learners' devices: free their memory meanwhile
             runner.fleet.release_memory()
@@ -231,19 +243,25 @@ class GRPO(Algorithm):
         if c.colocate_engines:
             runner.fleet.resume_memory()
         t2 = time.perf_counter()
+        if c.pipeline == "async":
+            runner.finish_ahead()  # the engines are done with it before they get the new weights
+        t_ahead = time.perf_counter()
         sync_s = self.sync_fleet_weights(step)
         t3 = time.perf_counter()
 
         delta_hist = metrics.pop("_delta_hist")
         metrics.update(rollout_metrics(rollouts, batch))
-        metrics.update(getattr(runner, "last_metrics", {}))
+        metrics.update(sample_metrics)
         metrics.update({
             "time/generate_s": runner.last_timings["generate_s"],
             "time/verify_s": runner.last_timings["verify_s"],
             "time/rollout_s": t1 - t0,
             "time/learn_s": t2 - t1,
             "time/weight_sync_s": sync_s,
+            "time/ahead_wait_s": t_ahead - t2,  # async: waiting for the batch generated during the update
             "time/step_s": t3 - t0,
+            "fleet/engine_busy_s": runner.last_timings["engine_busy_s"],
+            "fleet/engine_idle_frac": max(0.0, 1.0 - runner.last_timings["engine_busy_s"] / max(t3 - t0, 1e-9)),
             "throughput/tokens_per_s": metrics["rollout/response_tokens"] / max(t3 - t0, 1e-9),
             **runner.fleet.metrics(),  # fleet/engine_restarts, fleet/memory_releases
             **self.weight_sync.metrics(),  # fleet/native_weight_sync, fleet/transfer_group_builds

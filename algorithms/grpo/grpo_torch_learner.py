@@ -3,11 +3,14 @@
 ``update_from_rollouts`` is one policy update, in named steps (each a method a subclass or a
 later feature can extend):
 
-1. ``check_on_policy``: every sample's weight version must equal the learner's (strict mode).
+1. ``check_on_policy``: every sample's weight version must equal the learner's (strict mode);
+   otherwise samples older than ``max_staleness`` versions are left out (the async pipeline).
 2. ``flow_pass`` (no grad, micro-batch by micro-batch): per-token log pi, H and S for the whole
    batch, the entropy flow delta_t and the batch-global totals P and N. OPEFO's weights need
    lambda* = (N - P) / (N + P) of the whole batch before any backward pass; this pass provides
-   it (and the flow metrics every baseline logs too, and log pi_old for clipped losses).
+   it (and the flow metrics every baseline logs too, and log pi_old for clipped losses). When the
+   update is one micro-batch (``fuse_flow_pass``), this forward keeps its graph and is the
+   training forward too.
 3. ``token_weights``: the balancing weights times the optional truncated-IS weights.
 4. ``training_pass``: per mini-batch, ``accumulate_gradients`` (the registered policy loss times
    the weights, aggregated with the global token / sequence counts so the gradient does not
@@ -73,6 +76,7 @@ class StaleBatchError(RuntimeError):
 
 
 class GRPOTorchLearner(DeepSpeedTorchLearner):
+    _kept_forward = None  # (rows, stats, width) of a fused flow pass, for the backward that follows
     weight_version: int = 0
     nonfinite_steps: int = 0  # optimizer steps skipped by the finite-step guard, in all
     nonfinite_in_a_row: int = 0  # batches in a row whose every step was skipped
@@ -80,12 +84,24 @@ class GRPOTorchLearner(DeepSpeedTorchLearner):
     entropy_target: float | None = None  # closed_loop's / adaptive_entropy's target (config, or the first batch's)
     adaptive_entropy_coef: float | None = None  # adaptive_entropy's current coefficient
 
-    def check_on_policy(self, batch: dict[str, Any], step: int) -> None:
-        """Strict on-policy: refuse a batch sampled under other weights than the learner's."""
+    def check_on_policy(self, batch: dict[str, Any], step: int) -> tuple[dict[str, Any], dict[str, float]]:
+        """Strict on-policy: refuse a batch sampled under other weights than the learner's.
+        Otherwise (approximate on-policy, the async pipeline): measure each sample's staleness
+        (learner version - sample version) and leave samples older than ``max_staleness`` out of
+        the loss (their response mask 0). Returns the batch to train on and the staleness metrics."""
         versions = batch["weight_versions"]
-        if self.config.strict_on_policy and bool((versions != self.weight_version).any()):
-            raise StaleBatchError(f"strict on-policy: batch at step {step} holds weight versions "
-                                  f"{sorted(set(versions.tolist()))}, the learner is at version {self.weight_version}")
+        if self.config.strict_on_policy:
+            if bool((versions != self.weight_version).any()):
+                raise StaleBatchError(f"strict on-policy: batch at step {step} holds weight versions "
+                                      f"{sorted(set(versions.tolist()))}, the learner is at version "
+                                      f"{self.weight_version}")
+            return batch, {"rollout/staleness_mean": 0.0, "rollout/staleness_max": 0.0, "rollout/dropped_stale": 0.0}
+        staleness = (self.weight_version - versions).float()
+        stale = staleness > self.config.max_staleness
+        if bool(stale.any()):
+            batch = dict(batch, response_mask=batch["response_mask"] * (~stale).float()[:, None])
+        return batch, {"rollout/staleness_mean": float(staleness.mean()), "rollout/staleness_max": float(staleness.max()),
+                       "rollout/dropped_stale": float(stale.sum())}
 
     def _micro_batches(self, rows: torch.Tensor, lengths: torch.Tensor | None = None):
         """Split ``rows`` into micro-batches: ``micro_batch_size`` rows each, or, with
@@ -130,17 +146,36 @@ class GRPOTorchLearner(DeepSpeedTorchLearner):
                                             use_full_logits=int(self.config.zero_stage) == 3)
         return stats, width - 1
 
+    def _fusable(self, batch: dict[str, Any]) -> bool:
+        """One learner, one optimizer step, one micro-batch: the flow pass's forward can be the
+        training forward (``fuse_flow_pass``)."""
+        c = self.config
+        if not c.fuse_flow_pass or self.dp_world > 1 or c.num_updates_per_batch > 1:
+            return False
+        n = batch["input_ids"].shape[0]
+        return len(list(self._micro_batches(torch.arange(n), batch["attention_mask"].sum(-1)))) == 1
+
     def flow_pass(self, batch: dict[str, Any]) -> "FlowPass":
-        """No-grad stats of the whole batch as sampled, its entropy flow and its totals P, N."""
+        """Stats of the whole batch as sampled (no grad), its entropy flow and its totals P, N.
+
+        Fused (``_fusable``): the one forward runs with gradients and its graph is kept for
+        ``accumulate_gradients``, which then skips its own forward of the same rows."""
         c = self.config
         n, width = batch["input_ids"].shape
         logp = torch.zeros(n, width - 1)
         entropy, expected_s = torch.zeros_like(logp), torch.zeros_like(logp)
-        with torch.no_grad():
+        self._kept_forward = None
+        fused = self._fusable(batch)
+        with torch.set_grad_enabled(fused):
             for rows, filler in self._plan(batch, torch.arange(n), collective=self._zero3):
+                if fused:
+                    self.begin_training_forward()
                 stats, w = self._stats(batch, rows)
+                if fused:
+                    self._kept_forward = (rows, stats, w)
                 if not filler:
-                    logp[rows, :w], entropy[rows, :w], expected_s[rows, :w] = stats.logp, stats.entropy, stats.expected_s
+                    logp[rows, :w], entropy[rows, :w], expected_s[rows, :w] = (
+                        stats.logp.detach(), stats.entropy.detach(), stats.expected_s.detach())
         if self.dp_world > 1:  # each rank filled its rows: the sum is the whole batch, on every rank
             logp, entropy, expected_s = all_reduce_sum(torch.stack([logp, entropy, expected_s])).unbind(0)
         delta = entropy_flow(logp, entropy, batch["advantages"].float(), c.entropy_flow_estimator, expected_s)
@@ -174,6 +209,12 @@ class GRPOTorchLearner(DeepSpeedTorchLearner):
             weights = weights * torch.where(mask.bool(), tis, torch.ones_like(tis))
             metrics["rollout/tis_weight_mean"] = float((tis * mask).sum()) / max(n_tok, 1.0)
             metrics["rollout/tis_clipped_frac"] = float((ratio > c.tis_cap)[mask.bool()].float().mean()) if n_tok else 0.0
+            if c.offpolicy_mask != "none":  # tokens (or whole answers) far off the learner's policy: no gradient
+                off = mask.bool() & ((ratio > c.tis_cap) | (ratio < 1.0 / c.tis_cap))
+                if c.offpolicy_mask == "sequence":
+                    off = mask.bool() & off.any(dim=-1, keepdim=True)
+                weights = weights * (~off).to(weights.dtype)
+                metrics["rollout/offpolicy_masked_frac"] = float(off.sum()) / max(n_tok, 1.0)
         return weights, metrics
 
     def accumulate_gradients(self, batch: dict[str, Any], flow: "FlowPass", weights: torch.Tensor,
@@ -188,8 +229,12 @@ class GRPOTorchLearner(DeepSpeedTorchLearner):
                   "norm_length": float(c.max_new_tokens)}
         loss_total, loss_metrics, keys = 0.0, [], set()
         for micro, filler in self._plan(batch, rows):
-            self.begin_training_forward()
-            stats, w = self._stats(batch, micro)
+            kept, self._kept_forward = self._kept_forward, None
+            if kept is not None and torch.equal(kept[0], micro):  # the fused flow pass's forward
+                stats, w = kept[1], kept[2]
+            else:
+                self.begin_training_forward()
+                stats, w = self._stats(batch, micro)
             m = mask[micro, :w]
             # flow.logp is log pi_old: the policy that sampled (equal to the current one before the first step).
             loss_mat, lm = policy_loss(c.policy_loss, stats.logp, flow.logp[micro, :w], adv[micro], m,
@@ -315,7 +360,7 @@ class GRPOTorchLearner(DeepSpeedTorchLearner):
 
     def update_from_rollouts(self, batch: dict[str, Any], step: int = 0) -> dict[str, Any]:
         """One policy update from a collated rollout batch with ``advantages`` [N]."""
-        self.check_on_policy(batch, step)
+        batch, staleness = self.check_on_policy(batch, step)
         self.ds_engine.train()
         flow = self.flow_pass(batch)
         if self.config.adaptive_entropy:
@@ -332,6 +377,7 @@ class GRPOTorchLearner(DeepSpeedTorchLearner):
                                         metrics["entropy_flow/realized_change"])
                 metrics["entropy_flow/entropy_target"] = self.entropy_target
         metrics.update(self.batch_metrics(batch, flow))
+        metrics.update(staleness)
         return metrics
 
     def push_weights_native(self, actors, world_sizes, backend: str, step: int, timeout_s: float, rebuild: bool,

@@ -21,7 +21,8 @@ from opefo_rllib.algorithms.grpo.losses import AGG_MODES, POLICY_LOSS_SETTINGS, 
 from opefo_rllib.algorithms.opefo.entropy_flow import BALANCE_MODES, ESTIMATORS
 from opefo_rllib.config.fields import Section, register_section, setting, SECTIONS
 
-__all__ = ["RunSettings", "RLlibSettings", "PolicyModelSettings", "GenerationSettings", "FleetSettings",
+__all__ = ["RunSettings", "RLlibSettings", "PolicyModelSettings", "GenerationSettings", "RolloutPipelineSettings",
+           "FleetSettings",
            "ObjectiveSettings", "EntropyFlowSettings", "OptimizationSettings", "DeepSpeedSettings",
            "LoggingSettings", "EvaluationSettings", "RUN_SECTION", "RLLIB_SECTION", "run_fields", "rllib_fields"]
 
@@ -89,6 +90,42 @@ class GenerationSettings:
 
 
 @dataclasses.dataclass
+class RolloutPipelineSettings:
+    """How rollouts reach the learner: the pipeline, dynamic sampling, overlong answers."""
+
+    pipeline: str = setting("sync", "sync: sample, then learn, then sync weights (strict on-policy); async: the "
+                            "engines generate the next batch with the weights they hold while the learner trains "
+                            "(one batch ahead; samples 1 version old; needs strict_on_policy: false)",
+                            choices=("sync", "async"))
+    max_staleness: int = setting(1, "async: a sample older than the learner's version minus this is left out of the "
+                                 "loss (rollout/dropped_stale)", low=1)
+    offpolicy_mask: str = setting("none", "off-policy samples: token (tokens whose pi_learner / pi_engine is outside "
+                                  "[1/tis_cap, tis_cap] get no gradient), sequence (the whole answer then), or none",
+                                  choices=("none", "token", "sequence"))
+    filter_groups: str = setting("none", "dynamic sampling (DAPO): zero_variance drops groups whose rewards are all "
+                                 "equal (no advantage) and refills the batch with new prompts", choices=("none", "zero_variance"))
+    max_refill_rounds: int = setting(3, "filter_groups: rounds of new prompts before a batch is returned short "
+                                     "(rollout/batch_shortfall says by how many groups)", low=0)
+    mask_truncated: bool = setting(False, "answers cut at max_new_tokens get no gradient (DAPO overlong filtering)")
+    overlong_buffer_len: int | None = setting(None, "soft overlong penalty (DAPO): the last this many tokens before "
+                                              "max_new_tokens cost up to overlong_penalty reward, linearly (None: off)",
+                                              low=1)
+    overlong_penalty: float = setting(1.0, "the reward an answer of max_new_tokens tokens loses (overlong_buffer_len)",
+                                      low=0.0)
+
+    @staticmethod
+    def cross_checks(c) -> Iterator[tuple[str, str]]:
+        if c.pipeline == "async" and c.strict_on_policy:
+            yield "pipeline", ("pipeline 'async' trains on samples of the previous weights; it needs "
+                               "strict_on_policy: false (OPEFO then is approximately on-policy; see tis_cap, "
+                               "offpolicy_mask)")
+        if c.offpolicy_mask != "none" and c.tis_cap is None:
+            yield "offpolicy_mask", "offpolicy_mask needs tis_cap (its band is [1/tis_cap, tis_cap])"
+        if c.overlong_buffer_len is not None and c.overlong_buffer_len >= c.max_new_tokens:
+            yield "overlong_buffer_len", f"must be below max_new_tokens ({c.max_new_tokens})"
+
+
+@dataclasses.dataclass
 class FleetSettings:
     """The inference fleet: engine actors, their resources, timeouts and weight sync."""
 
@@ -141,6 +178,9 @@ class ObjectiveSettings:
     micro_batch_size: int | None = setting(None, "sequences per forward/backward (None: the whole batch)", low=1)
     max_tokens_per_micro_batch: int | None = setting(None, "token budget of a forward/backward: rows sorted by length "
                                                      "and packed to rows x longest <= budget (None: off)", low=1)
+    fuse_flow_pass: bool = setting(True, "when the whole update is one micro-batch (one learner, one optimizer "
+                                   "step), run its forward once, with gradients, for both the flow pass and the "
+                                   "backward (the same update, one forward fewer)")
     verify_failure_policy: str = setting("mask", "answers whose verification timed out or crashed: mask (left out "
                                          "of the loss and the baseline) or zero (scored as wrong)",
                                          choices=("mask", "zero"))
@@ -316,6 +356,7 @@ register_section("environment", EnvironmentSettings)
 register_section("policy_model", PolicyModelSettings)
 register_section("prompts", PromptSettings, setter="generation")
 register_section("generation", GenerationSettings)
+register_section("rollout", RolloutPipelineSettings)
 register_section("fleet", FleetSettings)
 register_section("objective", ObjectiveSettings, setter="training")
 SECTIONS["loss_settings"] = RegistrySection("loss_settings", object, "training",

@@ -69,12 +69,13 @@ def verify_failed(rollout: Rollout) -> bool:
 
 
 def learner_batch(rollouts: Sequence[Rollout], pad_id: int, adv_estimator: str,
-                  verify_failure_policy: str = "mask") -> dict[str, Any]:
+                  verify_failure_policy: str = "mask", mask_truncated: bool = False) -> dict[str, Any]:
     """``collate`` plus ``advantages`` [N] from the registered estimator, over whole prompt groups.
 
     ``verify_failure_policy``: "mask" leaves answers whose verification failed out of the loss
     (response mask 0, advantage 0) and out of their group's baseline, so a correct but slow
-    answer is not punished; "zero" scores them 0 like a wrong answer.
+    answer is not punished; "zero" scores them 0 like a wrong answer. ``mask_truncated``: answers
+    cut at the token limit keep their reward in the group baseline but get no gradient (DAPO).
     """
     batch = collate(rollouts, pad_id)
     failed = torch.tensor([verify_failed(r) for r in rollouts], dtype=torch.bool)
@@ -88,6 +89,10 @@ def learner_batch(rollouts: Sequence[Rollout], pad_id: int, adv_estimator: str,
     else:
         batch["advantages"] = group_advantages(batch["rewards"], batch["group_ids"], adv_estimator)
     batch["verify_masked"] = failed if verify_failure_policy == "mask" else torch.zeros_like(failed)
+    truncated = torch.tensor([not r.finished for r in rollouts], dtype=torch.bool)
+    if mask_truncated:
+        batch["response_mask"][truncated] = 0.0
+    batch["truncation_masked"] = truncated if mask_truncated else torch.zeros_like(truncated)
     return batch
 
 
@@ -114,4 +119,5 @@ def rollout_metrics(rollouts: Sequence[Rollout], batch: dict[str, Any]) -> dict[
         "rollout/verify_timeouts": float(sum(r.info.get("timed_out", False) for r in rollouts)),
         "rollout/verify_errors": float(sum(r.info.get("error", False) for r in rollouts)),
         "rollout/verify_failures_masked": float(batch["verify_masked"].sum()),
+        "rollout/truncation_masked": float(batch["truncation_masked"].sum()) if "truncation_masked" in batch else 0.0,
     }

@@ -6,10 +6,18 @@ prompt over ``max_prompt_tokens`` is replaced by another problem), send the B pr
 the engine fleet (G samples each, each group whole on one engine), and verify each engine's
 groups as soon as that engine is done, so verification overlaps the generation of the rest.
 Every rollout carries its prompt group and the weight version that generated it.
+
+A batch is ``start``-ed (drawn and submitted) and ``finish``-ed (collected, verified, filtered):
+the async pipeline starts the next batch before the update and finishes it after
+(``start_ahead`` / ``next_batch``). ``filter_groups: zero_variance`` (DAPO's dynamic sampling)
+drops groups whose rewards are all equal and refills them with new prompts; the soft overlong
+penalty is applied to the reward here, before advantages.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import time
 from typing import Any
 
@@ -26,7 +34,9 @@ from opefo_rllib.fleet.fleet import EngineFleet
 from opefo_rllib.rollout.batch import Rollout
 from opefo_rllib.rollout.prompts import PromptBuilder, draw_prompts, response_text
 
-__all__ = ["LLMEnvRunner"]
+__all__ = ["LLMEnvRunner", "overlong_penalty"]
+
+logger = logging.getLogger(__name__)
 
 
 class LLMEnvRunner(EnvRunner, Checkpointable):
@@ -67,6 +77,8 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
                              "(LLM.init_weight_transfer_engine); use 'auto' or 'object_store'")
         self._next_group_id = 0
         self._sample_calls = 0
+        self._ahead: _Started | list[Rollout] | None = None  # async: the batch generated during the update
+        self._state_before_ahead: dict | None = None
         self.last_timings: dict[str, float] = {}
         self.last_metrics: dict[str, float] = {}  # runner metrics of the last sample(), for the algorithm's log
 
@@ -81,21 +93,64 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
 
     @override(EnvRunner)
     def sample(self, **kwargs) -> list[Rollout]:
+        """One whole batch, generated now with the engines' current weights (the sync pipeline)."""
+        return self.finish(self.start())
+
+    # ------------------------------------------------------------------ one batch, in two halves
+    def start(self, n_prompts: int | None = None, refill_round: int = 0) -> "_Started":
+        """Draw a batch's problems and start their generation (returns at once)."""
         c = self.config
         step = self._sample_calls
-        draw = draw_prompts(self.env, self.prompts, c.prompts_per_batch, env_name=str(c.env))
-        problems, prompts = draw.problems, draw.prompt_ids
-        group_ids = list(range(self._next_group_id, self._next_group_id + len(problems)))
-        self._next_group_id += len(problems)
-        start = time.perf_counter()
-        pending = self.fleet.submit(prompts, c.group_size, self.sampling, seed=(c.seed or 0) * 100_003 + step)
+        draw = draw_prompts(self.env, self.prompts, n_prompts or c.prompts_per_batch, env_name=str(c.env))
+        group_ids = list(range(self._next_group_id, self._next_group_id + len(draw.problems)))
+        self._next_group_id += len(draw.problems)
+        seed = (c.seed or 0) * 100_003 + step + 1_000_000_007 * refill_round  # a refill round: other samples
+        pending = self.fleet.submit(draw.prompt_ids, c.group_size, self.sampling, seed=seed)
+        return _Started(step, draw, group_ids, pending, time.perf_counter())
+
+    def finish(self, started: "_Started") -> list[Rollout]:
+        """Wait for a started batch, verify it (each engine's share as soon as it is done), and,
+        with ``filter_groups``, drop its zero-variance groups and refill them with new prompts."""
+        c = self.config
+        rollouts, gen = self._collect(started)
+        filtered = rounds = 0
+        skipped_long = started.draw.skipped_too_long
+        if c.filter_groups == "zero_variance":
+            rollouts, dropped = _drop_zero_variance(rollouts, c.group_size)
+            filtered += dropped
+            while dropped and rounds < c.max_refill_rounds:
+                rounds += 1
+                refill = self.start(n_prompts=dropped, refill_round=rounds)
+                skipped_long += refill.draw.skipped_too_long
+                extra, extra_gen = self._collect(refill)
+                gen = {k: gen[k] + extra_gen[k] for k in gen}
+                extra, dropped = _drop_zero_variance(extra, c.group_size)
+                filtered += dropped
+                rollouts += extra
+        shortfall = c.prompts_per_batch - len({r.group_id for r in rollouts})
+        if shortfall > 0:
+            logger.warning("step %d: the batch is %d of %d prompt groups short after %d refill rounds of "
+                           "filter_groups (every group of those had equal rewards)", started.step, shortfall,
+                           c.prompts_per_batch, rounds)
+        self._sample_calls += 1
+        self.num_env_steps_sampled_lifetime += len(rollouts)
+        self.last_timings = {**gen, "response_tokens": sum(len(r.response_ids) for r in rollouts)}
+        self.last_metrics = {"data/skipped_rows": float(self.env.skipped_rows),
+                             "rollout/prompts_skipped_too_long": float(skipped_long),
+                             "rollout/groups_filtered": float(filtered), "rollout/refill_rounds": float(rounds),
+                             "rollout/batch_shortfall": float(max(shortfall, 0))}
+        return rollouts
+
+    def _collect(self, started: "_Started") -> tuple[list[Rollout], dict[str, float]]:
+        c = self.config
+        step, problems, prompts = started.step, started.draw.problems, started.draw.prompt_ids
         # What the model saw, special tokens (chat markers) included: for the TensorBoard samples.
         prompt_texts = [self.tokenizer.decode(ids, skip_special_tokens=False) for ids in prompts]
-        verifying = []  # (prompt indices, results, futures)
-        gen_done = start
+        verifying = []  # (prompt indices, results, texts, futures)
+        pending, gen_done, engine_s = started.pending, started.at, 0.0
         while pending:
-            idx, results, _, pending = self.fleet.wait_any(pending, step)
-            gen_done = time.perf_counter()
+            idx, results, seconds, pending = self.fleet.wait_any(pending, step)
+            gen_done, engine_s = time.perf_counter(), max(engine_s, seconds)
             texts, probs = [], []
             for k, group in zip(idx, results):
                 for res in group:
@@ -111,21 +166,42 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
                 verdict = fut.result()  # done: _await_verification waited for it
                 k = idx[res.prompt_index]
                 rollouts.append(Rollout(
-                    group_id=group_ids[k], prompt_ids=prompts[k], response_ids=res.response_ids,
-                    sampling_logp=res.sampling_logp, reward=float(verdict.reward), weight_version=res.weight_version,
-                    correct=bool(verdict.correct), finished=res.finished, task_id=problems[k].id,
-                    prompt_text=prompt_texts[k], response_text=text,
+                    group_id=started.group_ids[k], prompt_ids=prompts[k], response_ids=res.response_ids,
+                    sampling_logp=res.sampling_logp,
+                    reward=float(verdict.reward) - overlong_penalty(len(res.response_ids), c),
+                    weight_version=res.weight_version, correct=bool(verdict.correct), finished=res.finished,
+                    task_id=problems[k].id, prompt_text=prompt_texts[k], response_text=text,
                     info={"format_ok": verdict.format_ok, "timed_out": verdict.timed_out,
                           "error": verdict.error is not None}))
         end = time.perf_counter()
-        self.last_timings = {"generate_s": gen_done - start, "verify_s": end - verify_start}
-        self._sample_calls += 1
-        n_tokens = sum(len(r.response_ids) for r in rollouts)
-        self.num_env_steps_sampled_lifetime += len(rollouts)
-        self.last_timings["response_tokens"] = n_tokens
-        self.last_metrics = {"data/skipped_rows": float(self.env.skipped_rows),
-                             "rollout/prompts_skipped_too_long": float(draw.skipped_too_long)}
-        return rollouts
+        # generate_s: submit to the last engine's answer, as the driver saw it; engine_busy_s: the
+        # longest engine's own generation time (what the async pipeline overlaps with learning).
+        return rollouts, {"generate_s": gen_done - started.at, "verify_s": end - verify_start,
+                          "engine_busy_s": engine_s}
+
+    # ------------------------------------------------------------------ the async pipeline's batch ahead
+    def next_batch(self) -> list[Rollout]:
+        """async: the batch generated during the last update (with the weights before it), or, when
+        none is ahead (the first step, a resumed run), one sampled now."""
+        ahead, self._ahead = self._ahead, None
+        self._state_before_ahead = None
+        if isinstance(ahead, list):
+            return ahead
+        return self.finish(ahead) if ahead is not None else self.sample()
+
+    def start_ahead(self) -> None:
+        """async: start the next batch now, with the engines' current weights, so it is generated
+        while the learner trains on this one. A checkpoint taken while a batch is ahead saves the
+        runner as it was before that batch's draw: on resume the batch is drawn again and generated
+        with the restored weights (in-flight samples are discarded, none is lost or duplicated)."""
+        self._state_before_ahead = self.get_state()
+        self._ahead = self.start()
+
+    def finish_ahead(self) -> None:
+        """async: wait for the batch ahead and verify it (after the update, before the weight sync,
+        so a sync never waits behind a generation)."""
+        if self._ahead is not None and not isinstance(self._ahead, list):
+            self._ahead = self.finish(self._ahead)
 
     def _await_verification(self, verifying: list, step: int) -> None:
         """Wait for every verdict of this step, within the env's deadline for that many answers."""
@@ -143,6 +219,8 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
 
     @override(Checkpointable)
     def get_state(self, components=None, *, not_components=None, **kwargs) -> dict[str, Any]:
+        if self._state_before_ahead is not None:  # a batch is ahead (async): it is regenerated on resume
+            return dict(self._state_before_ahead)
         state: dict[str, Any] = {"sample_calls": self._sample_calls,
                                  "next_group_id": self._next_group_id,
                                  "env_rng": self.env.np_random.bit_generator.state}
@@ -172,6 +250,36 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
             if getattr(self, "fleet", None) is not None:
                 self.fleet.shutdown()
                 self.fleet = None
+
+
+@dataclasses.dataclass
+class _Started:
+    """A batch whose generation has started: its step, prompts, group ids and pending engine calls."""
+
+    step: int
+    draw: Any
+    group_ids: list[int]
+    pending: list
+    at: float
+
+
+def overlong_penalty(n_tokens: int, c: Any) -> float:
+    """DAPO's soft overlong punishment: 0 up to max_new_tokens - overlong_buffer_len tokens, then
+    rising linearly to overlong_penalty at max_new_tokens (0 when overlong_buffer_len is None)."""
+    buffer = c.overlong_buffer_len
+    if buffer is None:
+        return 0.0
+    excess = n_tokens - (c.max_new_tokens - buffer)
+    return float(c.overlong_penalty) * min(max(excess, 0), buffer) / buffer
+
+
+def _drop_zero_variance(rollouts: list[Rollout], group_size: int) -> tuple[list[Rollout], int]:
+    """The rollouts of groups whose rewards differ, and how many groups were dropped."""
+    groups: dict[int, list[Rollout]] = {}
+    for r in rollouts:
+        groups.setdefault(r.group_id, []).append(r)
+    keep = [g for g in groups.values() if len({r.reward for r in g}) > 1]
+    return [r for g in keep for r in g], len(groups) - len(keep)
 
 
 def _load_tokenizer(model_path: str, model_dir):
