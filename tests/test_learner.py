@@ -1,6 +1,8 @@
 """The DeepSpeed learner on its own (no Ray actors): strictness, one step, ZeRO and
 micro-batch invariance, and engine/learner log-prob agreement."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -380,3 +382,20 @@ def test_fused_flow_pass_makes_the_same_update_with_one_forward_fewer(engine, st
         assert m1[key] == pytest.approx(m0[key], rel=1e-6, abs=1e-9), key
     for k in w0:
         torch.testing.assert_close(w1[k], w0[k], rtol=1e-6, atol=1e-8)
+
+
+def test_optimizer_aware_balance_zeroes_the_predicted_parameter_space_change(engine):
+    batch = _rollout_batch(engine)
+    learner = _build_learner(balance_mode="optimizer_aware")
+    for step in range(2):  # the second step reads AdamW's moments from the first
+        if step:
+            engine.load_weights(learner.policy_weights(), learner.weight_version)
+            batch = _rollout_batch(engine, seed=1)
+        metrics = learner.update_from_rollouts(batch, step)
+        lam = metrics["entropy_flow/lambda_optimizer_aware"]
+        assert -0.95 <= lam <= 0.95 and metrics["entropy_flow/lambda"] == lam
+        assert abs(metrics["entropy_flow/predicted_param_change"]) <= \
+            1e-3 * abs(metrics["entropy_flow/predicted_param_change_grpo"]) + 1e-12
+        assert metrics["learner/optimizer_steps"] == 1 and math.isfinite(metrics["learner/loss"])
+    with pytest.raises(Exception, match="balance_mode"):
+        _build_learner(balance_mode="optimizer_aware", zero_stage=2).config.validate()

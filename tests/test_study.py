@@ -61,11 +61,12 @@ def test_a_study_file_names_its_configs_and_values_and_bad_keys_are_refused(tmp_
         assert words in str(e.value), str(e.value)
 
 
-def test_the_shipped_entropy_rules_study_is_30_runs_of_500_iterations():
+def test_the_shipped_entropy_rules_study_is_33_runs_of_500_iterations():
     study = load_study("studies/entropy_rules")
     assert list(study.runs) == ["grpo_strict", "clip_higher", "entropy_bonus", "adaptive_entropy", "forking_tokens",
-                                "clip_cov", "opefo_paper", "opefo_exact", "opefo_guard", "opefo_closed_loop"]
-    assert len(study.grid()) == 30 and study.iterations == 500
+                                "clip_cov", "opefo_paper", "opefo_exact", "opefo_guard", "opefo_closed_loop",
+                                "opefo_optimizer_aware"]
+    assert len(study.grid()) == 33 and study.iterations == 500
     assert study.runs["opefo_closed_loop"][1] == {"balance_mode": "closed_loop"}
 
 

@@ -44,6 +44,7 @@ from opefo_rllib.algorithms.opefo.entropy_flow import (
     entropy_flow,
     flow_diagnostics,
     flow_totals,
+    lambda_star,
 )
 from opefo_rllib.learner.data_parallel import all_reduce_sum, padded_plan, reduce_floats, token_balanced_shards
 from opefo_rllib.learner.deepspeed_learner import DeepSpeedTorchLearner
@@ -190,9 +191,13 @@ class GRPOTorchLearner(DeepSpeedTorchLearner):
         if c.balance_mode == "closed_loop":  # lambda = f lambda*, f from the realized changes so far
             fraction = self.closed_loop_fraction
             cap = min(cap, _CLOSED_LOOP_MAX_LAMBDA) if cap is not None else _CLOSED_LOOP_MAX_LAMBDA
-        weights, bstats = balance_weights(flow.delta, mask, c.balance_mode, c.static_lambda, fraction, cap,
-                                          totals=flow.totals)
+        mode, static, aware = c.balance_mode, c.static_lambda, {}
+        if mode == "optimizer_aware" and not math.isnan(lambda_star(flow.totals)):
+            static, aware = self.optimizer_aware_lambda(batch, flow, cap if cap is not None else 0.95)
+            mode = "static"
+        weights, bstats = balance_weights(flow.delta, mask, mode, static, fraction, cap, totals=flow.totals)
         metrics = {f"entropy_flow/{key}": bstats[key] for key in _FLOW_STATS}
+        metrics.update(aware)
         metrics["entropy_flow/balance_fraction"] = float(fraction)
         metrics["entropy_flow/net"] = bstats["net_flow"]
         metrics["entropy_flow/weighted_net"] = bstats["weighted_net_flow"]
@@ -216,6 +221,40 @@ class GRPOTorchLearner(DeepSpeedTorchLearner):
                 weights = weights * (~off).to(weights.dtype)
                 metrics["rollout/offpolicy_masked_frac"] = float(off.sum()) / max(n_tok, 1.0)
         return weights, metrics
+
+    def optimizer_aware_lambda(self, batch: dict[str, Any], flow: "FlowPass", cap: float) -> tuple[float, dict]:
+        """lambda whose weighted gradient's AdamW step leaves the batch's mean entropy unchanged to
+        first order in parameter space (param_balance.py): the gradients of the unweighted loss, of
+        the sign(delta)-weighted loss and of the mean entropy, by ``torch.autograd.grad`` (no
+        DeepSpeed side effects), micro-batch by micro-batch; then a scalar root over lambda."""
+        from opefo_rllib.algorithms.opefo.param_balance import adamw_step, optimizer_aware_lambda
+
+        c = self.config
+        mask, adv = batch["response_mask"], batch["advantages"].float()
+        params = [p for p in self._module[DEFAULT_MODULE_ID].lm.parameters() if p.requires_grad]
+        settings = loss_settings(c.policy_loss, c)
+        counts = {"num_tokens": float(mask.sum()), "num_seqs": float(len(mask)), "norm_length": float(c.max_new_tokens)}
+        sums = [[torch.zeros_like(p) for p in params] for _ in range(3)]  # g_total, g_diff, grad H
+        sign = torch.sign(flow.delta) * mask
+        for rows, _ in self._plan(batch, torch.arange(len(mask)), collective=False):
+            stats, w = self._stats(batch, rows)
+            m = mask[rows, :w]
+            losses = [aggregate_loss(policy_loss(c.policy_loss, stats.logp, flow.logp[rows, :w], adv[rows], m,
+                                                 weights=wt, config=settings)[0], m, c.loss_agg_mode, **counts)
+                      for wt in (torch.ones_like(m), sign[rows, :w])]
+            losses.append((stats.entropy * m).sum() / max(counts["num_tokens"], 1.0))
+            for k, loss in enumerate(losses):
+                grads = torch.autograd.grad(loss, params, retain_graph=k < 2, allow_unused=True)
+                for acc, g in zip(sums[k], grads):
+                    if g is not None:
+                        acc += g
+        opt = self.get_optimizer(DEFAULT_MODULE_ID)
+        step_fn = adamw_step(params, [opt.state.get(p) or None for p in params], lr=self._lr(),
+                             betas=tuple(c.adam_betas), eps=c.adam_eps, weight_decay=c.weight_decay)
+        lam, info = optimizer_aware_lambda(sums[2], sums[0], sums[1], step_fn, cap=cap)
+        return lam, {"entropy_flow/lambda_optimizer_aware": lam,
+                     "entropy_flow/predicted_param_change": info["predicted_change"],
+                     "entropy_flow/predicted_param_change_grpo": info["predicted_change_grpo"]}
 
     def accumulate_gradients(self, batch: dict[str, Any], flow: "FlowPass", weights: torch.Tensor,
                              rows: torch.Tensor, generator: torch.Generator) -> tuple[float, list[dict]]:

@@ -24,7 +24,10 @@ side can be traded against it, so the balancing modes apply lambda = 0 (w = 1, a
 Modes: "two_sided" (OPEFO), "increase_only" (1 + lambda* on S+ only), "decrease_only"
 (1 - lambda* on S- only), "static" (a fixed lambda on both sides), "none" (w = 1: GRPO),
 "closed_loop" (two-sided weights with lambda = f lambda*, f set by the learner from the realized
-entropy changes; here it is "two_sided" with ``balance_fraction`` = f).
+entropy changes; here it is "two_sided" with ``balance_fraction`` = f), "optimizer_aware"
+(two-sided weights with the lambda that zeroes the predicted parameter-space entropy change of
+the optimizer's own step, param_balance.py; the learner passes it as "static"; here, without
+the learner's gradients, it falls back to lambda*).
 Guard rails (OPEFO.md section 8), off by default: ``balance_fraction`` f cancels only the
 fraction f of the net flow (lambda = f lambda*), ``max_abs_lambda`` caps |lambda|.
 
@@ -53,7 +56,7 @@ __all__ = [
 ]
 
 ESTIMATORS = ("paper", "single_logit", "exact")
-BALANCE_MODES = ("two_sided", "increase_only", "decrease_only", "static", "none", "closed_loop")
+BALANCE_MODES = ("two_sided", "increase_only", "decrease_only", "static", "none", "closed_loop", "optimizer_aware")
 
 
 class FlowTotals(NamedTuple):
@@ -195,8 +198,9 @@ def balance_weights(
     if totals is None:
         totals = flow_totals(delta, mask)
     lam = balance_lambda(totals, mode, static_lambda, balance_fraction, max_abs_lambda)
-    up = 1.0 + lam if mode in ("two_sided", "closed_loop", "increase_only", "static") else 1.0
-    down = 1.0 - lam if mode in ("two_sided", "closed_loop", "decrease_only", "static") else 1.0
+    two_sided = ("two_sided", "closed_loop", "optimizer_aware", "static")
+    up = 1.0 + lam if mode in two_sided or mode == "increase_only" else 1.0
+    down = 1.0 - lam if mode in two_sided or mode == "decrease_only" else 1.0
     d = delta.detach()
     m = mask.to(torch.bool)
     weights = torch.ones_like(d, dtype=torch.float32)

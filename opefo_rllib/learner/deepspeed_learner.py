@@ -97,7 +97,7 @@ class DeepSpeedTorchLearner(TorchLearner):
             "gradient_accumulation_steps": 1,
             "managed_gradient_accumulation": False,
             "gradient_clipping": float(c.grad_clip) if c.grad_clip else 0.0,
-            "zero_optimization": {"stage": int(c.zero_stage), **self._offload_config()},
+            "zero_optimization": {"stage": int(c.zero_stage), **self._bucket_config(), **self._offload_config()},
             # check_grad_overflow: ZeRO 2 skips a bf16 step whose gradient norm is not finite
             # (it always does in fp32); see optimizer_step.
             "bf16": {"enabled": bool(c.bf16), "check_grad_overflow": True},
@@ -106,6 +106,15 @@ class DeepSpeedTorchLearner(TorchLearner):
             "steps_per_print": 10**9,
             "wall_clock_breakdown": False,
         }
+
+    def _bucket_config(self) -> dict:
+        """Communication buckets no larger than the model. DeepSpeed's defaults (5e8 elements)
+        suit billions of parameters; ZeRO-3 allocates its reduce bucket eagerly, so a small model
+        paid 1.9 GB of host memory per learner for a bucket it never fills (and the tests, which
+        build many learners in one process, ran out of memory)."""
+        n = sum(p.numel() for p in self._module[DEFAULT_MODULE_ID].lm.parameters())
+        size = int(min(5e8, max(n, 1_000_000)))
+        return {"reduce_bucket_size": size, "allgather_bucket_size": size, "stage3_prefetch_bucket_size": size}
 
     def _offload_config(self) -> dict:
         """ZeRO-Offload of the optimizer (fp32 master weights + Adam states) to CPU memory, and
