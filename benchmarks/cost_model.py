@@ -119,13 +119,40 @@ def check_against_cpu() -> list[str]:
     return lines
 
 
+def pipeline_table(learners: int = 4, engines: int = 4) -> list[str]:
+    """Iteration time of the sync and async pipelines for the 7B recipe (4 learners + 4 engines on
+    one node), from stated rates; see docs/pipeline.md for what each assumption stands on."""
+    m = MODELS[-1]
+    samples, prompt, mean_resp, max_resp = 256, 200, 1500, 3000  # 32 prompts x 8; DAPO-Math answer lengths
+    tokens = samples * (prompt + mean_resp)
+    peak, mfu = 989e12, 0.35  # H100 bf16 dense peak, a typical learner MFU with gradient checkpointing
+    fwd_bwd = 8 * m.params * tokens  # 2 fwd + 4 bwd + 2 recompute (gradient checkpointing) per token
+    flow_fwd = 2 * m.params * tokens  # the flow pass (0 when fused: one micro-batch only, not at 7B)
+    realized_fwd = 2 * m.params * tokens  # measure_realized_change's re-scoring
+    learn = (fwd_bwd + flow_fwd + realized_fwd) / (learners * peak * mfu)
+    per_engine_tps, per_seq_tps = 2500.0, 35.0  # vLLM decode, 64 sequences per engine; one sequence's speed
+    gen = max(samples * mean_resp / (engines * per_engine_tps), max_resp / per_seq_tps)
+    sync = sync_seconds(m, LINKS["NVLink (H100 node, ~150 GB/s effective broadcast)"], learners, 3)
+    out = ["", f"Pipelines, {m.name}, {learners} learners + {engines} engines (stated rates: learner MFU {mfu:.0%} "
+           f"of {peak / 1e12:.0f} TFLOP/s, vLLM {per_engine_tps:.0f} tokens/s per engine and {per_seq_tps:.0f} tokens/s "
+           f"per sequence, {samples} answers of {mean_resp} tokens on average, {max_resp} at most):", "",
+           "| pipeline | generate | learn | sync | iteration | engine idle |", "|---|---|---|---|---|---|"]
+    for name, step in (("sync", gen + learn + sync), ("async (k = 1)", max(gen, learn) + sync)):
+        out.append(f"| {name} | {gen:.1f} s | {learn:.1f} s | {sync:.2f} s | {step:.1f} s | {1 - gen / step:.0%} |")
+    out.append(f"async / sync = {(max(gen, learn) + sync) / (gen + learn + sync):.2f}: the overlap pays most when "
+               "generation and learning take similar times; the longest answer bounds generation "
+               f"({max_resp / per_seq_tps:.0f} s here), so more engines stop helping before more learners do.")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--learners", default="1,4,8")
     ap.add_argument("--tokens", type=int, default=16384, help="tokens per micro-batch (max_tokens_per_micro_batch)")
     args = ap.parse_args()
     learners = [int(x) for x in args.learners.split(",")]
-    print("\n".join(memory_table(learners, args.tokens) + sync_table(learners) + check_against_cpu()))
+    print("\n".join(memory_table(learners, args.tokens) + sync_table(learners) + check_against_cpu()
+                    + pipeline_table()))
 
 
 if __name__ == "__main__":

@@ -184,10 +184,15 @@ def _runner(env):
     from opefo_rllib.rollout.prompts import PromptBuilder
 
     runner = LLMEnvRunner.__new__(LLMEnvRunner)  # skips Ray and the engines; sample() needs only these
-    runner.config = SimpleNamespace(env="test/Fake-v0", prompts_per_batch=2, group_size=2, seed=0)
+    from opefo_rllib.config import SECTIONS
+
+    pipeline_defaults = {f.name: f.default for f in SECTIONS["rollout"].fields()}  # sync, no filtering
+    runner.config = SimpleNamespace(env="test/Fake-v0", prompts_per_batch=2, group_size=2, seed=0, max_new_tokens=8,
+                                    **pipeline_defaults)
     runner.env, runner.fleet, runner.tokenizer, runner.sampling = env, _FakeFleet(), _FakeTokenizer(), None
     runner.prompts = PromptBuilder(runner.tokenizer, PromptSettings())  # raw prompts, no length limit
     runner._next_group_id, runner._sample_calls, runner.last_timings, runner.last_metrics = 0, 0, {}, {}
+    runner._ahead = runner._state_before_ahead = None
     runner.num_env_steps_sampled_lifetime = 0
     return runner
 
@@ -278,7 +283,9 @@ def test_runner_publishes_skipped_rows_in_last_metrics():
     runner = _runner(_SkippingEnv())
     rollouts = runner.sample()
     assert len(rollouts) == 4 and all(r.reward == 1.0 for r in rollouts)  # the fake engine answers "2"
-    assert runner.last_metrics == {"data/skipped_rows": 3.0, "rollout/prompts_skipped_too_long": 0.0}
+    assert runner.last_metrics == {"data/skipped_rows": 3.0, "rollout/prompts_skipped_too_long": 0.0,
+                                   "rollout/groups_filtered": 0.0, "rollout/refill_rounds": 0.0,
+                                   "rollout/batch_shortfall": 0.0}
 
 
 # --------------------------------------------------------------------------- 5. workers close with the env
