@@ -201,6 +201,7 @@ def test_each_balance_mode_does_what_the_spec_says():
         "none": (1.0, 1.0),
         "two_sided": (1 + lam, 1 - lam),
         "closed_loop": (1 + lam, 1 - lam),  # with its fraction f = 1 (the learner sets f)
+        "optimizer_aware": (1 + lam, 1 - lam),  # without the learner's gradients: lambda* (the learner passes its own)
     }
     assert set(expect) == set(BALANCE_MODES)
     for mode, (up, down) in expect.items():
