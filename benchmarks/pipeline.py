@@ -9,6 +9,8 @@ in the same Ray session, medians over ``iterations`` after ``warmup``:
 * sync, unfused   - the sync pipeline as it was (a separate no-grad flow pass: fuse_flow_pass off)
 * sync            - the sync pipeline with the profile's fix (the flow pass's forward is the training one)
 * async (k = 1)   - one batch ahead: generation overlaps the update (strict_on_policy off)
+* ..., 2 thr      - the same with 2 torch threads in the learner (the default is 1: one core each
+                    for the learner and the engine)
 
 Prints seconds per iteration, engine idle fraction (1 - the engine's own generation time / the
 iteration), learner time, and each variant's time relative to both sync variants.
@@ -26,6 +28,8 @@ VARIANTS = {
     "sync, unfused": ["fuse_flow_pass=false"],
     "sync": [],
     "async (k = 1)": ["pipeline=async", "strict_on_policy=false", "max_staleness=1"],
+    "sync, 2 thr": ["learner_num_threads=2"],
+    "async, 2 thr": ["pipeline=async", "strict_on_policy=false", "max_staleness=1", "learner_num_threads=2"],
 }
 
 
