@@ -327,7 +327,10 @@ class GRPO(Algorithm):
         """RLlib saves learner 0's state; with several learners (or ZeRO-3) that state needs every
         learner at once (gathered ZeRO-3 weights, each rank's optimizer shard): stage it first."""
         self.run_on_learner(_stage_state, what="collecting the learner state for a checkpoint")
-        return super().save_to_path(path, *args, **kwargs)
+        try:
+            return super().save_to_path(path, *args, **kwargs)
+        finally:  # a later get_state() must not see this checkpoint's state
+            self.run_on_learner(_clear_staged_state, what="releasing the staged learner state")
 
     def export_policy(self, directory: str) -> str:
         """Write the current policy in Hugging Face format (safetensors + config + tokenizer)."""
@@ -346,6 +349,10 @@ class GRPO(Algorithm):
 
 def _stage_state(learner) -> None:
     learner.stage_state()
+
+
+def _clear_staged_state(learner) -> None:
+    learner.clear_staged_state()
 
 
 def _rank0_result(results, num_learners: int, what: str = "a learner call", timeout_s: float | None = None):

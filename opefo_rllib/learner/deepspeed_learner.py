@@ -241,9 +241,15 @@ class DeepSpeedTorchLearner(TorchLearner):
     def stage_state(self) -> None:
         """Collect the whole learner state now, on every learner at once (the collectives need all
         ranks), and keep it on rank 0 for the next ``get_state()``. The Algorithm calls this on
-        every learner before a checkpoint; with one learner it is optional."""
+        every learner before a checkpoint; with one learner there is nothing to stage (no copy kept)."""
+        if self.dp_world == 1:
+            self._staged_state = None
+            return
         state = self._collect_state(None, None)
         self._staged_state = state if self.dp_rank == 0 else None
+
+    def clear_staged_state(self) -> None:
+        self._staged_state = None
 
     def _needs_all_ranks(self, components, not_components) -> bool:
         from ray.rllib.core import COMPONENT_OPTIMIZER, COMPONENT_RL_MODULE
