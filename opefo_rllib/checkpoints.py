@@ -31,7 +31,7 @@ RUN_FILE = "opefo_run.json"
 LATEST = "latest"
 FORMAT = 2
 # Keys a resumed run may change: how long it runs, where and how often it logs, saves and
-# evaluates, and timeouts. Anything else (model, env, batch shape, objective, optimiser) would make the resumed
+# evaluates, which sets it evaluates, and timeouts. Anything else (model, env, batch shape, objective, optimiser) would make the resumed
 # run a different experiment, so it is refused naming the field.
 SAFE_ON_RESUME = frozenset({
     "iterations", "checkpoint_every", "logdir", "ray", "base", "tensorboard_dir", "log_text_every",

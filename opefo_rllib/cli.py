@@ -26,7 +26,8 @@ def shipped_configs() -> Path:
     return Path(str(importlib.resources.files("opefo_rllib.configs")))
 
 
-def _default_config() -> Path:
+def default_config() -> Path:
+    """The run config ``opefo train`` uses without ``--config``: the tiny CPU default."""
     return shipped_configs() / "tiny_cpu.yaml"
 
 
@@ -56,7 +57,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def _config_paths(args: argparse.Namespace) -> list[Path]:
-    return [resolve_config(c) for c in args.config] if args.config else [_default_config()]
+    return [resolve_config(c) for c in args.config] if args.config else [default_config()]
 
 
 def _resolve(args: argparse.Namespace):
@@ -158,12 +159,10 @@ def _train_setup(args: argparse.Namespace):
 def _eval_line(result: dict, iteration: int) -> str:
     """The accuracies of an in-training evaluation, one line, in a fixed order (all of it is in
     TensorBoard and RUN/eval/)."""
-    def rank(key: str):
-        name, metric = key[len("eval/"):].rsplit("/", 1)
-        kind = next((i for i, prefix in enumerate(("greedy_acc", "avg@", "pass@")) if metric.startswith(prefix)), None)
-        return name, kind, metric
+    from opefo_rllib.evaluation.compare import eval_metric_rank
 
-    keys = sorted((k for k in result if k.startswith("eval/") and rank(k)[1] is not None), key=rank)
+    keys = sorted((k for k in result if k.startswith("eval/") and eval_metric_rank(k)[1] is not None),
+                  key=eval_metric_rank)
     return f"  eval {iteration:4d}  " + "  ".join(f"{k[len('eval/'):]} {result[k]:.3f}" for k in keys)
 
 
@@ -249,11 +248,11 @@ def _eval_tasks(args: argparse.Namespace, exclude_draws: int) -> list:
 
 def _eval_spec(args: argparse.Namespace):
     """The EvalSpec of ``opefo eval``'s options; errors name the options."""
-    from opefo_rllib.evaluation.spec import EvalSpec, parse_pass_k
+    from opefo_rllib.evaluation.spec import EvalSpec, default_pass_k, parse_pass_k
 
     if args.num_engines < 1 or (args.num_problems is not None and args.num_problems < 1):
         raise UserError("--num-engines and --num-problems must be >= 1")
-    pass_k = parse_pass_k(args.pass_k) if args.pass_k else (parse_pass_k([1, args.samples]) if args.samples else ())
+    pass_k = parse_pass_k(args.pass_k if args.pass_k else default_pass_k(args.samples))
     try:
         return EvalSpec(samples=args.samples, pass_k=pass_k, greedy=args.greedy, temperature=args.temperature,
                         max_new_tokens=args.max_new_tokens, seed=args.seed)

@@ -209,9 +209,9 @@ def load_study(name: str | os.PathLike) -> Study:
         _check_keys(spec, RUN_KEYS, where)
         configs = base + [_resolve_config(str(c), path.parent, where) for c in _as_list(spec.get("config"), where)]
         if not configs:
-            from opefo_rllib.cli import shipped_configs
+            from opefo_rllib.cli import default_config
 
-            configs = [shipped_configs() / "tiny_cpu.yaml"]  # what `opefo train` runs without --config
+            configs = [default_config()]  # what `opefo train` runs without --config
         sets = {**common, **_set_mapping(spec.get("set"), f"{where}: set")}
         try:
             apply_overrides(load_run_config(configs), [f"{k}={_set_value(v)}" for k, v in sets.items()])
@@ -367,7 +367,7 @@ def run_study(study: Study, out: Path, parallel: int = 1, dry_run: bool = False,
 
 def _execute(study: Study, out: Path, todo: list[tuple[StudyRun, RunState]], parallel: int):
     """Run ``todo``, ``parallel`` at a time; the failed runs, or None after Ctrl-C."""
-    done_before = sum(1 for run in study.grid()) - len(todo)
+    done_before = len(study.grid()) - len(todo)
     print(f"opefo study: {study.path.name}: {len(todo)} to run ({done_before} done already), "
           f"{parallel} at a time, in {out}", flush=True)
     pending, running, failed, finished = list(todo), [], [], 0

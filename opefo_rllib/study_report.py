@@ -28,7 +28,7 @@ from typing import Sequence
 import numpy as np
 
 from opefo_rllib.config import ConfigError
-from opefo_rllib.evaluation.compare import TRAINING_TAGS, Series, plot_runs, read_scalars
+from opefo_rllib.evaluation.compare import TRAINING_TAGS, Series, eval_metric_rank, plot_runs, read_scalars
 
 __all__ = ["seed_summary", "summary_table", "mean_curves", "write_report", "DASH"]
 
@@ -160,13 +160,7 @@ def _cell(values: Sequence[float], kind: str = "num", seeds: int | None = None) 
 
 def _eval_columns(summaries: dict[str, list[dict[str, float]]]) -> list[str]:
     keys = {k for rows in summaries.values() for row in rows for k in row if k.startswith("eval/")}
-
-    def rank(key: str):
-        task, metric = key[len("eval/"):].rsplit("/", 1)
-        kind = next(i for i, p in enumerate(("greedy_acc", "avg@", "pass@")) if metric.startswith(p))
-        return task, kind, metric
-
-    return sorted(keys, key=rank)
+    return sorted(keys, key=eval_metric_rank)
 
 
 def _pair(col: dict[str, str], metric: str) -> str:

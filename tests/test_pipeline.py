@@ -25,7 +25,7 @@ def test_overlong_penalty_is_zero_before_the_buffer_and_linear_inside_it():
 def test_zero_variance_groups_are_dropped_whole():
     rollouts = [_rollout(0, 1.0), _rollout(0, 1.0), _rollout(1, 0.0), _rollout(1, 1.0), _rollout(2, 0.0),
                 _rollout(2, 0.0)]
-    kept, dropped = _drop_zero_variance(rollouts, 2)
+    kept, dropped = _drop_zero_variance(rollouts)
     assert dropped == 2 and {r.group_id for r in kept} == {1} and len(kept) == 2
 
 

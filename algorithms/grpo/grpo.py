@@ -368,8 +368,9 @@ def _rank0_result(results, num_learners: int, what: str = "a learner call", time
     if failed or missing:
         died = [r for r in failed if isinstance(r.get(), ray.exceptions.RayActorError)]
         parts = [f"learner {r.actor_id} of {num_learners} died during {what}" for r in died]
-        parts += [f"learner(s) {missing} of {num_learners} did not answer {what} within learner_timeout_s = "
-                  f"{timeout_s} s" for _ in missing[:1]]
+        if missing:
+            parts.append(f"learner(s) {missing} of {num_learners} did not answer {what} within learner_timeout_s = "
+                         f"{timeout_s} s")
         parts += [f"learner {r.actor_id} of {num_learners} failed during {what}: {_last_line(r.get())}"
                   for r in failed if r not in died]
         raise LearnerFailedError("; ".join(parts)) from (failed[0].get() if failed else None)

@@ -65,6 +65,10 @@ class FlowPass:
     delta: torch.Tensor
     totals: FlowTotals
 
+    def mean_entropy(self, mask: torch.Tensor) -> float:
+        """The batch's mean response-token entropy (as sampled)."""
+        return float((self.entropy * mask).sum()) / max(float(mask.sum()), 1.0)
+
 
 _CLOSED_LOOP_MAX_LAMBDA = 0.95  # f > 1 may push |f lambda*| towards 1, where one side's weight vanishes
 
@@ -144,7 +148,7 @@ class GRPOTorchLearner(DeepSpeedTorchLearner):
         ids, attn = batch["input_ids"][rows], batch["attention_mask"][rows]
         width = int(attn.sum(-1).max())  # drop all-padding columns of this micro-batch
         stats = module.sequence_token_stats(ids[:, :width], attn[:, :width], self.config.temperature,
-                                            use_full_logits=int(self.config.zero_stage) == 3)
+                                            use_full_logits=self._zero3)
         return stats, width - 1
 
     def _fusable(self, batch: dict[str, Any]) -> bool:
@@ -233,7 +237,7 @@ class GRPOTorchLearner(DeepSpeedTorchLearner):
         mask, adv = batch["response_mask"], batch["advantages"].float()
         params = [p for p in self._module[DEFAULT_MODULE_ID].lm.parameters() if p.requires_grad]
         settings = loss_settings(c.policy_loss, c)
-        counts = {"num_tokens": float(mask.sum()), "num_seqs": float(len(mask)), "norm_length": float(c.max_new_tokens)}
+        counts = self._loss_counts(mask, torch.arange(len(mask)))
         sums = [[torch.zeros_like(p) for p in params] for _ in range(3)]  # g_total, g_diff, grad H
         sign = torch.sign(flow.delta) * mask
         for rows, _ in self._plan(batch, torch.arange(len(mask)), collective=False):
@@ -256,6 +260,11 @@ class GRPOTorchLearner(DeepSpeedTorchLearner):
                      "entropy_flow/predicted_param_change": info["predicted_change"],
                      "entropy_flow/predicted_param_change_grpo": info["predicted_change_grpo"]}
 
+    def _loss_counts(self, mask: torch.Tensor, rows: torch.Tensor) -> dict[str, float]:
+        """The aggregation denominators of a loss over ``rows`` (global: all of them, on every learner)."""
+        return {"num_tokens": float(mask[rows].sum()), "num_seqs": float(len(rows)),
+                "norm_length": float(self.config.max_new_tokens)}
+
     def accumulate_gradients(self, batch: dict[str, Any], flow: "FlowPass", weights: torch.Tensor,
                              rows: torch.Tensor, generator: torch.Generator) -> tuple[float, list[dict]]:
         """Backward of the weighted policy loss over ``rows``, micro-batch by micro-batch, with the
@@ -264,8 +273,7 @@ class GRPOTorchLearner(DeepSpeedTorchLearner):
         c = self.config
         mask, adv = batch["response_mask"], batch["advantages"].float()
         settings = loss_settings(c.policy_loss, c)
-        counts = {"num_tokens": float(mask[rows].sum()), "num_seqs": float(len(rows)),
-                  "norm_length": float(c.max_new_tokens)}
+        counts = self._loss_counts(mask, rows)
         loss_total, loss_metrics, keys = 0.0, [], set()
         for micro, filler in self._plan(batch, rows):
             kept, self._kept_forward = self._kept_forward, None
@@ -284,7 +292,7 @@ class GRPOTorchLearner(DeepSpeedTorchLearner):
                 loss = loss * 0.0
             # DeepSpeed averages gradients over learners; the loss is already a share of the
             # global sum (global counts), so x world makes the reduced gradient that sum's.
-            self.ds_engine.backward(loss * self.dp_world if self.dp_world > 1 else loss, scale_wrt_gas=False)
+            self.ds_engine.backward(loss * self.dp_world, scale_wrt_gas=False)
             keys.update(lm)  # the same on every learner (fillers included), so the reduce below matches
             if not filler:
                 loss_total += float(loss.detach())
@@ -344,7 +352,7 @@ class GRPOTorchLearner(DeepSpeedTorchLearner):
         predicted flow; this measures what the optimizer really did to the entropy)."""
         mask = batch["response_mask"]
         n_tok = max(float(mask.sum()), 1.0)
-        before = float((flow.entropy * mask).sum()) / n_tok
+        before = flow.mean_entropy(mask)
         after_sum = 0.0
         with torch.no_grad():
             for rows, filler in self._plan(batch, torch.arange(len(mask)), collective=self._zero3):
@@ -388,7 +396,7 @@ class GRPOTorchLearner(DeepSpeedTorchLearner):
         mask, n = batch["response_mask"], batch["input_ids"].shape[0]
         n_tok = float(mask.sum())
         metrics = flow_diagnostics(flow.logp, flow.entropy, batch["advantages"].float(), mask, flow.expected_s)
-        metrics["policy/entropy"] = float((flow.entropy * mask).sum()) / max(n_tok, 1.0)
+        metrics["policy/entropy"] = flow.mean_entropy(mask)
         gap = (flow.logp - batch["sampling_logp"]).abs() * mask
         metrics["rollout/logprob_gap_mean"] = float(gap.sum()) / max(n_tok, 1.0)
         metrics["rollout/logprob_gap_max"] = float(gap.max()) if n_tok else 0.0
@@ -403,8 +411,7 @@ class GRPOTorchLearner(DeepSpeedTorchLearner):
         self.ds_engine.train()
         flow = self.flow_pass(batch)
         if self.config.adaptive_entropy:
-            mask = batch["response_mask"]
-            self.update_entropy_coef(float((flow.entropy * mask).sum()) / max(float(mask.sum()), 1.0))
+            self.update_entropy_coef(flow.mean_entropy(batch["response_mask"]))
         weights, metrics = self.token_weights(batch, flow)
         if self.config.adaptive_entropy:
             metrics["learner/entropy_coef"] = self.adaptive_entropy_coef

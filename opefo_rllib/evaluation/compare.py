@@ -14,7 +14,8 @@ from typing import Sequence
 
 from opefo_rllib.config.fields import ConfigError
 
-__all__ = ["TRAINING_TAGS", "EVAL_METRICS", "read_scalars", "compare_runs", "plot_runs", "first_last_table"]
+__all__ = ["TRAINING_TAGS", "EVAL_METRICS", "read_scalars", "compare_runs", "plot_runs", "first_last_table",
+           "eval_metric_rank"]
 
 TRAINING_TAGS = ("rollout/reward_mean", "policy/entropy", "entropy_flow/lambda")
 Series = dict[str, tuple[list[int], list[float]]]  # tag -> (steps, values)
@@ -39,6 +40,15 @@ def read_scalars(run_dir: str | Path) -> Series:
 
 
 EVAL_METRICS = ("greedy_acc", "avg@", "pass@", "maj@")  # the eval/NAME/<metric> curves worth a panel
+_ACCURACIES = ("greedy_acc", "avg@", "pass@")  # the ones a one-line summary or a study table shows
+
+
+def eval_metric_rank(key: str) -> tuple[str, int | None, str]:
+    """Sort key of an ``eval/NAME/metric`` tag: by task, then greedy, avg@, pass@ (kind None for
+    any other metric)."""
+    name, metric = key[len("eval/"):].rsplit("/", 1)
+    kind = next((i for i, prefix in enumerate(_ACCURACIES) if metric.startswith(prefix)), None)
+    return name, kind, metric
 
 
 def _tags(runs: dict[str, Series]) -> list[str]:

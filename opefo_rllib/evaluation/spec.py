@@ -64,6 +64,11 @@ class EvalSpec:
             raise ConfigError("max_new_tokens and chunk_problems must be >= 1")
 
 
+def default_pass_k(samples: int) -> list[int]:
+    """pass@1 and pass@samples when sampling, none otherwise."""
+    return [1, samples] if samples else []
+
+
 def parse_pass_k(text: str | Sequence[int]) -> tuple[int, ...]:
     """``"1,8"`` or ``[1, 8]`` -> (1, 8), sorted, duplicates removed."""
     items = text.split(",") if isinstance(text, str) else list(text)
@@ -121,7 +126,7 @@ def parse_eval_task(entry: Any, index: int, temperature: float = 1.0, max_new_to
         raise ConfigError(f"{where}: 'greedy' must be true or false")
     name = entry.get("name") or (task if task is not None else Path(files[0]).stem)
     try:
-        pass_k = parse_pass_k(entry.get("pass_k", [1, samples] if samples else []))
+        pass_k = parse_pass_k(entry.get("pass_k", default_pass_k(samples)))
         spec = EvalSpec(samples=samples, pass_k=pass_k, greedy=greedy, temperature=temperature,
                         max_new_tokens=max_new_tokens, seed=seed, stop_token_ids=tuple(stop_token_ids))
     except ConfigError as e:

@@ -38,7 +38,8 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32):
 def load_policy(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Any, ModelTokenizer]:
     """Load (model, tokenizer) from a local directory; the tokenizer is the character one if
     present, else the directory's Hugging Face tokenizer (see ``load_tokenizer``)."""
-    return load_model(path, dtype), load_tokenizer(resolve_model_path(path))
+    directory = resolve_model_path(path)
+    return load_model(directory, dtype), load_tokenizer(directory)
 
 
 def load_policy_weights(model, weights, where: str) -> None:

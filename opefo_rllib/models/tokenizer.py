@@ -2,8 +2,10 @@
 the one seam that opens any model directory's tokenizer.
 
 Character tokenizer ids: 0 <pad>, 1 <bos>, 2 <eos>, 3 <unk>, then one id per character of the
-vocabulary. The engines and the learner exchange token ids only, so no Hugging Face tokenizer
-quirk (transformers 5.x rebuilding a byte-level BPE for a qwen2 folder) can change what is scored.
+vocabulary. The engines and the learner exchange token ids only. A Hugging Face directory's
+tokenizer is checked against its own tokenizer.json (``_check_agrees_with_tokenizer_json``): a
+loader quirk (transformers 5.x rebuilding a byte-level BPE for a qwen2 folder) would otherwise
+change the ids, and so what is scored.
 """
 
 from __future__ import annotations

@@ -116,7 +116,7 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
         filtered = rounds = 0
         skipped_long = started.draw.skipped_too_long
         if c.filter_groups == "zero_variance":
-            rollouts, dropped = _drop_zero_variance(rollouts, c.group_size)
+            rollouts, dropped = _drop_zero_variance(rollouts)
             filtered += dropped
             while dropped and rounds < c.max_refill_rounds:
                 rounds += 1
@@ -124,7 +124,7 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
                 skipped_long += refill.draw.skipped_too_long
                 extra, extra_gen = self._collect(refill)
                 gen = {k: gen[k] + extra_gen[k] for k in gen}
-                extra, dropped = _drop_zero_variance(extra, c.group_size)
+                extra, dropped = _drop_zero_variance(extra)
                 filtered += dropped
                 rollouts += extra
         shortfall = c.prompts_per_batch - len({r.group_id for r in rollouts})
@@ -273,7 +273,7 @@ def overlong_penalty(n_tokens: int, c: Any) -> float:
     return float(c.overlong_penalty) * min(max(excess, 0), buffer) / buffer
 
 
-def _drop_zero_variance(rollouts: list[Rollout], group_size: int) -> tuple[list[Rollout], int]:
+def _drop_zero_variance(rollouts: list[Rollout]) -> tuple[list[Rollout], int]:
     """The rollouts of groups whose rewards differ, and how many groups were dropped."""
     groups: dict[int, list[Rollout]] = {}
     for r in rollouts:
