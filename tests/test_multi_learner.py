@@ -165,3 +165,20 @@ def test_a_learner_killed_mid_update_is_an_error_naming_it_within_the_timeout(ra
     assert time.monotonic() - start < 40
     message = str(err.value)
     assert message.startswith("learner 1 of 2 died during the update of iteration 1"), message
+
+
+def test_a_users_bpe_model_trains_on_two_zero3_learners_and_resumes(tmp_path):
+    """What a user brings: a Qwen2 model with a BPE tokenizer and a chat template, answers up to
+    48 tokens, two learners under ZeRO-3 (the 7B recipe's layout), checkpoint and resume."""
+    from bpe_fixture import build_bpe_model
+
+    model = build_bpe_model(tmp_path / "qwen2_bpe")
+    run = ["--set", f"model_path={model}", "--set", "prompt_format=chat", "--set", "max_new_tokens=48",
+           "--set", "prompts_per_batch=4", "--set", "group_size=4", "--set", "ray={num_cpus: 2}", "--set",
+           "log_text_every=0", "--set", "eval_every=0", "--set", "eval_before_train=false", "--set", "num_learners=2",
+           "--set", "num_cpus_per_learner=0.25", "--set", "zero_stage=3", "--set", "iterations=2",
+           "--set", "checkpoint_every=1", "--set", f"logdir={tmp_path / 'run'}"]
+    straight = _cli(*run, cwd=tmp_path)
+    resumed = _cli("--resume", str(tmp_path / "run" / "checkpoints" / "iter_000001"), cwd=tmp_path)
+    assert "at iteration 1" in resumed
+    assert _line(resumed, 2) == _line(straight, 2)

@@ -265,6 +265,14 @@ class DeepSpeedTorchLearner(TorchLearner):
         if self._staged_state is not None and components is None and not not_components:
             state, self._staged_state = self._staged_state, None
             return state
+        if kwargs.get("inference_only") and self.dp_world > 1 and int(self.config.zero_stage) == 3:
+            # RLlib syncing its EnvRunners (Algorithm.setup asks learner 0 alone): they hold no copy
+            # of this learner-only module (the engines get weights through WeightSync), so the
+            # module is left out rather than gathered, which would need every learner.
+            from ray.rllib.core import COMPONENT_OPTIMIZER, COMPONENT_RL_MODULE
+
+            skip = [*(not_components or []), COMPONENT_RL_MODULE, COMPONENT_OPTIMIZER]
+            return TorchLearner.get_state(self, components, not_components=skip, **kwargs)
         if self._needs_all_ranks(components, not_components):
             raise LearnerStateError(
                 f"learner {self.dp_rank} of {self.dp_world}: with ZeRO stage {self.config.zero_stage} the module "
