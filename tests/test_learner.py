@@ -384,18 +384,40 @@ def test_fused_flow_pass_makes_the_same_update_with_one_forward_fewer(engine, st
         torch.testing.assert_close(w1[k], w0[k], rtol=1e-6, atol=1e-8)
 
 
-def test_optimizer_aware_balance_zeroes_the_predicted_parameter_space_change(engine):
-    batch = _rollout_batch(engine)
-    learner = _build_learner(balance_mode="optimizer_aware")
-    for step in range(2):  # the second step reads AdamW's moments from the first
-        if step:
-            engine.load_weights(learner.policy_weights(), learner.weight_version)
-            batch = _rollout_batch(engine, seed=1)
-        metrics = learner.update_from_rollouts(batch, step)
+def _optimizer_aware_steps(**overrides) -> list[dict]:
+    """Two optimizer-aware updates (the second reads AdamW's moments from the first), each on a
+    batch sampled from the learner's current weights."""
+    engine = make_engine()
+    learner = _build_learner(balance_mode="optimizer_aware", **overrides)
+    out = []
+    for step in range(2):
+        engine.load_weights(learner.policy_weights(), learner.weight_version)
+        out.append(learner.update_from_rollouts(_rollout_batch(engine, seed=step), step))
+    return out
+
+
+def test_optimizer_aware_balance_zeroes_the_predicted_parameter_space_change():
+    for metrics in _optimizer_aware_steps():
         lam = metrics["entropy_flow/lambda_optimizer_aware"]
         assert -0.95 <= lam <= 0.95 and metrics["entropy_flow/lambda"] == lam
         assert abs(metrics["entropy_flow/predicted_param_change"]) <= \
             1e-3 * abs(metrics["entropy_flow/predicted_param_change_grpo"]) + 1e-12
         assert metrics["learner/optimizer_steps"] == 1 and math.isfinite(metrics["learner/loss"])
     with pytest.raises(Exception, match="balance_mode"):
-        _build_learner(balance_mode="optimizer_aware", zero_stage=2).config.validate()
+        _build_learner(balance_mode="optimizer_aware", zero_stage=3).config.validate()
+
+
+def test_optimizer_aware_balance_reads_adams_state_from_zero_1_and_2_partitions():
+    """ZeRO 1-2 keep AdamW's moments in flat fp32 partitions; the balance reassembles them per
+    parameter and must choose the lambda ZeRO-0 chooses (step 2 is the one that reads them)."""
+    keys = ("entropy_flow/lambda_optimizer_aware", "entropy_flow/predicted_param_change_grpo", "learner/grad_norm")
+    reference = _optimizer_aware_steps(zero_stage=0, adam_eps=1e-3)
+    assert reference[1]["entropy_flow/lambda_optimizer_aware"] != reference[0]["entropy_flow/lambda_optimizer_aware"]
+    for stage in (1, 2):
+        got = _optimizer_aware_steps(zero_stage=stage, adam_eps=1e-3)
+        for ref, m in zip(reference, got):
+            for key in keys:
+                assert m[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-9), (stage, key)
+    bf16 = _optimizer_aware_steps(zero_stage=2, bf16=True)  # bf16 model, fp32 master weights and moments
+    for m in bf16:
+        assert -0.95 <= m["entropy_flow/lambda_optimizer_aware"] <= 0.95 and math.isfinite(m["learner/loss"])

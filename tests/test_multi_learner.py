@@ -84,6 +84,25 @@ def test_two_learners_make_the_one_learner_update(ray_session, stage):
     assert any(not torch.equal(w1[k], w) for k, w in _build_learner().policy_weights().items())  # it moved
 
 
+def test_two_zero2_learners_choose_the_one_learner_optimizer_aware_lambda(ray_session):
+    """The balance's three gradients are summed over the learners, and AdamW's moments are
+    reassembled from both learners' ZeRO-2 partitions (step 2 reads them)."""
+    engine = make_engine()
+    one = _build_learner(zero_stage=0, micro_batch_size=5, adam_eps=ADAM_EPS, balance_mode="optimizer_aware")
+    group = _group(2, zero_stage=2, balance_mode="optimizer_aware")
+    try:
+        for step in range(2):
+            engine.load_weights(one.policy_weights(), one.weight_version)
+            batch = _rollout_batch(engine, prompts=6, group=4, seed=step)
+            m1 = one.update_from_rollouts(batch, step)
+            m2 = _on_all(group, lambda learner, b=batch, s=step: learner.update_from_rollouts(b, s), what="the update")
+            for key in ("entropy_flow/lambda_optimizer_aware", "entropy_flow/predicted_param_change_grpo",
+                        "learner/grad_norm"):
+                assert m2[key] == pytest.approx(m1[key], rel=1e-4, abs=1e-9), (step, key)
+    finally:
+        group.shutdown()
+
+
 # ---------------------------------------------------------------------------- the CLI, end to end
 SMALL = ["--set", "prompts_per_batch=4", "--set", "group_size=4", "--set", "max_new_tokens=6", "--set",
          "ray={num_cpus: 2}", "--set", "log_text_every=0", "--set", "eval_every=0", "--set", "iterations=3"]

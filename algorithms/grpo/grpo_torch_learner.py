@@ -46,7 +46,8 @@ from opefo_rllib.algorithms.opefo.entropy_flow import (
     flow_totals,
     lambda_star,
 )
-from opefo_rllib.learner.data_parallel import all_reduce_sum, padded_plan, reduce_floats, token_balanced_shards
+from opefo_rllib.learner.data_parallel import (all_reduce_sum, all_reduce_sum_tensors, padded_plan, reduce_floats,
+                                               token_balanced_shards)
 from opefo_rllib.learner.deepspeed_learner import DeepSpeedTorchLearner
 
 __all__ = ["GRPOTorchLearner", "StaleBatchError", "FlowPass", "pack_by_tokens", "high_entropy_tokens"]
@@ -230,7 +231,10 @@ class GRPOTorchLearner(DeepSpeedTorchLearner):
         """lambda whose weighted gradient's AdamW step leaves the batch's mean entropy unchanged to
         first order in parameter space (param_balance.py): the gradients of the unweighted loss, of
         the sign(delta)-weighted loss and of the mean entropy, by ``torch.autograd.grad`` (no
-        DeepSpeed side effects), micro-batch by micro-batch; then a scalar root over lambda."""
+        DeepSpeed side effects), micro-batch by micro-batch, summed over the learners; AdamW's
+        state whole (``adam_state``: ZeRO 0-2, fp32 or bf16); then a scalar root over lambda,
+        the same on every learner. Costs three more backward passes per micro-batch and five
+        fp32 copies of the model (three gradients, two moments)."""
         from opefo_rllib.algorithms.opefo.param_balance import adamw_step, optimizer_aware_lambda
 
         c = self.config
@@ -238,7 +242,7 @@ class GRPOTorchLearner(DeepSpeedTorchLearner):
         params = [p for p in self._module[DEFAULT_MODULE_ID].lm.parameters() if p.requires_grad]
         settings = loss_settings(c.policy_loss, c)
         counts = self._loss_counts(mask, torch.arange(len(mask)))
-        sums = [[torch.zeros_like(p) for p in params] for _ in range(3)]  # g_total, g_diff, grad H
+        sums = [[torch.zeros_like(p, dtype=torch.float32) for p in params] for _ in range(3)]  # g_total, g_diff, grad H
         sign = torch.sign(flow.delta) * mask
         for rows, _ in self._plan(batch, torch.arange(len(mask)), collective=False):
             stats, w = self._stats(batch, rows)
@@ -251,10 +255,12 @@ class GRPOTorchLearner(DeepSpeedTorchLearner):
                 grads = torch.autograd.grad(loss, params, retain_graph=k < 2, allow_unused=True)
                 for acc, g in zip(sums[k], grads):
                     if g is not None:
-                        acc += g
-        opt = self.get_optimizer(DEFAULT_MODULE_ID)
-        step_fn = adamw_step(params, [opt.state.get(p) or None for p in params], lr=self._lr(),
-                             betas=tuple(c.adam_betas), eps=c.adam_eps, weight_decay=c.weight_decay)
+                        acc += g.float()
+        if self.dp_world > 1:  # each learner summed its shard; the rows' counts are already global
+            sums = [all_reduce_sum_tensors(grads) for grads in sums]
+        values, states = self.adam_state(params)
+        step_fn = adamw_step(values, states, lr=self._lr(), betas=tuple(c.adam_betas), eps=c.adam_eps,
+                             weight_decay=c.weight_decay)
         lam, info = optimizer_aware_lambda(sums[2], sums[0], sums[1], step_fn, cap=cap)
         return lam, {"entropy_flow/lambda_optimizer_aware": lam,
                      "entropy_flow/predicted_param_change": info["predicted_change"],

@@ -218,9 +218,9 @@ class EntropyFlowSettings:
     def cross_checks(c) -> Iterator[tuple[str, str]]:
         if c.balance_mode == "closed_loop" and not c.measure_realized_change:
             yield "measure_realized_change", "closed_loop balancing is driven by the realized entropy change"
-        if c.balance_mode == "optimizer_aware" and (c.zero_stage != 0 or c.num_learners > 1 or c.bf16):
-            yield "balance_mode", ("optimizer_aware reads AdamW's moments per parameter: it needs zero_stage 0, one "
-                                   "learner and fp32 for now (ZeRO 1-3 keep them in flat shards)")
+        if c.balance_mode == "optimizer_aware" and c.zero_stage == 3:
+            yield "balance_mode", ("optimizer_aware takes gradients per parameter, which ZeRO-3 partitions: it needs "
+                                   "zero_stage 0, 1 or 2 (any number of learners, fp32 or bf16)")
 
 
 @dataclasses.dataclass

@@ -21,7 +21,8 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-__all__ = ["token_balanced_shards", "padded_plan", "world_and_rank", "all_reduce_sum", "reduce_floats"]
+__all__ = ["token_balanced_shards", "padded_plan", "world_and_rank", "all_reduce_sum", "all_reduce_sum_tensors",
+           "reduce_floats"]
 
 
 def world_and_rank() -> tuple[int, int]:
@@ -72,6 +73,14 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if world_and_rank()[0] > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def all_reduce_sum_tensors(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Sum same-dtype tensors over all ranks in one collective (flattened together); new tensors."""
+    if world_and_rank()[0] == 1:
+        return list(tensors)
+    flat = all_reduce_sum(torch.cat([t.reshape(-1) for t in tensors]))
+    return [piece.view_as(t) for piece, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
 
 
 def reduce_floats(values: list[float], mean: bool = False) -> list[float]:

@@ -191,6 +191,29 @@ class DeepSpeedTorchLearner(TorchLearner):
         skipped = float(self.ds_engine.skipped_steps > skipped_before)
         return {"grad_norm": norm, "lr": self._lr(), "skipped": skipped}
 
+    def adam_state(self, params: list[torch.nn.Parameter]) -> tuple[list[torch.Tensor], list[dict | None]]:
+        """Each parameter's fp32 value and AdamW state (``exp_avg``, ``exp_avg_sq``, ``step``; None
+        before the first step), whole, whichever of ZeRO 0-2 (fp32 or bf16) keeps them. ZeRO 1-2
+        and bf16 hold them in flat fp32 partitions; DeepSpeed's ``safe_get_full_*`` assembles each
+        parameter's piece with an all-reduce over the learners, so every learner must call this
+        with the same ``params`` in the same order. Costs two fp32 copies of the model (three with
+        the master weights). ZeRO-3 partitions the parameters themselves: not supported."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        if int(self.config.zero_stage) == 3:
+            raise ValueError("adam_state: ZeRO-3 partitions the parameters; zero_stage must be 0, 1 or 2")
+        if not any(hasattr(p, "_hp_mapping") for p in params):  # ZeRO-0 fp32: the torch AdamW's own state
+            opt = self.get_optimizer(DEFAULT_MODULE_ID)
+            return [p.detach() for p in params], [opt.state.get(p) or None for p in params]
+        inner = getattr(self.ds_optimizer, "optimizer", self.ds_optimizer)  # the AdamW over the flat partitions
+        steps = [float(st["step"]) for st in inner.state.values() if "step" in st]
+        values = [safe_get_full_fp32_param(p) for p in params]
+        if not steps:  # before the first step (the same on every learner: they step together)
+            return values, [None] * len(params)
+        return values, [{"exp_avg": safe_get_full_optimizer_state(p, "exp_avg"),
+                         "exp_avg_sq": safe_get_full_optimizer_state(p, "exp_avg_sq"), "step": max(steps)}
+                        for p in params]
+
     def _lr(self) -> float:
         groups = getattr(self.ds_optimizer, "param_groups", None)
         return float(groups[0]["lr"] if groups else self.config.lr)
