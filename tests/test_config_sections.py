@@ -30,7 +30,7 @@ BAD_VALUES = [
     ("num_learners=-1", "num_learners"), ("num_cpus_per_learner=-1", "num_cpus_per_learner"),
     ("num_cpus_per_learner=lots", "num_cpus_per_learner"), ("num_gpus_per_learner=-1", "num_gpus_per_learner"),
     ("offload_optimizer=1", "offload_optimizer"), ("offload_params=true", "offload_params"),
-    ("pipeline=streaming", "pipeline"), ("pipeline=async", "pipeline"), ("max_staleness=0", "max_staleness"),
+    ("pipeline=stream", "pipeline"), ("pipeline=async", "pipeline"), ("stream_chunks=0", "stream_chunks"), ("max_staleness=0", "max_staleness"),
     ("offpolicy_mask=all", "offpolicy_mask"), ("offpolicy_mask=token", "offpolicy_mask"),
     ("filter_groups=std", "filter_groups"), ("max_refill_rounds=-1", "max_refill_rounds"),
     ("mask_truncated=2", "mask_truncated"), ("overlong_buffer_len=0", "overlong_buffer_len"),
@@ -79,6 +79,13 @@ BAD_VALUES = [
 def test_each_validation_rule_names_its_field(override, field):
     data = apply_overrides(load_run_config([TINY]), [override])
     with pytest.raises(ConfigError, match=f"config field '{field}'"):
+        build_algo_config(data)
+
+
+@pytest.mark.parametrize("other", ["zero_stage=3", "num_learners=2", "strict_on_policy=false\nnum_updates_per_batch=2"])
+def test_streaming_refuses_what_it_cannot_keep_on_one_step(other):
+    data = apply_overrides(load_run_config([TINY]), ["pipeline=streaming", *other.split("\n")])
+    with pytest.raises(ConfigError, match="config field 'pipeline'.*streaming"):
         build_algo_config(data)
 
 

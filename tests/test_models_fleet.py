@@ -93,7 +93,7 @@ def test_fleet_of_two_engines_keeps_every_group_on_one_engine():
         assert [list(entry[0]) for entry in pending] == [[0, 1, 2], [3, 4]]
         seen = []
         while pending:
-            idx, results, seconds, pending = fleet.wait_any(pending, step=0)
+            idx, results, seconds, pending, _ = fleet.wait_any(pending, step=0)
             assert len(results) == len(idx) and all(len(group) == 3 for group in results)
             seen += list(idx)
         assert sorted(seen) == list(range(5))
@@ -130,7 +130,7 @@ def test_a_killed_engine_is_restarted_and_its_groups_generated_again():
                 ray.kill(fleet.actors[0])
             out = {}
             while pending:
-                idx, results, _, pending = fleet.wait_any(pending, step=1)
+                idx, results, _, pending, _ = fleet.wait_any(pending, step=1)
                 out.update({k: [(r.response_ids, r.weight_version) for r in g] for k, g in zip(idx, results)})
             return out
 

@@ -1,5 +1,6 @@
-"""The rollout pipeline: async (one batch ahead, bounded staleness), dynamic sampling, overlong
-answers, and the fused flow pass's place in the sync pipeline."""
+"""The rollout pipeline: streaming (strict on-policy, the sync update), async (one batch ahead,
+bounded staleness), dynamic sampling, overlong answers, and the fused flow pass's place in the
+sync pipeline."""
 
 import pickle
 from types import SimpleNamespace
@@ -71,6 +72,67 @@ def test_samples_older_than_max_staleness_get_no_gradient(batch):
     assert metrics["learner/loss"] == pytest.approx(ref_metrics["learner/loss"], rel=1e-6)
     for k, w in learner.policy_weights().items():
         torch.testing.assert_close(w, reference.policy_weights()[k])
+
+
+def _stream_then_update(learner, batch, chunk_rows, step=0):
+    """What the streaming pipeline does on the learner: a forward per finished chunk (its own
+    collation, so its own padding), then the update on the whole batch."""
+    start = 0
+    for rows in chunk_rows:
+        part = {k: v[start:start + rows] for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+        width = int(part["attention_mask"].sum(-1).max())  # as collate() of the chunk alone pads it
+        learner.stream_forward({k: v[:, :width] for k, v in part.items()}, start)
+        start += rows
+    return learner.update_from_rollouts(batch, step)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides", [{}, {"micro_batch_size": 5}, {"zero_stage": 2, "balance_mode": "closed_loop"}],
+                         ids=["one_micro_batch", "micro_batches", "zero2_closed_loop"])
+def test_streaming_makes_the_sync_update(batch, overrides):
+    """Chunks of uneven sizes and lengths, forwarded as they come, then one step with lambda from
+    the whole batch: the weights of sync's step (rtol 1e-5), and the deferred re-score gives sync's
+    realized change and closed-loop state."""
+    from learner_fixtures import _build_learner, _rollout_batch, make_engine
+
+    # adam_eps 1e-3: AdamW moves a weight whose gradient is ~0 by ~lr on float-summation noise
+    # alone (the chunks sum in another order); this keeps the step a smooth function of the gradient.
+    sync = _build_learner(adam_eps=1e-3, **overrides)
+    streaming = _build_learner(pipeline="streaming", adam_eps=1e-3, **overrides)
+    m_sync = sync.update_from_rollouts(batch, 0)
+    m_stream = _stream_then_update(streaming, batch, [4, 9, 3, 8])
+    assert "entropy_flow/realized_change" not in m_stream  # measured later, during the next generation
+    for key in ("learner/loss", "learner/grad_norm", "entropy_flow/lambda_star", "entropy_flow/lambda",
+                "policy/entropy", "entropy_flow/P", "entropy_flow/N"):
+        assert m_stream[key] == pytest.approx(m_sync[key], rel=1e-5, abs=1e-9), key
+    for k, w in sync.policy_weights().items():
+        torch.testing.assert_close(streaming.policy_weights()[k], w, rtol=1e-5, atol=1e-7)
+    realized = streaming.measure_deferred_realized_change()
+    for key in ("entropy_flow/entropy_after_step", "entropy_flow/realized_change"):  # a difference of two ~1.0
+        assert realized[key] == pytest.approx(m_sync[key], abs=1e-6), key
+    assert streaming.measure_deferred_realized_change() == {}  # once
+    assert streaming.closed_loop_fraction == pytest.approx(sync.closed_loop_fraction, rel=1e-5)
+    # A second step on a fresh batch (AdamW's moments in play), each from its own weights.
+    engine = make_engine()
+    engine.load_weights(sync.policy_weights(), sync.weight_version)
+    second = _rollout_batch(engine, seed=1)
+    m_sync = sync.update_from_rollouts(second, 1)
+    m_stream = _stream_then_update(streaming, second, [12, 12])
+    assert m_stream["learner/loss"] == pytest.approx(m_sync["learner/loss"], rel=1e-5, abs=1e-9)
+    for k, w in sync.policy_weights().items():
+        torch.testing.assert_close(streaming.policy_weights()[k], w, rtol=1e-5, atol=1e-7)
+
+
+def test_streamed_chunks_must_cover_the_batch_once(batch):
+    from learner_fixtures import _build_learner
+
+    learner = _build_learner(pipeline="streaming")
+    half = {k: batch[k][:10] for k in ("input_ids", "attention_mask")}
+    learner.stream_forward(half, 0)
+    with pytest.raises(RuntimeError, match="streamed chunks hold 10 rows"):
+        learner.update_from_rollouts(batch, 0)
+    assert learner._streamed is None  # nothing left behind for the next update
+    learner.update_from_rollouts(batch, 0)  # the sync path again
 
 
 @pytest.mark.slow
@@ -186,3 +248,75 @@ def test_async_resume_regenerates_the_batch_ahead_losing_and_duplicating_nothing
     # The same problems were drawn, in the same order, as in the uninterrupted run: none lost or repeated.
     assert (again["sample_calls"], again["next_group_id"]) == (straight["sample_calls"], straight["next_group_id"])
     assert again["env_rng"] == straight["env_rng"]
+
+
+def _streaming_config(tmp_path, **rollout):
+    from opefo_rllib.algorithms.opefo import OPEFOConfig
+
+    config = OPEFOConfig().generation(**SMALL).rollout(pipeline="streaming", stream_chunks=3, **rollout)
+    config.logging(tensorboard_dir=str(tmp_path / "tb"), log_text_every=0)
+    config.fleet(generate_timeout_s=120, weight_sync_timeout_s=60)
+    return config
+
+
+@pytest.mark.slow
+def test_streaming_an_engine_killed_with_calls_queued_loses_and_duplicates_nothing(ray_session, tmp_path):
+    """Three calls queued on one engine, the engine killed: it is restarted once, each call is
+    resent with its seed, and the batch is the one an unharmed engine gives, sample for sample."""
+    import ray
+
+    def first_batch(kill: bool):
+        algo = _streaming_config(tmp_path / str(kill)).build_algo()
+        runner = algo.env_runner
+        started = runner.start(chunks=3)
+        assert len(started.pending) == 3
+        if kill:
+            ray.kill(runner.fleet.actors[0])
+        chunks = list(runner.stream(started))
+        return algo, chunks
+
+    reference, calm = first_batch(kill=False)
+    reference.stop()
+    algo, chunks = first_batch(kill=True)
+    try:
+        assert algo.env_runner.fleet.restarts == 1
+        got = sorted((r.group_id, r.response_ids) for c in chunks for r in c)  # resent calls may finish in any order
+        assert got == sorted((r.group_id, r.response_ids) for c in calm for r in c)
+        assert len(got) == SMALL["prompts_per_batch"] * SMALL["group_size"]
+        result = algo.train()  # the pipeline goes on with the restarted engine, strictly on-policy
+        assert result["rollout/num_samples"] == 16 and result["learner/optimizer_steps"] == 1
+        assert result["rollout/staleness_max"] == 0 and 0 <= result["fleet/engine_idle_frac"] <= 1
+    finally:
+        algo.stop()
+
+
+@pytest.mark.slow
+def test_streaming_resume_reproduces_the_uninterrupted_run(tmp_path):
+    """A checkpoint first re-scores the last step (the closed loop moves on it, and is saved):
+    iteration 3 after a resume from iteration 2 is iteration 3 of the straight run, and TensorBoard
+    has the realized change at every step."""
+    import os
+    import subprocess
+    import sys
+
+    from opefo_rllib.evaluation.compare import read_scalars
+
+    def cli(*args):
+        proc = subprocess.run([sys.executable, "-m", "opefo_rllib.cli", "train", *args], cwd=tmp_path, text=True,
+                              capture_output=True, timeout=900, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+        return proc.stdout
+
+    def iteration_3(stdout: str) -> str:
+        line = next(ln for ln in stdout.splitlines() if ln.strip().startswith("iter    3/"))
+        return line.split("s/it")[0].rsplit(" ", 1)[0]
+
+    straight = cli("--set", "prompts_per_batch=4", "--set", "group_size=4", "--set", "max_new_tokens=6", "--set",
+                   "ray={num_cpus: 2}", "--set", "log_text_every=0", "--set", "eval_every=0", "--set",
+                   "pipeline=streaming", "--set", "balance_mode=closed_loop", "--set", "checkpoint_every=2",
+                   "--set", "iterations=3", "--set", f"logdir={tmp_path / 'run'}")
+    resumed = cli("--resume", str(tmp_path / "run" / "checkpoints" / "iter_000002"))
+    assert "at iteration 2" in resumed
+    assert iteration_3(resumed) == iteration_3(straight)
+    steps = read_scalars(tmp_path / "run" / "tensorboard")["entropy_flow/realized_change"][0]
+    assert steps[:2] == [1, 2] and 3 in steps, steps

@@ -10,6 +10,14 @@ The recipe of one ``training_step`` (``pipeline: sync``):
     validate(step + 1)                              # eval_tasks on the synced fleet, when scheduled
     rollout_metrics(...), timings -> metrics, TensorBoard
 
+``pipeline: streaming`` is the same update, strictly on-policy, with the learner's forward moved
+into the generation: each engine's share goes as ``stream_chunks`` calls, and every finished
+call's groups get their training forward (``stream_forward``, graphs kept) while the rest are
+generated; once the last is in, ``update_from_rollouts`` takes lambda from the whole batch and
+runs the backward passes and the one optimizer step. The realized-change re-score of a step runs
+while the next batch is generated (``measure_deferred_realized_change``; TensorBoard has it at
+its own step).
+
 ``pipeline: async`` trains on the batch generated during the previous update and starts the
 next one before this update (``next_batch``, ``start_ahead``), then waits for it
 (``finish_ahead``) before the weight sync: generation overlaps learning, samples are one
@@ -32,7 +40,7 @@ from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.utils.annotations import override
 
 from opefo_rllib.envs.registry import register_all_with_tune
-from opefo_rllib.rollout.batch import learner_batch, rollout_metrics
+from opefo_rllib.rollout.batch import collate, learner_batch, rollout_metrics
 from opefo_rllib.config import SECTIONS, all_fields, check_value, coerce_value, rllib_fields, validate_sections
 
 __all__ = ["GRPOConfig", "GRPO", "LearnerFailedError", "NonFiniteTrainingError"]
@@ -230,6 +238,8 @@ class GRPO(Algorithm):
         if c.pipeline == "async":  # train on the batch generated during the last update; start the next
             rollouts = runner.next_batch()
             runner.start_ahead()
+        elif c.pipeline == "streaming":
+            rollouts = self._stream_batch(step)
         else:
             rollouts = runner.sample()
         sample_metrics = dict(runner.last_metrics)  # of this batch (finishing the next one replaces them)
@@ -283,6 +293,31 @@ class GRPO(Algorithm):
                 f"skipped and the weights are those of version {int(metrics['learner/weight_version'])} "
                 f"(max_nonfinite_steps = {c.max_nonfinite_steps}; lower lr or raise grad_clip)")
 
+    def _stream_batch(self, step: int) -> list:
+        """streaming: start the batch, re-score the last step's batch while it is generated, and
+        run the learner's forward on each finished call's groups; the whole batch's rollouts."""
+        c, runner = self.config, self.env_runner
+        started = runner.start(chunks=c.stream_chunks)
+        self._log_deferred_realized_change(step)
+        rollouts: list = []
+        for chunk in runner.stream(started):
+            part = collate(chunk, runner.tokenizer.pad_token_id)
+            self.run_on_learner(lambda learner, b=part, r=len(rollouts): learner.stream_forward(b, r),
+                                what=f"a streamed forward of iteration {step + 1}")
+            rollouts += chunk
+        return rollouts
+
+    def _log_deferred_realized_change(self, step: int) -> None:
+        """streaming: the realized entropy change of the update of iteration ``step`` (measured
+        now, with the weights right after it), into TensorBoard at that iteration."""
+        if self.config.pipeline != "streaming" or not self.config.measure_realized_change:
+            return
+        metrics = self.run_on_learner(lambda learner: learner.measure_deferred_realized_change(),
+                                      what=f"the realized entropy change of iteration {step}")
+        if metrics:  # TensorBoard only: RLlib's result of this iteration is about this iteration
+            self.tb.scalars(metrics, step)
+            self.tb.flush()
+
     def validate(self, iteration: int) -> dict[str, float]:
         """Evaluate ``eval_tasks`` on the training fleet, which holds the current weights (called
         after the weight sync); writes RUN/eval/iter_NNNNNN.json, returns the eval/... scalars."""
@@ -326,6 +361,8 @@ class GRPO(Algorithm):
     def save_to_path(self, path=None, *args, **kwargs):
         """RLlib saves learner 0's state; with several learners (or ZeRO-3) that state needs every
         learner at once (gathered ZeRO-3 weights, each rank's optimizer shard): stage it first."""
+        # streaming: the last step's re-score first (it may move the closed loop, which is saved)
+        self._log_deferred_realized_change(self.training_iteration)
         self.run_on_learner(_stage_state, what="collecting the learner state for a checkpoint")
         try:
             return super().save_to_path(path, *args, **kwargs)

@@ -82,7 +82,10 @@ class StaleBatchError(RuntimeError):
 
 
 class GRPOTorchLearner(DeepSpeedTorchLearner):
-    _kept_forward = None  # (rows, stats, width) of a fused flow pass, for the backward that follows
+    _kept_forwards: list = []  # [(rows, stats, width)] of the flow pass's graph-keeping forwards (fused or
+    # streamed), for the backward that follows
+    _streamed: list | None = None  # streaming: the forwards of the chunks received so far
+    _deferred_realized: tuple | None = None  # streaming: (batch, flow) of the last step, not re-scored yet
     weight_version: int = 0
     nonfinite_steps: int = 0  # optimizer steps skipped by the finite-step guard, in all
     nonfinite_in_a_row: int = 0  # batches in a row whose every step was skipped
@@ -161,27 +164,54 @@ class GRPOTorchLearner(DeepSpeedTorchLearner):
         n = batch["input_ids"].shape[0]
         return len(list(self._micro_batches(torch.arange(n), batch["attention_mask"].sum(-1)))) == 1
 
+    def stream_forward(self, chunk: dict[str, Any], first_row: int) -> None:
+        """``pipeline: streaming``: the training forward (with gradients) of a finished chunk of the
+        batch being generated: collated rows ``first_row``, ... of that batch. The graphs are kept;
+        the update that follows (``update_from_rollouts`` on the whole batch) takes its flow-pass
+        stats from them and runs one backward per chunk micro-batch, with lambda from the whole batch."""
+        self.ds_engine.train()
+        if self._streamed is None:
+            self._streamed = []
+        lengths = chunk["attention_mask"].sum(-1)
+        with torch.enable_grad():
+            for rows in self._micro_batches(torch.arange(chunk["input_ids"].shape[0]), lengths):
+                self.begin_training_forward()
+                stats, w = self._stats(chunk, rows)
+                self._streamed.append((rows + first_row, stats, w))
+
     def flow_pass(self, batch: dict[str, Any]) -> "FlowPass":
         """Stats of the whole batch as sampled (no grad), its entropy flow and its totals P, N.
 
         Fused (``_fusable``): the one forward runs with gradients and its graph is kept for
-        ``accumulate_gradients``, which then skips its own forward of the same rows."""
+        ``accumulate_gradients``, which then skips its own forward of the same rows. Streamed
+        (``stream_forward``): every row's forward has run already; its stats are used as they are."""
         c = self.config
         n, width = batch["input_ids"].shape
         logp = torch.zeros(n, width - 1)
         entropy, expected_s = torch.zeros_like(logp), torch.zeros_like(logp)
-        self._kept_forward = None
-        fused = self._fusable(batch)
-        with torch.set_grad_enabled(fused):
-            for rows, filler in self._plan(batch, torch.arange(n), collective=self._zero3):
-                if fused:
-                    self.begin_training_forward()
-                stats, w = self._stats(batch, rows)
-                if fused:
-                    self._kept_forward = (rows, stats, w)
-                if not filler:
-                    logp[rows, :w], entropy[rows, :w], expected_s[rows, :w] = (
-                        stats.logp.detach(), stats.entropy.detach(), stats.expected_s.detach())
+        self._kept_forwards = []
+        streamed, self._streamed = self._streamed, None
+        if streamed:
+            covered = torch.cat([rows for rows, _, _ in streamed]).sort().values
+            if not torch.equal(covered, torch.arange(n)):
+                raise RuntimeError(f"streaming: the streamed chunks hold {len(covered)} rows, not the batch's {n} "
+                                   f"rows once each")
+            for rows, stats, w in streamed:
+                logp[rows, :w], entropy[rows, :w], expected_s[rows, :w] = (
+                    stats.logp.detach(), stats.entropy.detach(), stats.expected_s.detach())
+            self._kept_forwards = streamed
+        else:
+            fused = self._fusable(batch)
+            with torch.set_grad_enabled(fused):
+                for rows, filler in self._plan(batch, torch.arange(n), collective=self._zero3):
+                    if fused:
+                        self.begin_training_forward()
+                    stats, w = self._stats(batch, rows)
+                    if fused:
+                        self._kept_forwards = [(rows, stats, w)]
+                    if not filler:
+                        logp[rows, :w], entropy[rows, :w], expected_s[rows, :w] = (
+                            stats.logp.detach(), stats.entropy.detach(), stats.expected_s.detach())
         if self.dp_world > 1:  # each rank filled its rows: the sum is the whole batch, on every rank
             logp, entropy, expected_s = all_reduce_sum(torch.stack([logp, entropy, expected_s])).unbind(0)
         delta = entropy_flow(logp, entropy, batch["advantages"].float(), c.entropy_flow_estimator, expected_s)
@@ -281,10 +311,14 @@ class GRPOTorchLearner(DeepSpeedTorchLearner):
         settings = loss_settings(c.policy_loss, c)
         counts = self._loss_counts(mask, rows)
         loss_total, loss_metrics, keys = 0.0, [], set()
-        for micro, filler in self._plan(batch, rows):
-            kept, self._kept_forward = self._kept_forward, None
-            if kept is not None and torch.equal(kept[0], micro):  # the fused flow pass's forward
-                stats, w = kept[1], kept[2]
+        kept, self._kept_forwards = self._kept_forwards, []
+        if kept and sum(len(k[0]) for k in kept) == len(rows):  # the flow pass's own forwards (fused, streamed)
+            plan = [(micro, False, (stats, w)) for micro, stats, w in kept]
+        else:
+            plan = [(micro, filler, None) for micro, filler in self._plan(batch, rows)]
+        for micro, filler, forward in plan:
+            if forward is not None:
+                stats, w = forward
             else:
                 self.begin_training_forward()
                 stats, w = self._stats(batch, micro)
@@ -412,9 +446,34 @@ class GRPOTorchLearner(DeepSpeedTorchLearner):
         return metrics
 
     def update_from_rollouts(self, batch: dict[str, Any], step: int = 0) -> dict[str, Any]:
-        """One policy update from a collated rollout batch with ``advantages`` [N]."""
+        """One policy update from a collated rollout batch with ``advantages`` [N].
+
+        ``pipeline: streaming`` defers the realized-change re-score to ``measure_deferred_realized_change``
+        (called while the next batch is generated; same weights, same number)."""
+        try:
+            return self._update(batch, step)
+        finally:  # a failed update leaves no graph behind for the next one
+            self._streamed, self._kept_forwards = None, []
+
+    def measure_deferred_realized_change(self) -> dict[str, float]:
+        """streaming: the realized entropy change of the last update's batch, measured now (the
+        weights are still those right after its step), and the closed loop's update from it;
+        {} when there is none pending."""
+        pending, self._deferred_realized = self._deferred_realized, None
+        return self._realized_and_closed_loop(*pending) if pending is not None else {}
+
+    def _realized_and_closed_loop(self, batch: dict[str, Any], flow: "FlowPass") -> dict[str, float]:
+        metrics = self.realized_change(batch, flow)
+        if self.config.balance_mode == "closed_loop":
+            self.update_closed_loop(metrics["entropy_flow/entropy_after_step"], metrics["entropy_flow/realized_change"])
+            metrics["entropy_flow/entropy_target"] = self.entropy_target
+        return metrics
+
+    def _update(self, batch: dict[str, Any], step: int) -> dict[str, Any]:
         batch, staleness = self.check_on_policy(batch, step)
         self.ds_engine.train()
+        if self._deferred_realized is not None:  # streaming without the re-score call: do it before this step
+            self.measure_deferred_realized_change()
         flow = self.flow_pass(batch)
         if self.config.adaptive_entropy:
             self.update_entropy_coef(flow.mean_entropy(batch["response_mask"]))
@@ -423,11 +482,10 @@ class GRPOTorchLearner(DeepSpeedTorchLearner):
             metrics["learner/entropy_coef"] = self.adaptive_entropy_coef
         metrics.update(self.training_pass(batch, flow, weights, step))
         if self.config.measure_realized_change:
-            metrics.update(self.realized_change(batch, flow))
-            if self.config.balance_mode == "closed_loop":
-                self.update_closed_loop(metrics["entropy_flow/entropy_after_step"],
-                                        metrics["entropy_flow/realized_change"])
-                metrics["entropy_flow/entropy_target"] = self.entropy_target
+            if self.config.pipeline == "streaming":  # re-scored while the next batch is generated
+                self._deferred_realized = (batch, flow)
+            else:
+                metrics.update(self._realized_and_closed_loop(batch, flow))
         metrics.update(self.batch_metrics(batch, flow))
         metrics.update(staleness)
         return metrics

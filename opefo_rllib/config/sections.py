@@ -93,10 +93,14 @@ class GenerationSettings:
 class RolloutPipelineSettings:
     """How rollouts reach the learner: the pipeline, dynamic sampling, overlong answers."""
 
-    pipeline: str = setting("sync", "sync: sample, then learn, then sync weights (strict on-policy); async: the "
-                            "engines generate the next batch with the weights they hold while the learner trains "
-                            "(one batch ahead; samples 1 version old; needs strict_on_policy: false)",
-                            choices=("sync", "async"))
+    pipeline: str = setting("sync", "sync: sample, then learn, then sync weights (strict on-policy); streaming: "
+                            "the same update, with the learner's forward running on each engine call's groups as "
+                            "they finish and the realized-change re-score during the next generation (strict "
+                            "on-policy); async: the engines generate the next batch with the weights they hold while "
+                            "the learner trains (one batch ahead; samples 1 version old; needs strict_on_policy: "
+                            "false)", choices=("sync", "streaming", "async"))
+    stream_chunks: int = setting(4, "streaming: each engine's share of a batch goes as this many calls, answered one "
+                                 "by one", low=1)
     max_staleness: int = setting(1, "async: a sample older than the learner's version minus this is left out of the "
                                  "loss (rollout/dropped_stale)", low=1)
     offpolicy_mask: str = setting("none", "off-policy samples: token (tokens whose pi_learner / pi_engine is outside "
@@ -119,6 +123,15 @@ class RolloutPipelineSettings:
             yield "pipeline", ("pipeline 'async' trains on samples of the previous weights; it needs "
                                "strict_on_policy: false (OPEFO then is approximately on-policy; see tis_cap, "
                                "offpolicy_mask)")
+        if c.pipeline == "streaming":
+            if c.num_updates_per_batch != 1:
+                yield "pipeline", ("pipeline 'streaming' keeps each chunk's forward for the batch's one optimizer "
+                                   "step; it needs num_updates_per_batch: 1")
+            if c.num_learners > 1:
+                yield "pipeline", "pipeline 'streaming' runs on one learner for now (num_learners: 0 or 1)"
+            if c.zero_stage == 3:
+                yield "pipeline", ("pipeline 'streaming' keeps several forwards' graphs before one backward, which "
+                                   "ZeRO-3's parameter gathering does not support; use zero_stage 0-2")
         if c.offpolicy_mask != "none" and c.tis_cap is None:
             yield "offpolicy_mask", "offpolicy_mask needs tis_cap (its band is [1/tis_cap, tis_cap])"
         if c.overlong_buffer_len is not None and c.overlong_buffer_len >= c.max_new_tokens:

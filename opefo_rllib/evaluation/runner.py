@@ -91,7 +91,7 @@ def _generate(fleet, codec: Codec, task: EvalTask, spec: EvalSpec, step: int, pr
         chunk = range(first, min(first + spec.chunk_problems, len(problems)))
         for kind, pending in _submit_chunk(fleet, prompts, chunk, spec, chunk_no):
             while pending:
-                idx, results, _, pending = fleet.wait_any(pending, step)
+                idx, results, _, pending, _ = fleet.wait_any(pending, step)
                 rows = [chunk[i] for i in idx]
                 texts = [codec.decode(r.response_ids, r.finished) for group in results for r in group]
                 asked = [problems[k] for k, group in zip(rows, results) for _ in group]

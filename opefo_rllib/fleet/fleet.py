@@ -199,43 +199,52 @@ class EngineFleet:
         return len(self.actors)
 
     def submit(self, prompts: Sequence[Sequence[int]], n: int, sampling: SamplingConfig,
-               seed: int) -> list[tuple]:
-        """Split the prompt groups into one contiguous share per engine and start generation.
+               seed: int, chunks: int = 1) -> list[tuple]:
+        """Split the prompt groups into one contiguous share per engine and start generation;
+        with ``chunks`` > 1 each share goes as that many calls, queued on its engine and answered
+        one by one (the streaming pipeline learns on the first while the rest are generated).
 
-        Returns one pending entry per busy engine: (prompt indices, ObjectRef, engine, call args).
+        Returns one pending entry per call: (prompt indices, ObjectRef, engine, call args, actor).
+        Chunk 0 of each engine keeps the one-call seed, so ``chunks=1`` samples what it always did.
         """
-        shares = _split(len(prompts), len(self.actors))
         pending = []
-        for e, idx in enumerate(shares):
-            if len(idx):
-                args = ([prompts[i] for i in idx], n, sampling, seed + 7919 * e)
-                pending.append((idx, self.actors[e].generate.remote(*args), e, args))
+        for e, share in enumerate(_split(len(prompts), len(self.actors))):
+            for j, part in enumerate(_split(len(share), max(1, min(chunks, len(share))))):
+                idx = share[part.start:part.stop]
+                if len(idx):
+                    args = ([prompts[i] for i in idx], n, sampling, seed + 7919 * e + 104_729 * j)
+                    actor = self.actors[e]
+                    pending.append((idx, actor.generate.remote(*args), e, args, actor))
         return pending
 
     def wait_any(self, pending: list[tuple], step: int, max_restarts: int = 2):
-        """Block until one engine's share is done; returns (indices, results, seconds, rest).
+        """Block until one call is done; returns (indices, results, seconds, rest, engine).
 
-        An engine that died is restarted with the current weights and version, and its whole
-        share is generated again (same seed): no sample lost, none duplicated, still on-policy.
+        An engine that died is restarted with the current weights and version, and each of its
+        calls is generated again (same seed): no sample lost, none duplicated, still on-policy.
+        The other calls that were queued on the dead engine are resent to its replacement when
+        they are waited for (one restart per death).
         """
         refs = [entry[1] for entry in pending]
         ready, _ = ray.wait(refs, num_returns=1, timeout=self.generate_timeout_s)
         if not ready:
-            engines = sorted(entry[2] for entry in pending)
+            engines = sorted({entry[2] for entry in pending})
             raise TimeoutError(f"generation timed out after {self.generate_timeout_s:g} s at step {step} "
                                f"(engines {engines} of {len(self.actors)} still busy)")
         i = refs.index(ready[0])
-        idx, ref, engine, args = pending[i]
+        idx, ref, engine, args, actor = pending[i]
         rest = pending[:i] + pending[i + 1:]
         for attempt in range(max_restarts + 1):
             try:
                 results, seconds = ray.get(ref)
-                return idx, results, seconds, rest
+                return idx, results, seconds, rest, engine
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
                 if attempt == max_restarts:
                     raise RuntimeError(f"engine {engine} died {attempt + 1} times at step {step}: {e}") from e
-                self._restart(engine, step)
-                ref = self.actors[engine].generate.remote(*args)
+                if self.actors[engine] is actor:  # not replaced yet (by an earlier call's failure)
+                    self._restart(engine, step)
+                actor = self.actors[engine]
+                ref = actor.generate.remote(*args)
         raise AssertionError("unreachable")
 
     def sync_weights(self, weights: Mapping[str, Any], version: int, step: int) -> float:

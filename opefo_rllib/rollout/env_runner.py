@@ -97,73 +97,91 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
         return self.finish(self.start())
 
     # ------------------------------------------------------------------ one batch, in two halves
-    def start(self, n_prompts: int | None = None, refill_round: int = 0) -> "_Started":
-        """Draw a batch's problems and start their generation (returns at once)."""
+    def start(self, n_prompts: int | None = None, refill_round: int = 0, chunks: int = 1) -> "_Started":
+        """Draw a batch's problems and start their generation (returns at once); ``chunks`` calls
+        per engine (streaming)."""
         c = self.config
         step = self._sample_calls
         draw = draw_prompts(self.env, self.prompts, n_prompts or c.prompts_per_batch, env_name=str(c.env))
         group_ids = list(range(self._next_group_id, self._next_group_id + len(draw.problems)))
         self._next_group_id += len(draw.problems)
         seed = (c.seed or 0) * 100_003 + step + 1_000_000_007 * refill_round  # a refill round: other samples
-        pending = self.fleet.submit(draw.prompt_ids, c.group_size, self.sampling, seed=seed)
-        return _Started(step, draw, group_ids, pending, time.perf_counter())
+        pending = self.fleet.submit(draw.prompt_ids, c.group_size, self.sampling, seed=seed, chunks=chunks)
+        return _Started(step, draw, group_ids, pending, time.perf_counter(), chunks)
 
     def finish(self, started: "_Started") -> list[Rollout]:
-        """Wait for a started batch, verify it (each engine's share as soon as it is done), and,
-        with ``filter_groups``, drop its zero-variance groups and refill them with new prompts."""
+        """Wait for a started batch, verify it (each engine call's share as soon as it is done),
+        and, with ``filter_groups``, drop its zero-variance groups and refill them with new prompts."""
+        return [r for chunk in self.stream(started) for r in chunk]
+
+    def stream(self, started: "_Started"):
+        """The started batch's rollouts, one verified engine call's share at a time, as they are
+        done (whole prompt groups; zero-variance groups already dropped under ``filter_groups``,
+        then the refill rounds' shares). When the last is out, ``last_timings`` and
+        ``last_metrics`` describe the batch."""
         c = self.config
-        rollouts, gen = self._collect(started)
-        filtered = rounds = 0
+        gen = {"generate_s": 0.0, "verify_s": 0.0, "engine_busy_s": 0.0}
+        filtered = rounds = groups = 0
         skipped_long = started.draw.skipped_too_long
-        if c.filter_groups == "zero_variance":
-            rollouts, dropped = _drop_zero_variance(rollouts)
+        current, dropped = started, 0
+        while True:
+            busy: dict[int, float] = {}
+            for chunk, timing in self._collect(current, busy):
+                gen["generate_s"] += timing["generate_s"]
+                gen["verify_s"] += timing["verify_s"]
+                if c.filter_groups == "zero_variance":
+                    chunk, n_dropped = _drop_zero_variance(chunk)
+                    dropped += n_dropped
+                groups += len({r.group_id for r in chunk})
+                self.num_env_steps_sampled_lifetime += len(chunk)
+                if chunk:
+                    yield chunk
+            gen["engine_busy_s"] += max(busy.values(), default=0.0)
             filtered += dropped
-            while dropped and rounds < c.max_refill_rounds:
-                rounds += 1
-                refill = self.start(n_prompts=dropped, refill_round=rounds)
-                skipped_long += refill.draw.skipped_too_long
-                extra, extra_gen = self._collect(refill)
-                gen = {k: gen[k] + extra_gen[k] for k in gen}
-                extra, dropped = _drop_zero_variance(extra)
-                filtered += dropped
-                rollouts += extra
-        shortfall = c.prompts_per_batch - len({r.group_id for r in rollouts})
+            if not dropped or rounds >= c.max_refill_rounds:
+                break
+            rounds += 1
+            current = self.start(n_prompts=dropped, refill_round=rounds, chunks=started.chunks)
+            skipped_long += current.draw.skipped_too_long
+            dropped = 0
+        shortfall = c.prompts_per_batch - groups
         if shortfall > 0:
             logger.warning("step %d: the batch is %d of %d prompt groups short after %d refill rounds of "
                            "filter_groups (every group of those had equal rewards)", started.step, shortfall,
                            c.prompts_per_batch, rounds)
         self._sample_calls += 1
-        self.num_env_steps_sampled_lifetime += len(rollouts)
-        self.last_timings = {**gen, "response_tokens": sum(len(r.response_ids) for r in rollouts)}
+        self.last_timings = gen
         self.last_metrics = {"data/skipped_rows": float(self.env.skipped_rows),
                              "rollout/prompts_skipped_too_long": float(skipped_long),
                              "rollout/groups_filtered": float(filtered), "rollout/refill_rounds": float(rounds),
                              "rollout/batch_shortfall": float(max(shortfall, 0))}
-        return rollouts
 
-    def _collect(self, started: "_Started") -> tuple[list[Rollout], dict[str, float]]:
+    def _collect(self, started: "_Started", busy: dict[int, float]):
+        """Each engine call's rollouts, verified, as the calls finish, with its (generate_s,
+        verify_s) share of the batch's timings; ``busy`` sums each engine's own generation time."""
         c = self.config
         step, problems, prompts = started.step, started.draw.problems, started.draw.prompt_ids
         # What the model saw, special tokens (chat markers) included: for the TensorBoard samples.
         prompt_texts = [self.tokenizer.decode(ids, skip_special_tokens=False) for ids in prompts]
-        verifying = []  # (prompt indices, results, texts, futures)
-        pending, gen_done, engine_s = started.pending, started.at, 0.0
+        pending, last = started.pending, started.at
         while pending:
-            idx, results, seconds, pending = self.fleet.wait_any(pending, step)
-            gen_done, engine_s = time.perf_counter(), max(engine_s, seconds)
+            idx, results, seconds, pending, engine = self.fleet.wait_any(pending, step)
+            gen_done = time.perf_counter()
+            busy[engine] = busy.get(engine, 0.0) + seconds
             texts, probs = [], []
             for k, group in zip(idx, results):
                 for res in group:
                     texts.append(response_text(self.tokenizer, res.response_ids, res.finished))
                     probs.append(problems[k])
-            verifying.append((idx, results, texts, self.env.score_batch_async(probs, texts)))
-        verify_start = time.perf_counter()
-        self._await_verification(verifying, step)
-        rollouts = []
-        for idx, results, texts, futures in verifying:
+            futures = self.env.score_batch_async(probs, texts)
+            # The next calls are generated meanwhile: waiting here costs the pipeline nothing
+            # until the last one (sync's verify_s is that last wait).
+            wait_all(futures, self.env.score_deadline_s(len(futures)),
+                     f"LLMEnvRunner.sample (step {step}, env {c.env!r}): verifying answers")
+            rollouts = []
             flat = [res for group in results for res in group]
             for res, text, fut in zip(flat, texts, futures):
-                verdict = fut.result()  # done: _await_verification waited for it
+                verdict = fut.result()  # done: wait_all waited for it
                 k = idx[res.prompt_index]
                 rollouts.append(Rollout(
                     group_id=started.group_ids[k], prompt_ids=prompts[k], response_ids=res.response_ids,
@@ -173,11 +191,12 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
                     task_id=problems[k].id, prompt_text=prompt_texts[k], response_text=text,
                     info={"format_ok": verdict.format_ok, "timed_out": verdict.timed_out,
                           "error": verdict.error is not None}))
-        end = time.perf_counter()
-        # generate_s: submit to the last engine's answer, as the driver saw it; engine_busy_s: the
-        # longest engine's own generation time (what the async pipeline overlaps with learning).
-        return rollouts, {"generate_s": gen_done - started.at, "verify_s": end - verify_start,
-                          "engine_busy_s": engine_s}
+            end = time.perf_counter()
+            # generate_s: submit to the last call's answer, as the driver saw it (waits for
+            # verification excluded); verify_s: the waits for verdicts.
+            timing = {"generate_s": gen_done - last, "verify_s": end - gen_done}
+            last = end
+            yield rollouts, timing
 
     # ------------------------------------------------------------------ the async pipeline's batch ahead
     def next_batch(self) -> list[Rollout]:
@@ -202,12 +221,6 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
         so a sync never waits behind a generation)."""
         if self._ahead is not None and not isinstance(self._ahead, list):
             self._ahead = self.finish(self._ahead)
-
-    def _await_verification(self, verifying: list, step: int) -> None:
-        """Wait for every verdict of this step, within the env's deadline for that many answers."""
-        futures = [fut for *_, group_futures in verifying for fut in group_futures]
-        wait_all(futures, self.env.score_deadline_s(len(futures)),
-                 f"LLMEnvRunner.sample (step {step}, env {self.config.env!r}): verifying answers")
 
     @override(EnvRunner)
     def get_metrics(self) -> dict:
@@ -261,6 +274,7 @@ class _Started:
     group_ids: list[int]
     pending: list
     at: float
+    chunks: int = 1
 
 
 def overlong_penalty(n_tokens: int, c: Any) -> float:
