@@ -120,8 +120,10 @@ def check_against_cpu() -> list[str]:
 
 
 def pipeline_table(learners: int = 4, engines: int = 4) -> list[str]:
-    """Iteration time of the sync and async pipelines for the 7B recipe (4 learners + 4 engines on
-    one node), from stated rates; see docs/pipeline.md for what each assumption stands on."""
+    """Iteration time of the sync, streaming and async pipelines for the 7B recipe (4 learners + 4
+    engines on one node), from stated rates; see docs/pipeline.md for what each assumption stands
+    on. Streaming assumes groups finish spread over the generation (so the learner's in-flight
+    work can hide under it), which the longest-answer bound makes likely."""
     m = MODELS[-1]
     samples, prompt, mean_resp, max_resp = 256, 200, 1500, 3000  # 32 prompts x 8; DAPO-Math answer lengths
     tokens = samples * (prompt + mean_resp)
@@ -137,8 +139,19 @@ def pipeline_table(learners: int = 4, engines: int = 4) -> list[str]:
            f"of {peak / 1e12:.0f} TFLOP/s, vLLM {per_engine_tps:.0f} tokens/s per engine and {per_seq_tps:.0f} tokens/s "
            f"per sequence, {samples} answers of {mean_resp} tokens on average, {max_resp} at most):", "",
            "| pipeline | generate | learn | sync | iteration | engine idle |", "|---|---|---|---|---|---|"]
-    for name, step in (("sync", gen + learn + sync), ("async (k = 1)", max(gen, learn) + sync)):
-        out.append(f"| {name} | {gen:.1f} s | {learn:.1f} s | {sync:.2f} s | {step:.1f} s | {1 - gen / step:.0%} |")
+    rate = learners * peak * mfu
+    # streaming as built: the training forward of each finished group (it is the flow pass too) and
+    # the last step's re-score run during generation; the backward (+ recompute) after the last group.
+    in_flight, after_last = (2 * m.params * tokens + realized_fwd) / rate, 6 * m.params * tokens / rate
+    # streaming with two gradient accumulators (g_total, g_diff; not built): forward + two backward
+    # passes per group in flight, then only the combine and the step.
+    two_acc = (2 * m.params * tokens + 2 * 6 * m.params * tokens + realized_fwd) / rate
+    rows = (("sync", learn, gen + learn + sync),
+            ("streaming, forward in flight (built for 1 learner)", in_flight + after_last, max(gen, in_flight) + after_last + sync),
+            ("streaming, two accumulators (not built)", two_acc, max(gen, two_acc) + sync),
+            ("async (k = 1)", learn, max(gen, learn) + sync))
+    for name, work, step in rows:
+        out.append(f"| {name} | {gen:.1f} s | {work:.1f} s | {sync:.2f} s | {step:.1f} s | {1 - gen / step:.0%} |")
     out.append(f"async / sync = {(max(gen, learn) + sync) / (gen + learn + sync):.2f}: the overlap pays most when "
                "generation and learning take similar times; the longest answer bounds generation "
                f"({max_resp / per_seq_tps:.0f} s here), so more engines stop helping before more learners do.")

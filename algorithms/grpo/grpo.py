@@ -131,7 +131,7 @@ class GRPOConfig(AlgorithmConfig):
     policy_model = _section_setter("policy_model", "The policy: a local Hugging Face model directory, "
                                    'or "tiny-default".')
     generation = _section_setter("generation")
-    rollout = _section_setter("rollout", "The rollout pipeline (sync / async), dynamic sampling, overlong answers.")
+    rollout = _section_setter("rollout", "The rollout pipeline (sync / streaming / async), dynamic sampling, overlong answers.")
     fleet = _section_setter("fleet")
     entropy_flow = _section_setter("entropy_flow", 'Alias: estimator= sets entropy_flow_estimator.')
     deepspeed = _section_setter("deepspeed")

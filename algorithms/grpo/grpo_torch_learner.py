@@ -10,7 +10,8 @@ later feature can extend):
    lambda* = (N - P) / (N + P) of the whole batch before any backward pass; this pass provides
    it (and the flow metrics every baseline logs too, and log pi_old for clipped losses). When the
    update is one micro-batch (``fuse_flow_pass``), this forward keeps its graph and is the
-   training forward too.
+   training forward too. Under ``pipeline: streaming`` every micro-batch's forward already ran
+   (``stream_forward``, one finished engine call at a time, graphs kept): this step only reads them.
 3. ``token_weights``: the balancing weights times the optional truncated-IS weights.
 4. ``training_pass``: per mini-batch, ``accumulate_gradients`` (the registered policy loss times
    the weights, aggregated with the global token / sequence counts so the gradient does not
@@ -20,7 +21,8 @@ later feature can extend):
    guard, ``DeepSpeedTorchLearner.optimizer_step``) and keeps the weight version.
 5. ``realized_change`` (``measure_realized_change``, on by default): re-score the batch after the
    step, the realized change of its mean entropy; ``closed_loop`` balancing feeds it back
-   (``update_closed_loop``).
+   (``update_closed_loop``). Streaming defers it to ``measure_deferred_realized_change``, called
+   while the next batch is generated (the weights are unchanged until then).
 6. ``batch_metrics``: entropy, flow diagnostics and the engine-vs-learner log-prob gap.
 
 With policy_loss "pg" and no TIS, steps 2-4 compute the gradient of ``opefo_loss`` on the batch

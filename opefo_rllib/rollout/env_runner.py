@@ -3,13 +3,14 @@
 One ``sample()``: draw B problems from the Gymnasium text env and turn their prompts into token
 ids with the model's own tokenizer (:mod:`opefo_rllib.rollout.prompts`: raw or chat format; a
 prompt over ``max_prompt_tokens`` is replaced by another problem), send the B prompt groups to
-the engine fleet (G samples each, each group whole on one engine), and verify each engine's
-groups as soon as that engine is done, so verification overlaps the generation of the rest.
+the engine fleet (G samples each, each group whole on one engine call), and verify each call's
+groups as soon as that call is done, so verification overlaps the generation of the rest.
 Every rollout carries its prompt group and the weight version that generated it.
 
-A batch is ``start``-ed (drawn and submitted) and ``finish``-ed (collected, verified, filtered):
-the async pipeline starts the next batch before the update and finishes it after
-(``start_ahead`` / ``next_batch``). ``filter_groups: zero_variance`` (DAPO's dynamic sampling)
+A batch is ``start``-ed (drawn and submitted) and ``finish``-ed (collected, verified, filtered);
+``stream`` yields it one engine call's groups at a time as they are verified (the streaming
+pipeline: ``start(chunks=k)`` sends each engine's share as k calls); the async pipeline starts the
+next batch before the update and finishes it after (``start_ahead`` / ``next_batch``). ``filter_groups: zero_variance`` (DAPO's dynamic sampling)
 drops groups whose rewards are all equal and refills them with new prompts; the soft overlong
 penalty is applied to the reward here, before advantages.
 """
