@@ -199,10 +199,12 @@ def test_async_pipeline_trains_one_version_behind_and_survives_a_killed_engine(r
 
 
 @pytest.mark.slow
-def test_dynamic_sampling_fills_the_batch_or_says_how_short_it_is(ray_session, tmp_path):
+@pytest.mark.parametrize("pipeline", ["sync", "streaming"])
+def test_dynamic_sampling_fills_the_batch_or_says_how_short_it_is(ray_session, tmp_path, pipeline):
     from opefo_rllib.algorithms.opefo import OPEFOConfig
 
-    config = OPEFOConfig().generation(**SMALL).rollout(filter_groups="zero_variance", max_refill_rounds=2)
+    config = OPEFOConfig().generation(**SMALL).rollout(filter_groups="zero_variance", max_refill_rounds=2,
+                                                       pipeline=pipeline, stream_chunks=2)
     config.logging(tensorboard_dir=str(tmp_path / "tb"), log_text_every=0)
     algo = config.build_algo()
     try:
