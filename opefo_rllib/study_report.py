@@ -46,10 +46,17 @@ TRAINING_COLUMNS = (
 )
 
 
+_SCALARS: dict[tuple, Series] = {}  # (run dir, its event files' sizes) -> scalars: a report reads each run once
+
+
 def _scalars(run_dir: Path) -> Series:
-    if not any(run_dir.rglob("events.out.tfevents.*")):
+    files = sorted(run_dir.rglob("events.out.tfevents.*"))
+    if not files:
         return {}
-    return read_scalars(run_dir)
+    key = (str(run_dir.resolve()), tuple((str(f), f.stat().st_size) for f in files))
+    if key not in _SCALARS:
+        _SCALARS[key] = read_scalars(run_dir)
+    return _SCALARS[key]
 
 
 def _nanmean(values) -> float:
