@@ -16,7 +16,7 @@ in the same Ray session, medians over ``iterations`` after ``warmup``:
                     for the learner and the engine)
 
 Prints seconds per iteration, engine idle fraction (1 - the engine's own generation time / the
-iteration), learner time, and each variant's time relative to both sync variants.
+iteration), learner time (streaming: with its work during generation), and each variant's time relative to both sync variants.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def run_variant(base: list[Path], overrides: list[str], iterations: int, warmup:
     finally:
         algo.stop()
     med = lambda key: statistics.median(r[key] for r in results)  # noqa: E731
-    return {"step_s": med("time/step_s"), "learn_s": med("time/learn_s"), "engine_busy_s": med("fleet/engine_busy_s"),
+    return {"step_s": med("time/step_s"), "learn_s": med("time/learn_s") + med("time/learner_in_flight_s"), "engine_busy_s": med("fleet/engine_busy_s"),
             "idle": med("fleet/engine_idle_frac"), "sync_s": med("time/weight_sync_s"),
             "wait_s": med("time/ahead_wait_s"), "reward": statistics.mean(r["rollout/reward_mean"] for r in results)}
 

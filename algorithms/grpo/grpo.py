@@ -189,6 +189,8 @@ def validate_fields(c: Any) -> None:
 class GRPO(Algorithm):
     """GRPO-family RLVR on RLlib: the training loop of the module docstring."""
 
+    _learner_in_flight_s = 0.0  # streaming: learner seconds spent during the last batch's generation
+
     @classmethod
     @override(Algorithm)
     def get_default_config(cls) -> GRPOConfig:
@@ -238,7 +240,7 @@ class GRPO(Algorithm):
         if c.pipeline == "async":  # train on the batch generated during the last update; start the next
             rollouts = runner.next_batch()
             runner.start_ahead()
-        elif c.pipeline == "streaming":
+        elif c.pipeline == "streaming":  # the learner's forwards run in here, between the engine calls
             rollouts = self._stream_batch(step)
         else:
             rollouts = runner.sample()
@@ -267,6 +269,8 @@ class GRPO(Algorithm):
             "time/verify_s": runner.last_timings["verify_s"],
             "time/rollout_s": t1 - t0,
             "time/learn_s": t2 - t1,
+            # streaming: learner work done while the batch was generated (forwards, last step's re-score)
+            "time/learner_in_flight_s": self._learner_in_flight_s if c.pipeline == "streaming" else 0.0,
             "time/weight_sync_s": sync_s,
             "time/ahead_wait_s": t_ahead - t2,  # async: waiting for the batch generated during the update
             "time/step_s": t3 - t0,
@@ -298,13 +302,18 @@ class GRPO(Algorithm):
         run the learner's forward on each finished call's groups; the whole batch's rollouts."""
         c, runner = self.config, self.env_runner
         started = runner.start(chunks=c.stream_chunks)
+        t0 = time.perf_counter()
         self._log_deferred_realized_change(step)
         rollouts: list = []
+        learner_s = time.perf_counter() - t0
         for chunk in runner.stream(started):
             part = collate(chunk, runner.tokenizer.pad_token_id)
+            t0 = time.perf_counter()
             self.run_on_learner(lambda learner, b=part, r=len(rollouts): learner.stream_forward(b, r),
                                 what=f"a streamed forward of iteration {step + 1}")
+            learner_s += time.perf_counter() - t0
             rollouts += chunk
+        self._learner_in_flight_s = learner_s
         return rollouts
 
     def _log_deferred_realized_change(self, step: int) -> None:
