@@ -132,6 +132,9 @@ class RolloutPipelineSettings:
             if c.zero_stage == 3:
                 yield "pipeline", ("pipeline 'streaming' keeps several forwards' graphs before one backward, which "
                                    "ZeRO-3's parameter gathering does not support; use zero_stage 0-2")
+            if c.colocate_engines:
+                yield "pipeline", ("pipeline 'streaming' runs the learner during generation, while colocated engines "
+                                   "hold their memory (they release it only for the update); use sync or async")
         if c.offpolicy_mask != "none" and c.tis_cap is None:
             yield "offpolicy_mask", "offpolicy_mask needs tis_cap (its band is [1/tis_cap, tis_cap])"
         if c.overlong_buffer_len is not None and c.overlong_buffer_len >= c.max_new_tokens:
