@@ -50,6 +50,8 @@ def main() -> None:
     for spec in args.groups:
         name, _, folder = spec.partition("=")
         seeds = sorted(Path(folder).glob("seed_*"))
+        if not name or not seeds:
+            raise SystemExit(f"pipeline_curves: {spec!r}: give NAME=DIR where DIR holds seed_*/ run directories")
         groups[name] = [seed_numbers(d, args.until) for d in seeds]
         print(f"{name}: {len(seeds)} seeds from {folder}")
     keys = [k for k in groups[next(iter(groups))][0]]
@@ -63,7 +65,8 @@ def main() -> None:
             means.append(m)
             stds.append(sd)
             cells.append(f"{m:.3f} ± {sd:.3f}")
-        z = (means[1] - means[0]) / max(stds) if len(means) == 2 and max(stds) > 0 else float("nan")
+        spread = max((sd for sd in stds if sd == sd), default=0.0)  # the larger seed std (a 1-seed group has none)
+        z = (means[1] - means[0]) / spread if len(means) == 2 and spread > 0 else float("nan")
         print(f"| {key} | " + " | ".join(cells) + f" | {z:+.1f} |")
 
 
