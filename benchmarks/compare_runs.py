@@ -1,6 +1,7 @@
 """Compare the TensorBoard scalars of two runs, tag by tag (e.g. before and after a refactor
 that must not change behaviour): prints the largest absolute difference of each shared tag
-and the tags only one run has. Timing tags (time/, throughput/) are skipped.
+and the tags only one run has. Timing tags (time/, throughput/, the engines' busy time and idle
+fraction) are skipped.
 
     python benchmarks/compare_runs.py RUN_A/tensorboard RUN_B/tensorboard
 """
@@ -17,7 +18,7 @@ def scalars(logdir: str) -> dict[str, dict[int, float]]:
     acc = EventAccumulator(logdir, size_guidance={"scalars": 0})
     acc.Reload()
     return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]
-            if not tag.startswith(("time/", "throughput/"))}
+            if not tag.startswith(("time/", "throughput/", "fleet/engine_busy_s", "fleet/engine_idle_frac"))}
 
 
 def main() -> None:

@@ -34,6 +34,7 @@ VARIANTS = {
     "streaming, 8 ch": ["pipeline=streaming", "stream_chunks=8"],
     "async (k = 1)": ["pipeline=async", "strict_on_policy=false", "max_staleness=1"],
     "sync, 2 thr": ["learner_num_threads=2"],
+    "streaming, 2 thr": ["pipeline=streaming", "learner_num_threads=2"],
     "async, 2 thr": ["pipeline=async", "strict_on_policy=false", "max_staleness=1", "learner_num_threads=2"],
 }
 
