@@ -31,10 +31,12 @@ VARIANTS = {
     "sync, unfused": ["fuse_flow_pass=false"],
     "sync": [],
     "streaming": ["pipeline=streaming"],
+    "streaming, 2 ch": ["pipeline=streaming", "stream_chunks=2"],
     "streaming, 8 ch": ["pipeline=streaming", "stream_chunks=8"],
     "async (k = 1)": ["pipeline=async", "strict_on_policy=false", "max_staleness=1"],
     "sync, 2 thr": ["learner_num_threads=2"],
     "streaming, 2 thr": ["pipeline=streaming", "learner_num_threads=2"],
+    "streaming, 2 ch, 2 thr": ["pipeline=streaming", "stream_chunks=2", "learner_num_threads=2"],
     "async, 2 thr": ["pipeline=async", "strict_on_policy=false", "max_staleness=1", "learner_num_threads=2"],
 }
 
@@ -77,7 +79,7 @@ def main() -> None:
         for name, overrides in variants.items():
             rows[name] = run_variant(base, overrides, args.iterations, args.warmup)
             r = rows[name]
-            print(f"{name:16s} {r['step_s']:.3f} s/iteration  learn {r['learn_s']:.3f} s  engine busy "
+            print(f"{name:22s} {r['step_s']:.3f} s/iteration  learn {r['learn_s']:.3f} s  engine busy "
                   f"{r['engine_busy_s']:.3f} s (idle {100 * r['idle']:.0f}%)  sync {r['sync_s']:.3f} s  "
                   f"ahead-wait {r['wait_s']:.3f} s", flush=True)
     finally:
@@ -86,7 +88,7 @@ def main() -> None:
     print(f"\nworkload: {' + '.join(p.name for p in base)}; medians of {args.iterations} iterations after {args.warmup}")
     for name, r in rows.items():
         vs_old = f"{r['step_s'] / old:.2f}x unfused sync, " if old else ""
-        print(f"  {name:16s} {r['step_s']:.3f} s = {vs_old}{r['step_s'] / new:.2f}x sync; "
+        print(f"  {name:22s} {r['step_s']:.3f} s = {vs_old}{r['step_s'] / new:.2f}x sync; "
               f"{60 / r['step_s']:.0f} iterations/min")
 
 

@@ -55,7 +55,7 @@ def main() -> None:
         groups[name] = [seed_numbers(d, args.until) for d in seeds]
         print(f"{name}: {len(seeds)} seeds from {folder}")
     keys = [k for k in groups[next(iter(groups))][0]]
-    print(f"\n| quantity | " + " | ".join(groups) + " | difference / seed std |")
+    print("\n| quantity | " + " | ".join(groups) + " | difference / seed std |")
     print("|---|" + "---|" * (len(groups) + 1))
     for key in keys:
         cells, means, stds = [], [], []

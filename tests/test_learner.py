@@ -388,7 +388,7 @@ def _optimizer_aware_steps(**overrides) -> list[dict]:
     """Two optimizer-aware updates (the second reads AdamW's moments from the first), each on a
     batch sampled from the learner's current weights."""
     engine = make_engine()
-    learner = _build_learner(balance_mode="optimizer_aware", **overrides)
+    learner = _build_learner(balance_mode="optimizer_aware", **{"max_abs_lambda": None, **overrides})  # as studied
     out = []
     for step in range(2):
         engine.load_weights(learner.policy_weights(), learner.weight_version)

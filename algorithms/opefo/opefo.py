@@ -17,8 +17,10 @@ __all__ = ["OPEFOConfig", "OPEFO"]
 
 
 class OPEFOConfig(GRPOConfig):
-    """GRPOConfig with OPEFO's balancing on (two-sided, exact estimator); every field and setter
-    is GRPOConfig's (``entropy_flow(estimator=..., balance_mode=...)`` sets the rule).
+    """GRPOConfig with OPEFO's balancing on: two-sided, exact estimator, |lambda| <= 0.3 (the rule
+    the entropy-rules study picked: docs/results.md; where lambda* is small, as in the paper at 7B,
+    the cap never binds). Every field and setter is GRPOConfig's (``entropy_flow(estimator=...,
+    balance_mode=..., max_abs_lambda=None)`` sets the rule; None is the paper's uncapped rule).
 
     Example:
         >>> config = OPEFOConfig().entropy_flow(estimator="exact", balance_mode="two_sided")
@@ -28,6 +30,7 @@ class OPEFOConfig(GRPOConfig):
         super().__init__(algo_class=algo_class or OPEFO)
         self.balance_mode = "two_sided"
         self.entropy_flow_estimator = "exact"
+        self.max_abs_lambda = 0.3
 
 
 class OPEFO(GRPO):

@@ -219,7 +219,9 @@ class EntropyFlowSettings:
                                    high_open=True)
     balance_fraction: float = setting(1.0, "f in lambda = f * lambda*: the fraction of the net flow cancelled",
                                       low=0.0, high=1.0)
-    max_abs_lambda: float | None = setting(None, "cap on |lambda| (None: no cap)", low=0.0, high=1.0, high_open=True)
+    max_abs_lambda: float | None = setting(None, "cap on |lambda| (None: no cap; OPEFO's default is 0.3, the "
+                                           "entropy-rules study's pick: docs/results.md)", low=0.0, high=1.0,
+                                           high_open=True)
     measure_realized_change: bool = setting(True, "re-score the batch after the optimizer step (no grad) and log "
                                             "entropy_flow/realized_change (one extra forward per step)")
     entropy_target: float | None = setting(None, 'closed_loop: the entropy to hold (None: the first batch\'s)',
