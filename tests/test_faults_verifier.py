@@ -157,14 +157,14 @@ class _FakeFleet:
     def __init__(self):
         self.shutdowns = 0
 
-    def submit(self, prompts, n, sampling, seed):
+    def submit(self, prompts, n, sampling, seed, chunks=1):
         return [(list(range(len(prompts))), n)]
 
     def wait_any(self, pending, step):
         idx, n = pending[0]
         groups = [[SimpleNamespace(response_ids=[2], prompt_index=i, sampling_logp=[-0.5], weight_version=0,
                                    finished=False) for _ in range(n)] for i in range(len(idx))]  # "2": no stop id
-        return idx, groups, 0.0, pending[1:]
+        return idx, groups, 0.0, pending[1:], 0
 
     def shutdown(self):
         self.shutdowns += 1
