@@ -84,7 +84,7 @@ class StaleBatchError(RuntimeError):
 
 
 class GRPOTorchLearner(DeepSpeedTorchLearner):
-    _kept_forwards: list = []  # [(rows, stats, width)] of the flow pass's graph-keeping forwards (fused or
+    _kept_forwards: list | tuple = ()  # [(rows, stats, width)] of the flow pass's graph-keeping forwards (fused or
     # streamed), for the backward that follows
     _streamed: list | None = None  # streaming: the forwards of the chunks received so far
     _deferred_realized: tuple | None = None  # streaming: (batch, flow) of the last step, not re-scored yet
