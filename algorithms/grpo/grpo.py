@@ -164,7 +164,8 @@ class GRPOConfig(AlgorithmConfig):
         return RLModuleSpec(module_class=HFCausalLMModule, learner_only=True,
                             model_config={"model_path": self.model_path, "dtype": self.model_dtype,
                                           "gradient_checkpointing": self.gradient_checkpointing,
-                                          "logits_chunk_size": self.logits_chunk_size})
+                                          "logits_chunk_size": self.logits_chunk_size,
+                                          "share_prompt_forward": self.share_prompt_forward})
 
     @override(AlgorithmConfig)
     def get_default_learner_class(self):

@@ -153,8 +153,9 @@ class GRPOTorchLearner(DeepSpeedTorchLearner):
         module = self._module[DEFAULT_MODULE_ID]
         ids, attn = batch["input_ids"][rows], batch["attention_mask"][rows]
         width = int(attn.sum(-1).max())  # drop all-padding columns of this micro-batch
+        prompt_lengths = batch["prompt_lengths"][rows] if "prompt_lengths" in batch else None  # shared prompts
         stats = module.sequence_token_stats(ids[:, :width], attn[:, :width], self.config.temperature,
-                                            use_full_logits=self._zero3)
+                                            use_full_logits=self._zero3, prompt_lengths=prompt_lengths)
         return stats, width - 1
 
     def _fusable(self, batch: dict[str, Any]) -> bool:

@@ -47,6 +47,11 @@ class PolicyModelSettings:
     model_dtype: str = setting("float32", "the learner's parameter dtype", choices=DTYPES)
     gradient_checkpointing: bool = setting(False, "recompute activations in backward (memory for time)")
     logits_chunk_size: int = setting(1024, "tokens per chunk of the LM head in token_stats_from_hidden", low=1)
+    share_prompt_forward: bool = setting(True, "the learner runs each distinct prompt of a micro-batch once and "
+                                         "shares its key/value cache with the rows (samples) of that prompt; the "
+                                         "same stats up to float order (checked once per run against the plain "
+                                         "forward; a model that fails keeps the plain one). Off under ZeRO-3 and "
+                                         "gradient checkpointing")
 
 
 @dataclasses.dataclass

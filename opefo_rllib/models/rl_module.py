@@ -8,6 +8,7 @@ computed with the memory-efficient chunked head (``token_stats_from_hidden``).
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -15,6 +16,9 @@ from ray.rllib.core.rl_module.torch import TorchRLModule
 from ray.rllib.utils.annotations import override
 
 from opefo_rllib.algorithms.opefo.token_stats import TokenStats, token_stats, token_stats_from_hidden
+from opefo_rllib.models.shared_prompt import distinct_prompts, response_layout, scatter_to_rows, shared_prompt_hidden
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["HFCausalLMModule"]
 
@@ -22,7 +26,8 @@ __all__ = ["HFCausalLMModule"]
 class HFCausalLMModule(TorchRLModule):
     """model_config keys: ``model_path`` (local dir or "tiny-default"), or ``hf_config`` (a dict of
     a transformers config, e.g. ``{"model_type": "qwen2", ...}``, to build a fresh model),
-    ``dtype`` ("float32" | "bfloat16"), ``gradient_checkpointing`` (bool), ``logits_chunk_size``."""
+    ``dtype`` ("float32" | "bfloat16"), ``gradient_checkpointing`` (bool), ``logits_chunk_size``,
+    ``share_prompt_forward`` (bool, default True)."""
 
     @override(TorchRLModule)
     def setup(self) -> None:
@@ -41,6 +46,8 @@ class HFCausalLMModule(TorchRLModule):
             self.lm.gradient_checkpointing_enable()
             self.lm.config.use_cache = False
         self.logits_chunk_size = int(cfg.get("logits_chunk_size", 1024))
+        self.share_prompt_forward = bool(cfg.get("share_prompt_forward", True))
+        self._prompt_sharing_checked = False
 
     @override(TorchRLModule)
     def _forward(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
@@ -48,13 +55,64 @@ class HFCausalLMModule(TorchRLModule):
         return {"logp": stats.logp, "entropy": stats.entropy}
 
     def sequence_token_stats(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0,
-                             use_full_logits: bool = False) -> TokenStats:
-        """Stats of tokens 1..L-1 of right-padded sequences [N, L] given their prefixes ([N, L-1] each)."""
+                             use_full_logits: bool = False, prompt_lengths: torch.Tensor | None = None) -> TokenStats:
+        """Stats of tokens 1..L-1 of right-padded sequences [N, L] given their prefixes ([N, L-1] each).
+
+        With ``prompt_lengths`` [N], rows that share a prompt share its forward (shared_prompt.py)
+        when the model passed the one-time check (``share_prompt_forward``); the stats of prompt
+        positions are then 0 (no loss reads them)."""
+        if prompt_lengths is not None and not use_full_logits and self._shares_prompts(
+                input_ids, attention_mask, temperature, prompt_lengths):
+            return self._shared_prompt_stats(input_ids, attention_mask, temperature, prompt_lengths)
+        return self._plain_stats(input_ids, attention_mask, temperature, use_full_logits)
+
+    def _plain_stats(self, input_ids, attention_mask, temperature, use_full_logits=False) -> TokenStats:
         inputs, targets = input_ids[:, :-1], input_ids[:, 1:]
         mask = attention_mask[:, :-1]
         if use_full_logits:  # e.g. under ZeRO-3, where the head weight is partitioned
             logits = self.lm(input_ids=inputs, attention_mask=mask).logits
             return token_stats(logits, targets, temperature, chunk_size=self.logits_chunk_size)
-        hidden = self.lm.model(input_ids=inputs, attention_mask=mask).last_hidden_state
+        hidden = self.lm.base_model(input_ids=inputs, attention_mask=mask).last_hidden_state
         return token_stats_from_hidden(hidden, self.lm.get_output_embeddings().weight, targets, temperature,
                                        chunk_size=self.logits_chunk_size)
+
+    def _shared_prompt_stats(self, input_ids, attention_mask, temperature, prompt_lengths) -> TokenStats:
+        hidden, layout = shared_prompt_hidden(self.lm.base_model, input_ids, attention_mask, prompt_lengths)
+        stats = token_stats_from_hidden(hidden, self.lm.get_output_embeddings().weight, layout.targets, temperature,
+                                        chunk_size=self.logits_chunk_size)
+        width = input_ids.shape[1] - 1
+        return TokenStats(*(scatter_to_rows(v, layout, width) for v in stats))
+
+    def _shares_prompts(self, input_ids, attention_mask, temperature, prompt_lengths) -> bool:
+        """Whether this micro-batch takes the shared-prompt forward: switched on, no gradient
+        checkpointing (its forward keeps no cache), some prompt repeated, and the model passed the
+        check (run once, on the first such micro-batch, in eval mode: the response tokens' log pi
+        and H of both forwards must agree; a model that disagrees or fails keeps the plain forward,
+        with a warning)."""
+        if not self.share_prompt_forward or getattr(self.lm, "is_gradient_checkpointing", False):
+            return False
+        if int(prompt_lengths.min()) < 1 or len(distinct_prompts(input_ids, prompt_lengths)[0]) == len(input_ids):
+            return False
+        if self._prompt_sharing_checked:
+            return True
+        self._prompt_sharing_checked = True
+        training = self.lm.training
+        self.lm.eval()
+        try:
+            with torch.no_grad():
+                plain = self._plain_stats(input_ids, attention_mask, temperature)
+                shared = self._shared_prompt_stats(input_ids, attention_mask, temperature, prompt_lengths)
+            layout = response_layout(input_ids, attention_mask, prompt_lengths)
+            on = scatter_to_rows(torch.ones(layout.valid.shape), layout, input_ids.shape[1] - 1).bool()
+            gap = max(float((a - b)[on].abs().max()) if bool(on.any()) else 0.0
+                      for a, b in zip(plain[:2], shared[:2]))
+            tolerance = 1e-4 if self.lm.dtype in (torch.float32, torch.float64) else 0.1
+            if not gap <= tolerance:
+                raise ValueError(f"log pi / entropy differ by {gap:.3g} from the plain forward (tolerance {tolerance})")
+        except Exception as err:  # noqa: BLE001 - any failure means: do not use this path for this model
+            logger.warning("share_prompt_forward is off for %s: the shared-prompt forward failed its check (%s); "
+                           "every row runs its whole prompt", type(self.lm).__name__, err)
+            self.share_prompt_forward = False
+        finally:
+            self.lm.train(training)
+        return self.share_prompt_forward

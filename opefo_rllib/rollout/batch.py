@@ -38,7 +38,8 @@ class Rollout:
 
 def collate(rollouts: Sequence[Rollout], pad_id: int = 0) -> dict[str, Any]:
     """Tensors for the learner: input_ids / attention_mask [N, L], response_mask and
-    sampling_logp [N, L-1] aligned with targets input_ids[:, 1:], rewards, group ids, versions."""
+    sampling_logp [N, L-1] aligned with targets input_ids[:, 1:], rewards, group ids, prompt lengths,
+    versions."""
     seqs = [r.prompt_ids + r.response_ids for r in rollouts]
     width = max(map(len, seqs))
     n = len(rollouts)
@@ -59,6 +60,7 @@ def collate(rollouts: Sequence[Rollout], pad_id: int = 0) -> dict[str, Any]:
         "sampling_logp": sampling_logp,
         "rewards": torch.tensor([r.reward for r in rollouts], dtype=torch.float32),
         "group_ids": torch.tensor([r.group_id for r in rollouts], dtype=torch.long),
+        "prompt_lengths": torch.tensor([len(r.prompt_ids) for r in rollouts], dtype=torch.long),
         "weight_versions": torch.tensor([r.weight_version for r in rollouts], dtype=torch.long),
     }
 
