@@ -2,11 +2,13 @@
 bounded staleness), dynamic sampling, overlong answers, and the fused flow pass's place in the
 sync pipeline."""
 
+import math
 import pickle
 from types import SimpleNamespace
 
 import pytest
 import torch
+from bpe_fixture import bpe_model_dir  # noqa: F401 (fixture)
 
 from opefo_rllib.rollout.batch import Rollout, learner_batch
 from opefo_rllib.rollout.env_runner import _drop_zero_variance, overlong_penalty
@@ -81,7 +83,9 @@ def _stream_then_update(learner, batch, chunk_rows, step=0):
     for rows in chunk_rows:
         part = {k: v[start:start + rows] for k, v in batch.items() if k in ("input_ids", "attention_mask")}
         width = int(part["attention_mask"].sum(-1).max())  # as collate() of the chunk alone pads it
-        learner.stream_forward({k: v[:, :width] for k, v in part.items()}, start)
+        chunk = {k: v[:, :width] for k, v in part.items()}
+        chunk["prompt_lengths"] = batch["prompt_lengths"][start:start + rows]  # collate's too: shared prompts
+        learner.stream_forward(chunk, start)
         start += rows
     return learner.update_from_rollouts(batch, step)
 
@@ -196,6 +200,47 @@ def test_async_pipeline_trains_one_version_behind_and_survives_a_killed_engine(r
         assert r["rollout/num_samples"] == 16 and r["learner/optimizer_steps"] == 1
     assert fourth["learner/weight_version"] == 4 and fourth["fleet/engine_restarts"] == 1
     assert 0 <= fourth["fleet/engine_idle_frac"] <= 1
+    # The engines re-scored each step's batch (the learner did not): in TensorBoard at the step's own
+    # iteration; step 2's score may be lost with the killed engine, never the run. Step 4's was pending.
+    from opefo_rllib.evaluation.compare import read_scalars
+
+    steps, values = read_scalars(tmp_path / "tb")["entropy_flow/realized_change"]
+    assert {1, 3} <= set(steps) <= {1, 2, 3} and all(math.isfinite(v) for v in values)
+    assert "entropy_flow/realized_change" not in fourth
+
+
+@pytest.mark.slow
+def test_the_engines_rescore_is_the_learners_realized_change(batch):
+    """async with fp32 HF engines: the learner hands the re-score to the engines; an engine with
+    the step's weights gives the realized change a sync learner measures itself (its first call
+    checks the shared-prompt path against the plain one, the second takes it)."""
+    from learner_fixtures import _build_learner, make_engine
+
+    from opefo_rllib.algorithms.grpo.grpo_torch_learner import realized_change_metrics
+
+    asynchronous = _build_learner(pipeline="async", strict_on_policy=False)
+    sync = _build_learner()
+    assert asynchronous.realized_on_engines and not sync.realized_on_engines
+    m_async, m_sync = asynchronous.update_from_rollouts(batch, 0), sync.update_from_rollouts(batch, 0)
+    pending = m_async.pop("_realized_on_engines")
+    assert "entropy_flow/realized_change" not in m_async and "_realized_on_engines" not in m_sync
+    assert pending["tokens"] == int(batch["response_mask"].sum()) == sum(len(r) for _, r in pending["sequences"])
+    engine = make_engine()
+    engine.load_weights(asynchronous.policy_weights(), asynchronous.weight_version)
+    for _ in range(2):  # plain forward (and the check), then the shared-prompt one
+        after_sum, tokens = engine.response_entropy(pending["sequences"], 1.0)
+        measured = realized_change_metrics(pending["before"], after_sum / tokens, pending["net_flow"])
+        for key in ("entropy_flow/entropy_after_step", "entropy_flow/realized_change"):
+            assert measured[key] == pytest.approx(m_sync[key], abs=1e-6), key
+    assert engine._shared_scoring
+    # An answer whose first token is out of the loss (the engines score answers from their start):
+    # the learner measures it itself.
+    partial = dict(batch, response_mask=batch["response_mask"].clone())
+    row = int(partial["response_mask"].sum(-1).argmax())
+    assert partial["response_mask"][row].sum() >= 2
+    partial["response_mask"][row, int(partial["response_mask"][row].nonzero()[0])] = 0.0
+    metrics = _build_learner(pipeline="async", strict_on_policy=False).update_from_rollouts(partial, 0)
+    assert "_realized_on_engines" not in metrics and "entropy_flow/realized_change" in metrics
 
 
 @pytest.mark.slow
@@ -322,3 +367,37 @@ def test_streaming_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert iteration_3(resumed) == iteration_3(straight)
     steps = read_scalars(tmp_path / "run" / "tensorboard")["entropy_flow/realized_change"][0]
     assert steps[:2] == [1, 2] and 3 in steps, steps
+
+
+@pytest.mark.slow
+def test_streaming_makes_the_sync_update_with_a_users_bpe_model(bpe_model_dir):
+    """A user's Qwen2 with a BPE tokenizer, chat-templated prompts of different lengths, two EOS
+    ids and answers up to 24 tokens: streamed chunks of uneven sizes make sync's step (rtol 1e-5)."""
+    from learner_fixtures import _build_learner
+
+    from opefo_rllib.algorithms.grpo import group_advantages
+    from opefo_rllib.fleet.engine import SamplingConfig
+    from opefo_rllib.fleet.hf_engine import HFEngine
+    from opefo_rllib.models.loading import load_tokenizer
+    from opefo_rllib.rollout.batch import collate
+
+    tok = load_tokenizer(bpe_model_dir)
+    engine = HFEngine(str(bpe_model_dir), eos_token_id=list(tok.eos_token_ids), pad_token_id=tok.pad_token_id)
+    texts = ["What is 12 times 8?", "Compute 3 plus 4, please.", "A shop sells 14 apples a day. How many apples in a week? "
+             "Put the answer in \\boxed{}.", "What is 7-2?"]
+    prompts = [tok.encode_chat([{"role": "user", "content": t}]) for t in texts]
+    results = engine.generate(prompts, 4, SamplingConfig(temperature=1.0, max_new_tokens=24), seed=0)
+    rollouts = [Rollout(group_id=k, prompt_ids=prompts[k], response_ids=r.response_ids, sampling_logp=r.sampling_logp,
+                        reward=float((k + s) % 3 == 0), weight_version=0, finished=r.finished)
+                for k, group in enumerate(results) for s, r in enumerate(group)]
+    assert len({len(p) for p in prompts}) == 4 and max(len(r.response_ids) for r in rollouts) > 12
+    batch = collate(rollouts, tok.pad_token_id)
+    batch["advantages"] = group_advantages(batch["rewards"], batch["group_ids"], "grpo")
+    sync = _build_learner(model_path=str(bpe_model_dir), adam_eps=1e-3)
+    streaming = _build_learner(model_path=str(bpe_model_dir), pipeline="streaming", adam_eps=1e-3)
+    m_sync = sync.update_from_rollouts(batch, 0)
+    m_stream = _stream_then_update(streaming, batch, [4, 8, 4])  # whole prompt groups, as the engines return them
+    for key in ("learner/loss", "learner/grad_norm", "entropy_flow/lambda_star", "policy/entropy"):
+        assert m_stream[key] == pytest.approx(m_sync[key], rel=1e-5, abs=1e-9), key
+    for k, w in sync.policy_weights().items():
+        torch.testing.assert_close(streaming.policy_weights()[k], w, rtol=1e-5, atol=1e-7)

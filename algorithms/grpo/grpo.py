@@ -22,6 +22,9 @@ its own step).
 next one before this update (``next_batch``, ``start_ahead``), then waits for it
 (``finish_ahead``) before the weight sync: generation overlaps learning, samples are one
 version old (approximately on-policy; ``max_staleness``, ``tis_cap``, ``offpolicy_mask``).
+With fp32 HF engines the realized-change re-score of a step runs on the engines, queued after
+the weight sync and collected after the next update (``_collect_engine_rescore``), so the
+learner does not pay for it.
 
 The config covers the paper's baselines: strict on-policy GRPO (``policy_loss="pg"``, one
 update per batch), approximate on-policy (``"ppo_clip"`` with ``num_updates_per_batch`` > 1),
@@ -31,6 +34,7 @@ KL-Cov (``policy_loss="clip_cov" | "kl_cov"``).
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -44,6 +48,8 @@ from opefo_rllib.rollout.batch import collate, learner_batch, rollout_metrics
 from opefo_rllib.config import SECTIONS, all_fields, check_value, coerce_value, rllib_fields, validate_sections
 
 __all__ = ["GRPOConfig", "GRPO", "LearnerFailedError", "NonFiniteTrainingError"]
+
+logger = logging.getLogger(__name__)
 
 register_all_with_tune()  # RLlib resolves env names through Tune's registry
 
@@ -191,6 +197,7 @@ class GRPO(Algorithm):
     """GRPO-family RLVR on RLlib: the training loop of the module docstring."""
 
     _learner_in_flight_s = 0.0  # streaming: learner seconds spent during the last batch's generation
+    _engine_rescore: tuple | None = None  # async: (TensorBoard step, what the learner knew, the engines' calls)
 
     @classmethod
     @override(Algorithm)
@@ -256,11 +263,16 @@ class GRPO(Algorithm):
         if c.colocate_engines:
             runner.fleet.resume_memory()
         t2 = time.perf_counter()
+        self._collect_engine_rescore()  # the last step's, scored by the engines during this update
         if c.pipeline == "async":
             runner.finish_ahead()  # the engines are done with it before they get the new weights
         t_ahead = time.perf_counter()
         sync_s = self.sync_fleet_weights(step)
         t3 = time.perf_counter()
+        rescore = metrics.pop("_realized_on_engines", None)
+        if rescore is not None:  # the engines now hold this step's weights: score its batch behind the next generation
+            self._engine_rescore = (step + 1, rescore,
+                                    runner.fleet.submit_entropy(rescore["sequences"], c.temperature))
 
         delta_hist = metrics.pop("_delta_hist")
         metrics.update(rollout_metrics(rollouts, batch))
@@ -317,6 +329,29 @@ class GRPO(Algorithm):
         self._learner_in_flight_s = learner_s
         return rollouts
 
+    def _collect_engine_rescore(self) -> None:
+        """async: the realized entropy change of the last step, from the engines' re-score (queued
+        right after its weight sync), into TensorBoard at that step. An engine that failed costs
+        this one measurement (a warning), never the run."""
+        if self._engine_rescore is None:
+            return
+        step, known, calls = self._engine_rescore
+        self._engine_rescore = None
+        try:
+            after_sum, tokens = self.env_runner.fleet.collect_entropy(calls, step)
+        except Exception as err:  # noqa: BLE001 - a diagnostic: the engines' own failures are handled by sampling
+            logger.warning("the realized entropy change of iteration %d is not measured: the engines' re-score "
+                           "failed (%s)", step, err)
+            return
+        if tokens != known["tokens"]:
+            logger.warning("the realized entropy change of iteration %d is not measured: the engines scored %d "
+                           "tokens, the batch has %d", step, tokens, known["tokens"])
+            return
+        from opefo_rllib.algorithms.grpo.grpo_torch_learner import realized_change_metrics
+
+        self.tb.scalars(realized_change_metrics(known["before"], after_sum / max(tokens, 1), known["net_flow"]), step)
+        self.tb.flush()
+
     def _log_deferred_realized_change(self, step: int) -> None:
         """streaming: the realized entropy change of the update of iteration ``step`` (measured
         now, with the weights right after it), into TensorBoard at that iteration."""
@@ -371,8 +406,10 @@ class GRPO(Algorithm):
     def save_to_path(self, path=None, *args, **kwargs):
         """RLlib saves learner 0's state; with several learners (or ZeRO-3) that state needs every
         learner at once (gathered ZeRO-3 weights, each rank's optimizer shard): stage it first."""
-        # streaming: the last step's re-score first (it may move the closed loop, which is saved)
+        # streaming: the last step's re-score first (it may move the closed loop, which is saved);
+        # async: the engines' re-score of the last step, so a resumed run's TensorBoard has it
         self._log_deferred_realized_change(self.training_iteration)
+        self._collect_engine_rescore()
         self.run_on_learner(_stage_state, what="collecting the learner state for a checkpoint")
         try:
             return super().save_to_path(path, *args, **kwargs)

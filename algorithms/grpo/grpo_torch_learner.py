@@ -22,7 +22,8 @@ later feature can extend):
 5. ``realized_change`` (``measure_realized_change``, on by default): re-score the batch after the
    step, the realized change of its mean entropy; ``closed_loop`` balancing feeds it back
    (``update_closed_loop``). Streaming defers it to ``measure_deferred_realized_change``, called
-   while the next batch is generated (the weights are unchanged until then).
+   while the next batch is generated (the weights are unchanged until then); async with fp32 HF
+   engines hands it to the engines (``engine_rescore``; they score during the next update).
 6. ``batch_metrics``: entropy, flow diagnostics and the engine-vs-learner log-prob gap.
 
 With policy_loss "pg" and no TIS, steps 2-4 compute the gradient of ``opefo_loss`` on the batch
@@ -52,7 +53,8 @@ from opefo_rllib.learner.data_parallel import (all_reduce_sum, all_reduce_sum_te
                                                token_balanced_shards)
 from opefo_rllib.learner.deepspeed_learner import DeepSpeedTorchLearner
 
-__all__ = ["GRPOTorchLearner", "StaleBatchError", "FlowPass", "pack_by_tokens", "high_entropy_tokens"]
+__all__ = ["GRPOTorchLearner", "StaleBatchError", "FlowPass", "pack_by_tokens", "high_entropy_tokens",
+           "realized_change_metrics"]
 
 logger = logging.getLogger(__name__)
 
@@ -394,8 +396,6 @@ class GRPOTorchLearner(DeepSpeedTorchLearner):
         mean response-token entropy, beside the first-order prediction (OPEFO balances the
         predicted flow; this measures what the optimizer really did to the entropy)."""
         mask = batch["response_mask"]
-        n_tok = max(float(mask.sum()), 1.0)
-        before = flow.mean_entropy(mask)
         after_sum = 0.0
         with torch.no_grad():
             for rows, filler in self._plan(batch, torch.arange(len(mask)), collective=self._zero3):
@@ -403,10 +403,36 @@ class GRPOTorchLearner(DeepSpeedTorchLearner):
                 if not filler:
                     after_sum += float((stats.entropy * mask[rows, :w]).sum())
         after_sum = reduce_floats([after_sum])[0]
-        change = after_sum / n_tok - before
-        net = float(flow.totals.P - flow.totals.N)
-        return {"entropy_flow/realized_change": change, "entropy_flow/entropy_after_step": after_sum / n_tok,
-                "entropy_flow/realized_over_net_flow": change / net if net else float("nan")}
+        return realized_change_metrics(flow.mean_entropy(mask), after_sum / max(float(mask.sum()), 1.0),
+                                       float(flow.totals.P - flow.totals.N))
+
+    @property
+    def realized_on_engines(self) -> bool:
+        """async with fp32 HF engines and an fp32 learner: the engines re-score the batch after the
+        step (``response_entropy``, the same weights and numbers as the learner's forward) while
+        they would otherwise wait for the learner; not for closed_loop, which needs the number
+        before the next update."""
+        c = self.config
+        return (c.pipeline == "async" and c.engine == "hf" and c.engine_dtype == "float32"
+                and c.model_dtype == "float32" and c.balance_mode != "closed_loop")
+
+    def engine_rescore(self, batch: dict[str, Any], flow: "FlowPass") -> dict[str, Any] | None:
+        """What the engines need to measure this step's realized change, and what the learner knows
+        of it: the answers in the loss as (prompt ids, response ids), their token count, the
+        entropy before the step and the net predicted flow. None when some answer is only partly in
+        the loss (the engines score whole answers): then the learner measures it."""
+        mask, ids, plens = batch["response_mask"], batch["input_ids"], batch.get("prompt_lengths")
+        if plens is None:
+            return None
+        sequences = []
+        for i, k in enumerate(mask.sum(-1).long().tolist()):
+            if k:
+                p = int(plens[i])
+                if float(mask[i, p - 1:p - 1 + k].sum()) != k:
+                    return None
+                sequences.append((ids[i, :p].tolist(), ids[i, p:p + k].tolist()))
+        return {"sequences": sequences, "tokens": int(mask.sum()), "before": flow.mean_entropy(mask),
+                "net_flow": float(flow.totals.P - flow.totals.N)}
 
     def current_entropy_coef(self) -> float:
         """entropy_coef, or its adapted value under ``adaptive_entropy``."""
@@ -485,8 +511,11 @@ class GRPOTorchLearner(DeepSpeedTorchLearner):
             metrics["learner/entropy_coef"] = self.adaptive_entropy_coef
         metrics.update(self.training_pass(batch, flow, weights, step))
         if self.config.measure_realized_change:
+            pending = self.engine_rescore(batch, flow) if self.realized_on_engines else None
             if self.config.pipeline == "streaming":  # re-scored while the next batch is generated
                 self._deferred_realized = (batch, flow)
+            elif pending is not None:  # re-scored by the engines during the next update (the algorithm's part)
+                metrics["_realized_on_engines"] = pending
             else:
                 metrics.update(self._realized_and_closed_loop(batch, flow))
         metrics.update(self.batch_metrics(batch, flow))
@@ -525,6 +554,14 @@ class GRPOTorchLearner(DeepSpeedTorchLearner):
             self.closed_loop_fraction = float(state["closed_loop"]["fraction"])
             self.entropy_target = state["closed_loop"]["entropy_target"]
             self.adaptive_entropy_coef = state["closed_loop"].get("entropy_coef")
+
+
+def realized_change_metrics(before: float, after: float, net_flow: float) -> dict[str, float]:
+    """The logged realized change of a batch's mean response-token entropy across one step (``before``
+    as sampled, ``after`` re-scored with the new weights), and its ratio to the net predicted flow."""
+    change = after - before
+    return {"entropy_flow/realized_change": change, "entropy_flow/entropy_after_step": after,
+            "entropy_flow/realized_over_net_flow": change / net_flow if net_flow else float("nan")}
 
 
 def high_entropy_tokens(entropy: torch.Tensor, mask: torch.Tensor, quantile: float) -> torch.Tensor:

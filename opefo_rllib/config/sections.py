@@ -104,8 +104,8 @@ class RolloutPipelineSettings:
                             "on-policy); async: the engines generate the next batch with the weights they hold while "
                             "the learner trains (one batch ahead; samples 1 version old; needs strict_on_policy: "
                             "false)", choices=("sync", "streaming", "async"))
-    stream_chunks: int = setting(4, "streaming: each engine's share of a batch goes as this many calls, answered one "
-                                 "by one", low=1)
+    stream_chunks: int = setting(2, "streaming: each engine's share of a batch goes as this many calls, answered one "
+                                 "by one (2: the fastest of 2, 4, 8 on the default workload, docs/pipeline.md)", low=1)
     max_staleness: int = setting(1, "async: a sample older than the learner's version minus this is left out of the "
                                  "loss (rollout/dropped_stale)", low=1)
     offpolicy_mask: str = setting("none", "off-policy samples: token (tokens whose pi_learner / pi_engine is outside "
@@ -228,7 +228,9 @@ class EntropyFlowSettings:
                                            "entropy-rules study's pick: docs/results.md)", low=0.0, high=1.0,
                                            high_open=True)
     measure_realized_change: bool = setting(True, "re-score the batch after the optimizer step (no grad) and log "
-                                            "entropy_flow/realized_change (one extra forward per step)")
+                                            "entropy_flow/realized_change (one extra forward per step: the learner's; "
+                                            "streaming: during the next generation; async with fp32 HF engines: the "
+                                            "engines', during the next update)")
     entropy_target: float | None = setting(None, 'closed_loop: the entropy to hold (None: the first batch\'s)',
                                            low=0.0, low_open=True)
     closed_loop_gain: float = setting(10.0, "closed_loop: f -= gain x realized entropy change per step", low=0.0)

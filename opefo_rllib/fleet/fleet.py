@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 
 import ray
 
-from opefo_rllib.fleet.engine import Engine, SamplingConfig
+from opefo_rllib.fleet.engine import Engine, EntropyScorer, SamplingConfig
 
 __all__ = ["EngineFleet", "EngineActor", "make_engine", "wait_all"]
 
@@ -57,6 +57,13 @@ class EngineActor:
         start = time.perf_counter()
         out = self.engine.generate(prompts, n, sampling, seed)
         return out, time.perf_counter() - start
+
+    def scores_entropy(self) -> bool:
+        """Whether the engine is an ``EntropyScorer`` (the optional ``response_entropy``)."""
+        return isinstance(self.engine, EntropyScorer)
+
+    def response_entropy(self, sequences, temperature):
+        return self.engine.response_entropy(sequences, temperature)
 
     def load_weights(self, weights, version):
         start = time.perf_counter()
@@ -135,6 +142,7 @@ class EngineFleet:
         self.version = 0
         self.restarts = 0  # every restart changes the fleet's membership (a native group must be rebuilt)
         self._weights_ref = None  # the last synced weights, for engines that restart
+        self._scores_entropy: bool | None = None  # every engine has response_entropy (asked on first use)
         self.weights_provider = None  # () -> state dict of version self.version, when _weights_ref is None
         backends = set(ray.get([a.weight_transfer_backend.remote() for a in self.actors]))
         if len(backends) != 1:
@@ -246,6 +254,27 @@ class EngineFleet:
                 actor = self.actors[engine]
                 ref = actor.generate.remote(*args)
         raise AssertionError("unreachable")
+
+    @property
+    def scores_entropy(self) -> bool:
+        """Every engine has ``response_entropy`` (asked once)."""
+        if self._scores_entropy is None:
+            self._scores_entropy = all(ray.get([a.scores_entropy.remote() for a in self.actors]))
+        return self._scores_entropy
+
+    def submit_entropy(self, sequences: Sequence[tuple], temperature: float) -> list:
+        """Start scoring (prompt, response) pairs on the engines, a contiguous share each, behind
+        whatever they are doing; ``collect_entropy`` takes the result."""
+        return [(engine, self.actors[engine].response_entropy.remote([sequences[i] for i in share], temperature))
+                for engine, share in enumerate(_split(len(sequences), len(self.actors))) if len(share)]
+
+    def collect_entropy(self, pending: list, step: int) -> tuple[float, int]:
+        """The summed (entropy, tokens) of ``submit_entropy``'s calls; an engine that died or timed
+        out is an error naming it (the caller decides what the measurement is worth then)."""
+        engines, calls = [e for e, _ in pending], [c for _, c in pending]
+        wait_all(calls, self.generate_timeout_s, f"scoring answers' entropy at step {step}", engines=engines)
+        parts = ray.get(calls)
+        return sum(p[0] for p in parts), sum(p[1] for p in parts)
 
     def sync_weights(self, weights: Mapping[str, Any], version: int, step: int) -> float:
         """Push weights to every engine (one object-store copy) and check the versions."""

@@ -25,7 +25,8 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["ResponseLayout", "distinct_prompts", "response_layout", "shared_prompt_hidden", "scatter_to_rows"]
+__all__ = ["ResponseLayout", "distinct_prompts", "response_layout", "right_padded", "shared_prompt_hidden",
+           "scatter_to_rows"]
 
 
 class ResponseLayout(NamedTuple):
@@ -86,3 +87,16 @@ def scatter_to_rows(values: torch.Tensor, layout: ResponseLayout, width: int) ->
     n, longest = values.shape
     out = values.new_zeros(n, width + longest)
     return out.scatter(1, layout.columns, torch.where(layout.valid, values, 0))[:, :width]
+
+
+def right_padded(sequences, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(prompt ids, response ids) pairs as right-padded rows: ``(input_ids [N, L],
+    attention_mask [N, L], prompt_lengths [N])``."""
+    rows = [list(p) + list(r) for p, r in sequences]
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), int(pad_id), dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+        attn[i, :len(row)] = 1
+    return ids, attn, torch.tensor([len(p) for p, _ in sequences], dtype=torch.long)
