@@ -1,7 +1,8 @@
 """Where one training iteration's time goes (issue 14, item 1): per phase, median over iterations.
 
-Builds the algorithm from a run config (default: the tiny CPU run), trains a few iterations, and
-times each phase by wrapping the learner's named steps and the runner's sample call:
+Builds the algorithm from a run config (default: the tiny CPU run, with ``pipeline: sync``, whose
+phases run one after the other), trains a few iterations, and times each phase by wrapping the
+learner's named steps and the runner's sample call:
 
     sample (generate + verify) | learner: flow_pass, token_weights, accumulate_gradients
     (forward + backward), optimizer_step, realized_change, batch_metrics | weight sync | rest
@@ -45,7 +46,8 @@ def main() -> None:
     from opefo_rllib.run_config import apply_overrides, build_algo_config, load_run_config
 
     configs = args.config or [str(Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml")]
-    data = apply_overrides(load_run_config(configs), ["eval_before_train=false", "eval_every=0", *args.set])
+    data = apply_overrides(load_run_config(configs), ["eval_before_train=false", "eval_every=0", "pipeline=sync",
+                                                      *args.set])
     config = build_algo_config(data)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     algo = config.build_algo()

@@ -50,7 +50,8 @@ def test_errors_name_the_key_or_field(tmp_path):
     for override, field in (["balance_mode=sideways", "'balance_mode'"], ["group_size=0", "'group_size'"],
                             ["top_p=0.9", "'top_p'"], ["num_updates_per_batch=4", "'num_updates_per_batch'"],
                             ["zero_stage=5", "'zero_stage'"]):
-        data = apply_overrides(load_run_config([CONFIGS / "tiny_cpu.yaml"]), [override])
+        # pipeline sync: the default run's streaming would refuse num_updates_per_batch > 1 first
+        data = apply_overrides(load_run_config([CONFIGS / "tiny_cpu.yaml"]), ["pipeline=sync", override])
         with pytest.raises(ConfigError, match=field):
             build_algo_config(data)
 

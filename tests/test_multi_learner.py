@@ -108,7 +108,8 @@ def test_two_zero2_learners_choose_the_one_learner_optimizer_aware_lambda(ray_se
 SMALL = ["--set", "prompts_per_batch=4", "--set", "group_size=4", "--set", "max_new_tokens=6", "--set",
          "ray={num_cpus: 2}", "--set", "log_text_every=0", "--set", "eval_every=0", "--set", "iterations=3"]
 # Two learners on this 2-CPU machine: 1 driver + 2 x 0.25 + 1 engine x 0.5 = 2 CPUs.
-TWO_LEARNERS = ["--set", "num_learners=2", "--set", "num_cpus_per_learner=0.25", "--set", "zero_stage=2"]
+TWO_LEARNERS = ["--set", "num_learners=2", "--set", "num_cpus_per_learner=0.25", "--set", "zero_stage=2", "--set",
+                "pipeline=sync"]  # the default run streams, on one learner
 
 
 def _cli(*args, cwd):
@@ -132,7 +133,7 @@ def test_cli_trains_with_two_learners_and_resumes_to_the_same_iteration(tmp_path
 
     straight = _cli(*SMALL, *TWO_LEARNERS, "--set", "checkpoint_every=2", "--set", f"logdir={tmp_path / 'two'}",
                     cwd=tmp_path)
-    _cli(*SMALL, "--set", "zero_stage=2", "--set", f"logdir={tmp_path / 'one'}", cwd=tmp_path)
+    _cli(*SMALL, "--set", "zero_stage=2", "--set", "pipeline=sync", "--set", f"logdir={tmp_path / 'one'}", cwd=tmp_path)
     two, single = read_scalars(tmp_path / "two"), read_scalars(tmp_path / "one")
     assert set(two) == set(single)  # every TensorBoard tag
     assert two["learner/optimizer_steps"][1] == [1.0, 1.0, 1.0]  # one optimizer step per iteration
@@ -195,7 +196,7 @@ def test_a_users_bpe_model_trains_on_two_zero3_learners_and_resumes(tmp_path):
     model = build_bpe_model(tmp_path / "qwen2_bpe")
     run = ["--set", f"model_path={model}", "--set", "prompt_format=chat", "--set", "max_new_tokens=48",
            "--set", "prompts_per_batch=4", "--set", "group_size=4", "--set", "ray={num_cpus: 2}", "--set",
-           "log_text_every=0", "--set", "eval_every=0", "--set", "eval_before_train=false", "--set", "num_learners=2",
+           "log_text_every=0", "--set", "eval_every=0", "--set", "eval_before_train=false", "--set", "num_learners=2", "--set", "pipeline=sync",
            "--set", "num_cpus_per_learner=0.25", "--set", "zero_stage=3", "--set", "iterations=2",
            "--set", "checkpoint_every=1", "--set", f"logdir={tmp_path / 'run'}"]
     straight = _cli(*run, cwd=tmp_path)
