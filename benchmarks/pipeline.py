@@ -14,6 +14,8 @@ in the same Ray session, medians over ``iterations`` after ``warmup``:
 * streaming       - strict on-policy: the learner's forward runs on each finished engine call's
                     groups (stream_chunks calls) while the rest are generated, and the realized-change
                     re-score during the next generation; the same update as sync
+* streaming, backward too - stream_backward: each chunk's backward in flight as well, into two
+                    gradient accumulators (a second backward per chunk: g_total and g_side)
 * async (k = 1)   - one batch ahead: generation overlaps the update (strict_on_policy off); the
                     realized-change re-score runs on the (fp32 HF) engine, not the learner
 * async, no re-score - the same without the re-score (measure_realized_change off): its cost
@@ -38,6 +40,7 @@ VARIANTS = {
     "streaming": ["pipeline=streaming", "stream_chunks=2"],
     "streaming, 4 ch": ["pipeline=streaming", "stream_chunks=4"],
     "streaming, 8 ch": ["pipeline=streaming", "stream_chunks=8"],
+    "streaming, backward too": ["pipeline=streaming", "stream_chunks=2", "stream_backward=true"],
     "async (k = 1)": ["pipeline=async", "strict_on_policy=false", "max_staleness=1"],
     "async, no re-score": ["pipeline=async", "strict_on_policy=false", "max_staleness=1",
                            "measure_realized_change=false"],

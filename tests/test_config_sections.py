@@ -91,6 +91,14 @@ def test_streaming_refuses_what_it_cannot_keep_on_one_step(other):
         build_algo_config(data)
 
 
+@pytest.mark.parametrize("other", ["pipeline=sync", "policy_loss=ppo_clip", "adaptive_entropy=true",
+                                   "balance_mode=optimizer_aware", "top_entropy_quantile=0.2"])
+def test_stream_backward_refuses_what_needs_the_whole_batch(other):
+    data = apply_overrides(load_run_config([TINY]), ["pipeline=streaming", "stream_backward=true", other])
+    with pytest.raises(ConfigError, match="config field 'stream_backward'"):
+        build_algo_config(data)
+
+
 def test_every_checked_field_has_a_bad_value_case():
     """A field whose declaration has a check, choices or bounds must appear in BAD_VALUES."""
     covered = {field for _, field in BAD_VALUES}

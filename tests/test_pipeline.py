@@ -76,7 +76,7 @@ def test_samples_older_than_max_staleness_get_no_gradient(batch):
         torch.testing.assert_close(w, reference.policy_weights()[k])
 
 
-def _stream_then_update(learner, batch, chunk_rows, step=0):
+def _stream_then_update(learner, batch, chunk_rows, step=0, before_update=lambda learner: None):
     """What the streaming pipeline does on the learner: a forward per finished chunk (its own
     collation, so its own padding), then the update on the whole batch."""
     start = 0
@@ -84,9 +84,14 @@ def _stream_then_update(learner, batch, chunk_rows, step=0):
         part = {k: v[start:start + rows] for k, v in batch.items() if k in ("input_ids", "attention_mask")}
         width = int(part["attention_mask"].sum(-1).max())  # as collate() of the chunk alone pads it
         chunk = {k: v[:, :width] for k, v in part.items()}
-        chunk["prompt_lengths"] = batch["prompt_lengths"][start:start + rows]  # collate's too: shared prompts
+        # What learner_batch gives a chunk of whole groups: its rows' prompt lengths, advantages, masks.
+        for key in ("prompt_lengths", "advantages"):
+            chunk[key] = batch[key][start:start + rows]
+        for key in ("response_mask", "sampling_logp"):
+            chunk[key] = batch[key][start:start + rows, :width - 1]
         learner.stream_forward(chunk, start)
         start += rows
+    before_update(learner)
     return learner.update_from_rollouts(batch, step)
 
 
@@ -125,6 +130,39 @@ def test_streaming_makes_the_sync_update(batch, overrides):
     assert m_stream["learner/loss"] == pytest.approx(m_sync["learner/loss"], rel=1e-5, abs=1e-9)
     for k, w in sync.policy_weights().items():
         torch.testing.assert_close(streaming.policy_weights()[k], w, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides", [{}, {"balance_mode": "none", "micro_batch_size": 5},
+                                       {"zero_stage": 2, "balance_mode": "closed_loop", "tis_cap": 2.0,
+                                        "loss_agg_mode": "seq-mean-token-mean", "entropy_coef": 0.01}],
+                         ids=["opefo", "grpo_micro_batches", "zero2_closed_loop_tis_seq_mean"])
+def test_stream_backward_makes_the_sync_update(batch, overrides):
+    """Every chunk's backward during generation, into the two accumulators, combined with the
+    whole batch's lambda: sync's step (rtol 1e-5), over two steps (AdamW's moments in play)."""
+    from learner_fixtures import _build_learner, _rollout_batch, make_engine
+
+    sync = _build_learner(adam_eps=1e-3, **overrides)
+    streaming = _build_learner(pipeline="streaming", stream_backward=True, adam_eps=1e-3, **overrides)
+    engine = make_engine()
+    for step, (b, chunks) in enumerate([(batch, [4, 8, 12]), (None, [12, 12])]):
+        if b is None:  # a fresh batch from the weights after the first step
+            engine.load_weights(sync.policy_weights(), sync.weight_version)
+            b = _rollout_batch(engine, seed=1)
+        m_sync = sync.update_from_rollouts(b, step)
+        m_stream = _stream_then_update(streaming, b, chunks, step, before_update=_gradients_in_and_graphs_gone)
+        assert streaming._stream_grads is None  # used once
+        for key in ("learner/loss", "learner/grad_norm", "entropy_flow/lambda", "policy/entropy"):
+            assert m_stream[key] == pytest.approx(m_sync[key], rel=1e-5, abs=1e-8), (step, key)
+        for k, w in sync.policy_weights().items():
+            torch.testing.assert_close(streaming.policy_weights()[k], w, rtol=1e-5, atol=1e-7)
+
+
+def _gradients_in_and_graphs_gone(learner):
+    """stream_backward, the batch in: the accumulators hold the chunks' gradients and no streamed
+    forward keeps a graph."""
+    assert learner._stream_grads is not None and any(float(g.abs().sum()) > 0 for g in learner._stream_grads["total"])
+    assert all(not stats.logp.requires_grad for _, stats, _ in learner._streamed)
 
 
 def test_streamed_chunks_must_cover_the_batch_once(batch):
@@ -244,12 +282,13 @@ def test_the_engines_rescore_is_the_learners_realized_change(batch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("pipeline", ["sync", "streaming"])
+@pytest.mark.parametrize("pipeline", ["sync", "streaming", "streaming_backward"])
 def test_dynamic_sampling_fills_the_batch_or_says_how_short_it_is(ray_session, tmp_path, pipeline):
     from opefo_rllib.algorithms.opefo import OPEFOConfig
 
     config = OPEFOConfig().generation(**SMALL).rollout(filter_groups="zero_variance", max_refill_rounds=2,
-                                                       pipeline=pipeline, stream_chunks=2)
+                                                       pipeline=pipeline.split("_")[0], stream_chunks=2,
+                                                       stream_backward=pipeline.endswith("backward"))
     config.logging(tensorboard_dir=str(tmp_path / "tb"), log_text_every=0)
     algo = config.build_algo()
     try:

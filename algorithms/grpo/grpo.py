@@ -44,7 +44,7 @@ from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.utils.annotations import override
 
 from opefo_rllib.envs.registry import register_all_with_tune
-from opefo_rllib.rollout.batch import collate, learner_batch, rollout_metrics
+from opefo_rllib.rollout.batch import learner_batch, rollout_metrics
 from opefo_rllib.config import SECTIONS, all_fields, check_value, coerce_value, rllib_fields, validate_sections
 
 __all__ = ["GRPOConfig", "GRPO", "LearnerFailedError", "NonFiniteTrainingError"]
@@ -320,7 +320,9 @@ class GRPO(Algorithm):
         rollouts: list = []
         learner_s = time.perf_counter() - t0
         for chunk in runner.stream(started):
-            part = collate(chunk, runner.tokenizer.pad_token_id)
+            # whole prompt groups: their advantages and masks are those they get in the whole batch
+            part = learner_batch(chunk, runner.tokenizer.pad_token_id, c.adv_estimator, c.verify_failure_policy,
+                                 c.mask_truncated)
             t0 = time.perf_counter()
             self.run_on_learner(lambda learner, b=part, r=len(rollouts): learner.stream_forward(b, r),
                                 what=f"a streamed forward of iteration {step + 1}")

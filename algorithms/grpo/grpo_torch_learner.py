@@ -43,6 +43,7 @@ from ray.rllib.core import DEFAULT_MODULE_ID
 from opefo_rllib.algorithms.grpo.losses import aggregate_loss, entropy_bonus, loss_settings, policy_loss
 from opefo_rllib.algorithms.opefo.entropy_flow import (
     FlowTotals,
+    balance_sides,
     balance_weights,
     entropy_flow,
     flow_diagnostics,
@@ -89,6 +90,8 @@ class GRPOTorchLearner(DeepSpeedTorchLearner):
     _kept_forwards: list | tuple = ()  # [(rows, stats, width)] of the flow pass's graph-keeping forwards (fused or
     # streamed), for the backward that follows
     _streamed: list | None = None  # streaming: the forwards of the chunks received so far
+    _stream_grads: dict | None = None  # stream_backward: the two gradient accumulators and their losses
+    _balance_lambda: float = 0.0  # the lambda of the update in progress (stream_backward combines with it)
     _deferred_realized: tuple | None = None  # streaming: (batch, flow) of the last step, not re-scored yet
     weight_version: int = 0
     nonfinite_steps: int = 0  # optimizer steps skipped by the finite-step guard, in all
@@ -182,7 +185,63 @@ class GRPOTorchLearner(DeepSpeedTorchLearner):
             for rows in self._micro_batches(torch.arange(chunk["input_ids"].shape[0]), lengths):
                 self.begin_training_forward()
                 stats, w = self._stats(chunk, rows)
+                if self.config.stream_backward:  # the backward now; keep the numbers, not the graph
+                    self._stream_backward(chunk, rows, stats, w)
+                    stats = type(stats)(*(t.detach() for t in stats))
                 self._streamed.append((rows + first_row, stats, w))
+
+    def _stream_backward(self, chunk: dict[str, Any], rows: torch.Tensor, stats, w: int) -> None:
+        """``stream_backward``: the backward of one streamed micro-batch into two accumulators,
+        g_total = sum_t grad l_t and g_side = sum_t c_t grad l_t (c_t = ``balance_sides``, so that
+        the weighted gradient is g_total + lambda g_side), each loss aggregated with unit counts
+        (the whole batch's counts scale both once it is in). ``chunk`` carries its rows' advantages
+        (group-local: those of the whole batch) and response mask. GRPO (no side): one backward."""
+        c = self.config
+        mask, adv = chunk["response_mask"][rows, :w], chunk["advantages"][rows].float()
+        delta = entropy_flow(stats.logp, stats.entropy, adv, c.entropy_flow_estimator, stats.expected_s)
+        sides = balance_sides(delta, mask, c.balance_mode)
+        base = torch.ones_like(mask)
+        if c.tis_cap is not None:  # min(pi_learner / pi_engine, C), as token_weights has it
+            ratio = torch.exp(stats.logp.detach() - chunk["sampling_logp"][rows, :w])
+            base = torch.where(mask.bool(), ratio.clamp(max=float(c.tis_cap)), base)
+        settings = loss_settings("pg", c)
+        unit = {"num_tokens": 1.0, "num_seqs": 1.0, "norm_length": float(c.max_new_tokens)}
+
+        def loss_of(weights):
+            loss_mat, _ = policy_loss("pg", stats.logp, stats.logp.detach(), adv, mask, weights=weights, config=settings)
+            return aggregate_loss(loss_mat, mask, c.loss_agg_mode, **unit)
+
+        losses = [loss_of(base) + entropy_bonus(stats.entropy, mask, c.entropy_coef, c.loss_agg_mode, **unit)]
+        if bool(sides.any()):
+            losses.append(loss_of(base * sides))
+        params = [p for p in self._module[DEFAULT_MODULE_ID].lm.parameters() if p.requires_grad]
+        if self._stream_grads is None:
+            self._stream_grads = {"total": [torch.zeros_like(p, dtype=torch.float32) for p in params],
+                                  "side": [torch.zeros_like(p, dtype=torch.float32) for p in params],
+                                  "loss_total": 0.0, "loss_side": 0.0}
+        acc = self._stream_grads
+        for k, (name, loss) in enumerate(zip(("total", "side"), losses)):
+            grads = torch.autograd.grad(loss, params, retain_graph=k + 1 < len(losses), allow_unused=True)
+            for buffer, g in zip(acc[name], grads):
+                if g is not None:
+                    buffer += g.float()
+            acc[f"loss_{name}"] += float(loss.detach())
+
+    def _apply_streamed_gradients(self, batch: dict[str, Any], rows: torch.Tensor) -> float:
+        """``stream_backward``: the update's gradient, (g_total + lambda g_side) x the aggregation's
+        1 / count of the whole batch, handed to DeepSpeed through the backward of sum_p <p, g_p>
+        (whose gradient is g: ZeRO's gradient hooks, clipping and the finite-step guard see it as
+        any backward). Returns the loss."""
+        acc, self._stream_grads = self._stream_grads, None
+        counts = self._loss_counts(batch["response_mask"], rows)
+        count = counts["num_tokens"] if self.config.loss_agg_mode == "token-mean" else counts["num_seqs"]
+        scale, lam = 1.0 / max(count, 1.0), self._balance_lambda
+        params = [p for p in self._module[DEFAULT_MODULE_ID].lm.parameters() if p.requires_grad]
+        self.begin_training_forward()
+        surrogate = sum((p * ((g_t + lam * g_s) * scale).to(p.dtype)).sum()
+                        for p, g_t, g_s in zip(params, acc["total"], acc["side"]))
+        self.ds_engine.backward(surrogate * self.dp_world, scale_wrt_gas=False)
+        return (acc["loss_total"] + lam * acc["loss_side"]) * scale
 
     def flow_pass(self, batch: dict[str, Any]) -> "FlowPass":
         """Stats of the whole batch as sampled (no grad), its entropy flow and its totals P, N.
@@ -204,7 +263,8 @@ class GRPOTorchLearner(DeepSpeedTorchLearner):
             for rows, stats, w in streamed:
                 logp[rows, :w], entropy[rows, :w], expected_s[rows, :w] = (
                     stats.logp.detach(), stats.entropy.detach(), stats.expected_s.detach())
-            self._kept_forwards = streamed
+            # stream_backward: the gradients are in the accumulators already, the graphs gone
+            self._kept_forwards = streamed if self._stream_grads is None else []
         else:
             fused = self._fusable(batch)
             with torch.set_grad_enabled(fused):
@@ -311,6 +371,8 @@ class GRPOTorchLearner(DeepSpeedTorchLearner):
         """Backward of the weighted policy loss over ``rows``, micro-batch by micro-batch, with the
         counts of ``rows`` as the aggregation denominators; no optimizer step. Returns the summed
         loss and the losses' metrics."""
+        if self._stream_grads is not None:  # stream_backward: every backward ran during generation
+            return self._apply_streamed_gradients(batch, rows), []
         c = self.config
         mask, adv = batch["response_mask"], batch["advantages"].float()
         settings = loss_settings(c.policy_loss, c)
@@ -481,8 +543,8 @@ class GRPOTorchLearner(DeepSpeedTorchLearner):
         (called while the next batch is generated; same weights, same number)."""
         try:
             return self._update(batch, step)
-        finally:  # a failed update leaves no graph behind for the next one
-            self._streamed, self._kept_forwards = None, []
+        finally:  # a failed update leaves no graph (or streamed gradient) behind for the next one
+            self._streamed, self._kept_forwards, self._stream_grads = None, [], None
 
     def measure_deferred_realized_change(self) -> dict[str, float]:
         """streaming: the realized entropy change of the last update's batch, measured now (the
@@ -507,6 +569,7 @@ class GRPOTorchLearner(DeepSpeedTorchLearner):
         if self.config.adaptive_entropy:
             self.update_entropy_coef(flow.mean_entropy(batch["response_mask"]))
         weights, metrics = self.token_weights(batch, flow)
+        self._balance_lambda = metrics["entropy_flow/lambda"]
         if self.config.adaptive_entropy:
             metrics["learner/entropy_coef"] = self.adaptive_entropy_coef
         metrics.update(self.training_pass(batch, flow, weights, step))

@@ -47,6 +47,7 @@ __all__ = [
     "BALANCE_MODES",
     "FlowTotals",
     "entropy_flow",
+    "balance_sides",
     "flow_totals",
     "balance_lambda",
     "balance_weights",
@@ -167,6 +168,26 @@ def balance_lambda(
     return lam
 
 
+_TWO_SIDED = ("two_sided", "closed_loop", "optimizer_aware", "static")
+
+
+def balance_sides(delta: torch.Tensor, mask: torch.Tensor, mode: str = "two_sided") -> torch.Tensor:
+    """c_t of the balancing weights w_t = 1 + lambda c_t, [B, T] float32: +1 on an entropy-increasing
+    token (delta > 0) and -1 on a decreasing one when ``mode`` reweights that side, 0 elsewhere
+    (masked tokens, delta = 0, a side the mode leaves alone, mode "none"). The weighted gradient is
+    affine in lambda: sum_t w_t grad l_t = sum_t grad l_t + lambda sum_t c_t grad l_t."""
+    d = delta.detach()
+    m = mask.to(torch.bool)
+    up = mode in _TWO_SIDED or mode == "increase_only"
+    down = mode in _TWO_SIDED or mode == "decrease_only"
+    sides = torch.zeros_like(d, dtype=torch.float32)
+    if up:
+        sides = torch.where(m & (d > 0), torch.ones_like(sides), sides)
+    if down:
+        sides = torch.where(m & (d < 0), -torch.ones_like(sides), sides)
+    return sides
+
+
 def balance_weights(
     delta: torch.Tensor,
     mask: torch.Tensor,
@@ -198,14 +219,13 @@ def balance_weights(
     if totals is None:
         totals = flow_totals(delta, mask)
     lam = balance_lambda(totals, mode, static_lambda, balance_fraction, max_abs_lambda)
-    two_sided = ("two_sided", "closed_loop", "optimizer_aware", "static")
-    up = 1.0 + lam if mode in two_sided or mode == "increase_only" else 1.0
-    down = 1.0 - lam if mode in two_sided or mode == "decrease_only" else 1.0
-    d = delta.detach()
+    up = 1.0 + lam if mode in _TWO_SIDED or mode == "increase_only" else 1.0
+    down = 1.0 - lam if mode in _TWO_SIDED or mode == "decrease_only" else 1.0
+    sides = balance_sides(delta, mask, mode)  # w_t = 1 + lambda c_t, each side's value rounded once
+    weights = torch.ones_like(sides)
+    weights = torch.where(sides > 0, torch.full_like(weights, up), weights)
+    weights = torch.where(sides < 0, torch.full_like(weights, down), weights)
     m = mask.to(torch.bool)
-    weights = torch.ones_like(d, dtype=torch.float32)
-    weights = torch.where(m & (d > 0), torch.full_like(weights, up), weights)
-    weights = torch.where(m & (d < 0), torch.full_like(weights, down), weights)
 
     n_tok = max(float(totals.n_tokens), 1.0)
     w_masked = weights[m]

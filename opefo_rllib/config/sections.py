@@ -106,6 +106,13 @@ class RolloutPipelineSettings:
                             "false)", choices=("sync", "streaming", "async"))
     stream_chunks: int = setting(2, "streaming: each engine's share of a batch goes as this many calls, answered one "
                                  "by one (2: the fastest of 2, 4, 8 on the default workload, docs/pipeline.md)", low=1)
+    stream_backward: bool = setting(False, "streaming: run each chunk's backward as it arrives too, into two "
+                                    "gradient accumulators (of l_t and of c_t l_t, c_t the token's balance side: "
+                                    "w_t = 1 + lambda c_t) combined with the batch's lambda once it is in: the whole "
+                                    "learner during generation, for a second backward per chunk (none under GRPO) "
+                                    "and two fp32 copies of the model; pays when generation outlasts the learner "
+                                    "(docs/pipeline.md). policy_loss pg, without adaptive_entropy, optimizer_aware, "
+                                    "top_entropy_quantile or offpolicy_mask")
     max_staleness: int = setting(1, "async: a sample older than the learner's version minus this is left out of the "
                                  "loss (rollout/dropped_stale)", low=1)
     offpolicy_mask: str = setting("none", "off-policy samples: token (tokens whose pi_learner / pi_engine is outside "
@@ -140,6 +147,17 @@ class RolloutPipelineSettings:
             if c.colocate_engines:
                 yield "pipeline", ("pipeline 'streaming' runs the learner during generation, while colocated engines "
                                    "hold their memory (they release it only for the update); use sync or async")
+        if c.stream_backward:
+            if c.pipeline != "streaming":
+                yield "stream_backward", "stream_backward is a form of pipeline 'streaming'"
+            elif c.policy_loss != "pg":
+                yield "stream_backward", ("stream_backward needs policy_loss 'pg' (its gradient is affine in lambda; "
+                                          f"{c.policy_loss!r} is not)")
+            elif c.adaptive_entropy or c.balance_mode == "optimizer_aware" or c.top_entropy_quantile < 1.0 \
+                    or c.offpolicy_mask != "none":
+                yield "stream_backward", ("stream_backward needs every token's weight from its own chunk and lambda: "
+                                          "not adaptive_entropy, balance_mode optimizer_aware, top_entropy_quantile "
+                                          "< 1 or offpolicy_mask (they need the whole batch)")
         if c.offpolicy_mask != "none" and c.tis_cap is None:
             yield "offpolicy_mask", "offpolicy_mask needs tis_cap (its band is [1/tis_cap, tis_cap])"
         if c.overlong_buffer_len is not None and c.overlong_buffer_len >= c.max_new_tokens:
