@@ -147,8 +147,8 @@ def pipeline_table(learners: int = 4, engines: int = 4) -> list[str]:
     # backward passes per group in flight (one under GRPO), then only the combine and the step.
     two_acc = (2 * m.params * tokens + 2 * 6 * m.params * tokens + realized_fwd) / rate
     rows = (("sync", learn, gen + learn + sync),
-            ("streaming, forward in flight (built for 1 learner)", in_flight + after_last, max(gen, in_flight) + after_last + sync),
-            ("streaming, stream_backward (built for 1 learner)", two_acc, max(gen, two_acc) + sync),
+            ("streaming, forward in flight (built for ZeRO 0-2)", in_flight + after_last, max(gen, in_flight) + after_last + sync),
+            ("streaming, stream_backward (built for ZeRO 0-2)", two_acc, max(gen, two_acc) + sync),
             ("async (k = 1)", learn, max(gen, learn) + sync))
     for name, work, step in rows:
         out.append(f"| {name} | {gen:.1f} s | {work:.1f} s | {sync:.2f} s | {step:.1f} s | {1 - gen / step:.0%} |")

@@ -83,7 +83,7 @@ def test_each_validation_rule_names_its_field(override, field):
         build_algo_config(data)
 
 
-@pytest.mark.parametrize("other", ["zero_stage=3", "num_learners=2", "strict_on_policy=false\nnum_updates_per_batch=2",
+@pytest.mark.parametrize("other", ["zero_stage=3", "strict_on_policy=false\nnum_updates_per_batch=2",
                                    "colocate_engines=true"])
 def test_streaming_refuses_what_it_cannot_keep_on_one_step(other):
     data = apply_overrides(load_run_config([TINY]), ["pipeline=streaming", *other.split("\n")])

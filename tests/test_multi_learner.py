@@ -84,6 +84,52 @@ def test_two_learners_make_the_one_learner_update(ray_session, stage):
     assert any(not torch.equal(w1[k], w) for k, w in _build_learner().policy_weights().items())  # it moved
 
 
+def _stream_chunks(group, batch, chunk_rows):
+    """What the streaming pipeline sends every learner: each finished chunk (whole prompt groups,
+    collated alone), then the update on the whole batch."""
+    start = 0
+    for rows in chunk_rows:
+        part = {k: v[start:start + rows] for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+        width = int(part["attention_mask"].sum(-1).max())
+        chunk = {k: v[:, :width] for k, v in part.items()}
+        chunk.update({k: batch[k][start:start + rows] for k in ("prompt_lengths", "advantages")})
+        chunk.update({k: batch[k][start:start + rows, :width - 1] for k in ("response_mask", "sampling_logp")})
+        _on_all(group, lambda learner, c=chunk, r=start: learner.stream_forward(c, r), what="a streamed forward")
+        start += rows
+
+
+@pytest.mark.parametrize("stage, backward", [(0, False), (2, False), (2, True)],
+                         ids=["zero0", "zero2", "zero2_stream_backward"])
+def test_two_streaming_learners_make_the_one_learner_sync_update(ray_session, stage, backward):
+    """Streaming on two learners: each streams its token-balanced share of every chunk (a chunk of
+    one row leaves one learner nothing; with micro-batches of 5 the learners keep different numbers
+    of forwards, evened out by filler backward passes), and the step is one sync learner's, over
+    two steps, with the deferred re-score's realized change."""
+    engine = make_engine()
+    one = _build_learner(zero_stage=stage, micro_batch_size=5, adam_eps=ADAM_EPS)
+    group = _group(2, zero_stage=stage, pipeline="streaming", stream_backward=backward)
+    try:
+        kept = []
+        for step, chunks in enumerate([[1, 11, 12], [13, 11]]):
+            engine.load_weights(one.policy_weights(), one.weight_version)
+            batch = _rollout_batch(engine, prompts=6, group=4, seed=step)
+            m1 = one.update_from_rollouts(batch, step)
+            _stream_chunks(group, batch, chunks)
+            kept.append([r.get() for r in group.foreach_learner(lambda learner: len(learner._streamed))])
+            m2 = _on_all(group, lambda learner, b=batch, s=step: learner.update_from_rollouts(b, s), what="the update")
+            for key in ("entropy_flow/lambda_star", "policy/entropy", "learner/loss", "learner/grad_norm"):
+                assert m2[key] == pytest.approx(m1[key], rel=1e-4, abs=1e-7), (step, key)
+            realized = _on_all(group, lambda learner: learner.measure_deferred_realized_change(), what="re-score")
+            assert realized["entropy_flow/realized_change"] == pytest.approx(
+                m1["entropy_flow/realized_change"], abs=1e-6)
+        w2 = _on_all(group, lambda learner: learner.policy_weights(), what="the weights")
+    finally:
+        group.shutdown()
+    assert any(a != b for a, b in kept), kept  # the filler backward passes did have work to do
+    for k, w in one.policy_weights().items():
+        torch.testing.assert_close(w2[k], w, rtol=1e-4, atol=1e-6)
+
+
 def test_two_zero2_learners_choose_the_one_learner_optimizer_aware_lambda(ray_session):
     """The balance's three gradients are summed over the learners, and AdamW's moments are
     reassembled from both learners' ZeRO-2 partitions (step 2 reads them)."""
@@ -108,8 +154,7 @@ def test_two_zero2_learners_choose_the_one_learner_optimizer_aware_lambda(ray_se
 SMALL = ["--set", "prompts_per_batch=4", "--set", "group_size=4", "--set", "max_new_tokens=6", "--set",
          "ray={num_cpus: 2}", "--set", "log_text_every=0", "--set", "eval_every=0", "--set", "iterations=3"]
 # Two learners on this 2-CPU machine: 1 driver + 2 x 0.25 + 1 engine x 0.5 = 2 CPUs.
-TWO_LEARNERS = ["--set", "num_learners=2", "--set", "num_cpus_per_learner=0.25", "--set", "zero_stage=2", "--set",
-                "pipeline=sync"]  # the default run streams, on one learner
+TWO_LEARNERS = ["--set", "num_learners=2", "--set", "num_cpus_per_learner=0.25", "--set", "zero_stage=2"]
 
 
 def _cli(*args, cwd):
@@ -133,7 +178,7 @@ def test_cli_trains_with_two_learners_and_resumes_to_the_same_iteration(tmp_path
 
     straight = _cli(*SMALL, *TWO_LEARNERS, "--set", "checkpoint_every=2", "--set", f"logdir={tmp_path / 'two'}",
                     cwd=tmp_path)
-    _cli(*SMALL, "--set", "zero_stage=2", "--set", "pipeline=sync", "--set", f"logdir={tmp_path / 'one'}", cwd=tmp_path)
+    _cli(*SMALL, "--set", "zero_stage=2", "--set", f"logdir={tmp_path / 'one'}", cwd=tmp_path)
     two, single = read_scalars(tmp_path / "two"), read_scalars(tmp_path / "one")
     assert set(two) == set(single)  # every TensorBoard tag
     assert two["learner/optimizer_steps"][1] == [1.0, 1.0, 1.0]  # one optimizer step per iteration
@@ -196,7 +241,7 @@ def test_a_users_bpe_model_trains_on_two_zero3_learners_and_resumes(tmp_path):
     model = build_bpe_model(tmp_path / "qwen2_bpe")
     run = ["--set", f"model_path={model}", "--set", "prompt_format=chat", "--set", "max_new_tokens=48",
            "--set", "prompts_per_batch=4", "--set", "group_size=4", "--set", "ray={num_cpus: 2}", "--set",
-           "log_text_every=0", "--set", "eval_every=0", "--set", "eval_before_train=false", "--set", "num_learners=2", "--set", "pipeline=sync",
+           "log_text_every=0", "--set", "eval_every=0", "--set", "eval_before_train=false", "--set", "num_learners=2", "--set", "pipeline=sync",  # ZeRO-3
            "--set", "num_cpus_per_learner=0.25", "--set", "zero_stage=3", "--set", "iterations=2",
            "--set", "checkpoint_every=1", "--set", f"logdir={tmp_path / 'run'}"]
     straight = _cli(*run, cwd=tmp_path)

@@ -20,7 +20,7 @@ def test_shortfall_spells_out_the_arithmetic():
     assert shortfall(config, {"CPU": 2.0}) == \
         "8 engines x 0.5 CPU + 1 driver/learner CPU = 5 CPUs; the cluster has 2"
     assert shortfall(_config(), {"CPU": 2.0}) is None
-    learners = _config("num_engines=8", "num_learners=2", "num_cpus_per_learner=1", "pipeline=sync")
+    learners = _config("num_engines=8", "num_learners=2", "num_cpus_per_learner=1")
     assert shortfall(learners, {"CPU": 2.0}) == \
         "8 engines x 0.5 CPU + 2 learners x 1 CPU + 1 driver CPU = 7 CPUs; the cluster has 2"
     one_gpu = _config(base="qwen2.5-math-1.5b_opefo_1gpu.yaml")

@@ -11,7 +11,8 @@ later feature can extend):
    it (and the flow metrics every baseline logs too, and log pi_old for clipped losses). When the
    update is one micro-batch (``fuse_flow_pass``), this forward keeps its graph and is the
    training forward too. Under ``pipeline: streaming`` every micro-batch's forward already ran
-   (``stream_forward``, one finished engine call at a time, graphs kept): this step only reads them.
+   (``stream_forward``, one finished engine call at a time, graphs kept; with ``stream_backward``
+   their gradients already accumulated): this step only reads them.
 3. ``token_weights``: the balancing weights times the optional truncated-IS weights.
 4. ``training_pass``: per mini-batch, ``accumulate_gradients`` (the registered policy loss times
    the weights, aggregated with the global token / sequence counts so the gradient does not
@@ -92,6 +93,7 @@ class GRPOTorchLearner(DeepSpeedTorchLearner):
     _streamed: list | None = None  # streaming: the forwards of the chunks received so far
     _stream_grads: dict | None = None  # stream_backward: the two gradient accumulators and their losses
     _balance_lambda: float = 0.0  # the lambda of the update in progress (stream_backward combines with it)
+    _streaming_update: bool = False  # the update in progress had its forwards streamed
     _deferred_realized: tuple | None = None  # streaming: (batch, flow) of the last step, not re-scored yet
     weight_version: int = 0
     nonfinite_steps: int = 0  # optimizer steps skipped by the finite-step guard, in all
@@ -174,15 +176,20 @@ class GRPOTorchLearner(DeepSpeedTorchLearner):
 
     def stream_forward(self, chunk: dict[str, Any], first_row: int) -> None:
         """``pipeline: streaming``: the training forward (with gradients) of a finished chunk of the
-        batch being generated: collated rows ``first_row``, ... of that batch. The graphs are kept;
-        the update that follows (``update_from_rollouts`` on the whole batch) takes its flow-pass
-        stats from them and runs one backward per chunk micro-batch, with lambda from the whole batch."""
+        batch being generated: collated rows ``first_row``, ... of that batch (several learners:
+        each its token-balanced share). The graphs are kept; the update that follows
+        (``update_from_rollouts`` on the whole batch) takes its flow-pass stats from them and runs
+        one backward per kept micro-batch, with lambda from the whole batch. ``stream_backward``:
+        the backward runs now instead, into two accumulators (``_stream_backward``)."""
         self.ds_engine.train()
         if self._streamed is None:
             self._streamed = []
         lengths = chunk["attention_mask"].sum(-1)
+        mine = torch.arange(chunk["input_ids"].shape[0])
+        if self.dp_world > 1:  # several learners: this one's token-balanced share of the chunk
+            mine = token_balanced_shards(mine, lengths, self.dp_world)[self.dp_rank]
         with torch.enable_grad():
-            for rows in self._micro_batches(torch.arange(chunk["input_ids"].shape[0]), lengths):
+            for rows in (self._micro_batches(mine, lengths) if len(mine) else ()):
                 self.begin_training_forward()
                 stats, w = self._stats(chunk, rows)
                 if self.config.stream_backward:  # the backward now; keep the numbers, not the graph
@@ -233,15 +240,19 @@ class GRPOTorchLearner(DeepSpeedTorchLearner):
         (whose gradient is g: ZeRO's gradient hooks, clipping and the finite-step guard see it as
         any backward). Returns the loss."""
         acc, self._stream_grads = self._stream_grads, None
+        params = [p for p in self._module[DEFAULT_MODULE_ID].lm.parameters() if p.requires_grad]
+        if acc is None:  # a learner whose shares of the chunks were all empty: a zero gradient
+            acc = {"total": [torch.zeros_like(p, dtype=torch.float32) for p in params], "loss_total": 0.0,
+                   "side": [torch.zeros_like(p, dtype=torch.float32) for p in params], "loss_side": 0.0}
         counts = self._loss_counts(batch["response_mask"], rows)
         count = counts["num_tokens"] if self.config.loss_agg_mode == "token-mean" else counts["num_seqs"]
         scale, lam = 1.0 / max(count, 1.0), self._balance_lambda
-        params = [p for p in self._module[DEFAULT_MODULE_ID].lm.parameters() if p.requires_grad]
         self.begin_training_forward()
         surrogate = sum((p * ((g_t + lam * g_s) * scale).to(p.dtype)).sum()
                         for p, g_t, g_s in zip(params, acc["total"], acc["side"]))
+        # DeepSpeed averages over learners; each holds its shares' sum, so x world makes the sum's.
         self.ds_engine.backward(surrogate * self.dp_world, scale_wrt_gas=False)
-        return (acc["loss_total"] + lam * acc["loss_side"]) * scale
+        return reduce_floats([(acc["loss_total"] + lam * acc["loss_side"]) * scale])[0]
 
     def flow_pass(self, batch: dict[str, Any]) -> "FlowPass":
         """Stats of the whole batch as sampled (no grad), its entropy flow and its totals P, N.
@@ -255,16 +266,21 @@ class GRPOTorchLearner(DeepSpeedTorchLearner):
         entropy, expected_s = torch.zeros_like(logp), torch.zeros_like(logp)
         self._kept_forwards = []
         streamed, self._streamed = self._streamed, None
-        if streamed:
-            covered = torch.cat([rows for rows, _, _ in streamed]).sort().values
-            if not torch.equal(covered, torch.arange(n)):
-                raise RuntimeError(f"streaming: the streamed chunks hold {len(covered)} rows, not the batch's {n} "
-                                   f"rows once each")
+        self._streaming_update = streamed is not None  # on every learner, even one whose share was empty
+        if streamed is not None:
+            covered = torch.zeros(n, dtype=torch.float64)
+            for rows, _, _ in streamed:
+                covered.index_add_(0, rows, torch.ones(len(rows), dtype=torch.float64))
+            if self.dp_world > 1:  # each learner streamed its shares
+                covered = all_reduce_sum(covered)
+            if not bool((covered == 1).all()):
+                raise RuntimeError(f"streaming: the streamed chunks hold {int(covered.sum())} rows, not the batch's "
+                                   f"{n} rows once each")
             for rows, stats, w in streamed:
                 logp[rows, :w], entropy[rows, :w], expected_s[rows, :w] = (
                     stats.logp.detach(), stats.entropy.detach(), stats.expected_s.detach())
             # stream_backward: the gradients are in the accumulators already, the graphs gone
-            self._kept_forwards = streamed if self._stream_grads is None else []
+            self._kept_forwards = [] if self.config.stream_backward else streamed
         else:
             fused = self._fusable(batch)
             with torch.set_grad_enabled(fused):
@@ -371,7 +387,7 @@ class GRPOTorchLearner(DeepSpeedTorchLearner):
         """Backward of the weighted policy loss over ``rows``, micro-batch by micro-batch, with the
         counts of ``rows`` as the aggregation denominators; no optimizer step. Returns the summed
         loss and the losses' metrics."""
-        if self._stream_grads is not None:  # stream_backward: every backward ran during generation
+        if self._streaming_update and self.config.stream_backward:  # every backward ran during generation
             return self._apply_streamed_gradients(batch, rows), []
         c = self.config
         mask, adv = batch["response_mask"], batch["advantages"].float()
@@ -379,8 +395,14 @@ class GRPOTorchLearner(DeepSpeedTorchLearner):
         counts = self._loss_counts(mask, rows)
         loss_total, loss_metrics, keys = 0.0, [], set()
         kept, self._kept_forwards = self._kept_forwards, []
-        if kept and sum(len(k[0]) for k in kept) == len(rows):  # the flow pass's own forwards (fused, streamed)
+        if self._streaming_update or (kept and sum(len(k[0]) for k in kept) == len(rows)):
+            # the flow pass's own forwards (fused, or streamed: this learner's shares), plus filler
+            # micro-batches up to the most any learner kept, so their backward collectives pair up
             plan = [(micro, False, (stats, w)) for micro, stats, w in kept]
+            if self.dp_world > 1:
+                kept_per_learner = torch.zeros(self.dp_world, dtype=torch.float64)
+                kept_per_learner[self.dp_rank] = len(plan)
+                plan += [(rows[:1], True, None)] * (int(all_reduce_sum(kept_per_learner).max()) - len(plan))
         else:
             plan = [(micro, filler, None) for micro, filler in self._plan(batch, rows)]
         for micro, filler, forward in plan:
@@ -545,6 +567,7 @@ class GRPOTorchLearner(DeepSpeedTorchLearner):
             return self._update(batch, step)
         finally:  # a failed update leaves no graph (or streamed gradient) behind for the next one
             self._streamed, self._kept_forwards, self._stream_grads = None, [], None
+            self._streaming_update = False
 
     def measure_deferred_realized_change(self) -> dict[str, float]:
         """streaming: the realized entropy change of the last update's batch, measured now (the

@@ -139,8 +139,6 @@ class RolloutPipelineSettings:
             if c.num_updates_per_batch != 1:
                 yield "pipeline", ("pipeline 'streaming' keeps each chunk's forward for the batch's one optimizer "
                                    "step; it needs num_updates_per_batch: 1")
-            if c.num_learners > 1:
-                yield "pipeline", "pipeline 'streaming' runs on one learner for now (num_learners: 0 or 1)"
             if c.zero_stage == 3:
                 yield "pipeline", ("pipeline 'streaming' keeps several forwards' graphs before one backward, which "
                                    "ZeRO-3's parameter gathering does not support; use zero_stage 0-2")
