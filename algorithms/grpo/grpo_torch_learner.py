@@ -197,6 +197,9 @@ class GRPOTorchLearner(DeepSpeedTorchLearner):
                     stats = type(stats)(*(t.detach() for t in stats))
                 self._streamed.append((rows + first_row, stats, w))
 
+    def _trainable_params(self) -> list[torch.nn.Parameter]:
+        return [p for p in self._module[DEFAULT_MODULE_ID].lm.parameters() if p.requires_grad]
+
     def _stream_backward(self, chunk: dict[str, Any], rows: torch.Tensor, stats, w: int) -> None:
         """``stream_backward``: the backward of one streamed micro-batch into two accumulators,
         g_total = sum_t grad l_t and g_side = sum_t c_t grad l_t (c_t = ``balance_sides``, so that
@@ -221,11 +224,9 @@ class GRPOTorchLearner(DeepSpeedTorchLearner):
         losses = [loss_of(base) + entropy_bonus(stats.entropy, mask, c.entropy_coef, c.loss_agg_mode, **unit)]
         if bool(sides.any()):
             losses.append(loss_of(base * sides))
-        params = [p for p in self._module[DEFAULT_MODULE_ID].lm.parameters() if p.requires_grad]
+        params = self._trainable_params()
         if self._stream_grads is None:
-            self._stream_grads = {"total": [torch.zeros_like(p, dtype=torch.float32) for p in params],
-                                  "side": [torch.zeros_like(p, dtype=torch.float32) for p in params],
-                                  "loss_total": 0.0, "loss_side": 0.0}
+            self._stream_grads = _zero_accumulators(params)
         acc = self._stream_grads
         for k, (name, loss) in enumerate(zip(("total", "side"), losses)):
             grads = torch.autograd.grad(loss, params, retain_graph=k + 1 < len(losses), allow_unused=True)
@@ -240,10 +241,9 @@ class GRPOTorchLearner(DeepSpeedTorchLearner):
         (whose gradient is g: ZeRO's gradient hooks, clipping and the finite-step guard see it as
         any backward). Returns the loss."""
         acc, self._stream_grads = self._stream_grads, None
-        params = [p for p in self._module[DEFAULT_MODULE_ID].lm.parameters() if p.requires_grad]
+        params = self._trainable_params()
         if acc is None:  # a learner whose shares of the chunks were all empty: a zero gradient
-            acc = {"total": [torch.zeros_like(p, dtype=torch.float32) for p in params], "loss_total": 0.0,
-                   "side": [torch.zeros_like(p, dtype=torch.float32) for p in params], "loss_side": 0.0}
+            acc = _zero_accumulators(params)
         counts = self._loss_counts(batch["response_mask"], rows)
         count = counts["num_tokens"] if self.config.loss_agg_mode == "token-mean" else counts["num_seqs"]
         scale, lam = 1.0 / max(count, 1.0), self._balance_lambda
@@ -350,7 +350,7 @@ class GRPOTorchLearner(DeepSpeedTorchLearner):
 
         c = self.config
         mask, adv = batch["response_mask"], batch["advantages"].float()
-        params = [p for p in self._module[DEFAULT_MODULE_ID].lm.parameters() if p.requires_grad]
+        params = self._trainable_params()
         settings = loss_settings(c.policy_loss, c)
         counts = self._loss_counts(mask, torch.arange(len(mask)))
         sums = [[torch.zeros_like(p, dtype=torch.float32) for p in params] for _ in range(3)]  # g_total, g_diff, grad H
@@ -597,11 +597,10 @@ class GRPOTorchLearner(DeepSpeedTorchLearner):
             metrics["learner/entropy_coef"] = self.adaptive_entropy_coef
         metrics.update(self.training_pass(batch, flow, weights, step))
         if self.config.measure_realized_change:
-            pending = self.engine_rescore(batch, flow) if self.realized_on_engines else None
             if self.config.pipeline == "streaming":  # re-scored while the next batch is generated
                 self._deferred_realized = (batch, flow)
-            elif pending is not None:  # re-scored by the engines during the next update (the algorithm's part)
-                metrics["_realized_on_engines"] = pending
+            elif self.realized_on_engines and (pending := self.engine_rescore(batch, flow)) is not None:
+                metrics["_realized_on_engines"] = pending  # re-scored by the engines during the next update
             else:
                 metrics.update(self._realized_and_closed_loop(batch, flow))
         metrics.update(self.batch_metrics(batch, flow))
@@ -640,6 +639,12 @@ class GRPOTorchLearner(DeepSpeedTorchLearner):
             self.closed_loop_fraction = float(state["closed_loop"]["fraction"])
             self.entropy_target = state["closed_loop"]["entropy_target"]
             self.adaptive_entropy_coef = state["closed_loop"].get("entropy_coef")
+
+
+def _zero_accumulators(params: list[torch.nn.Parameter]) -> dict[str, Any]:
+    """stream_backward's accumulators: g_total and g_side (fp32, one per parameter) and their losses."""
+    return {"total": [torch.zeros_like(p, dtype=torch.float32) for p in params],
+            "side": [torch.zeros_like(p, dtype=torch.float32) for p in params], "loss_total": 0.0, "loss_side": 0.0}
 
 
 def realized_change_metrics(before: float, after: float, net_flow: float) -> dict[str, float]:

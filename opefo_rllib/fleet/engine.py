@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
 
-__all__ = ["SamplingConfig", "GenerationResult", "Engine", "EntropyScorer", "NoNativeTransfer", "as_token_ids"]
+__all__ = ["SamplingConfig", "GenerationResult", "Engine", "NoNativeTransfer", "as_token_ids"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,8 +79,9 @@ class Engine(Protocol):
     engines whose ``weight_transfer_backend`` is not None; the others inherit
     :class:`NoNativeTransfer`, whose methods refuse.
 
-    Optional, outside the protocol: :class:`EntropyScorer` (HFEngine is one; an engine that is
-    not leaves the measurement it serves to the learner).
+    Optional, outside the protocol: ``response_entropy(sequences, temperature) -> (entropy sum,
+    tokens)``, the policy entropy of given answers under the current weights (HFEngine has it; the
+    async pipeline's re-score uses it with ``engine: hf``, the learner re-scores otherwise).
     """
 
     weight_transfer_backend: str | None  # "nccl" | "ipc" | "opefo_gloo", or None: no native transfer
@@ -125,16 +126,6 @@ class Engine(Protocol):
     def abort_weight_update(self) -> bool:
         """Native transfer, after a failed round: close an open update; False if this engine must be
         restarted."""
-
-
-@runtime_checkable
-class EntropyScorer(Protocol):
-    """An engine that can score given answers: the policy entropy under its current weights."""
-
-    def response_entropy(self, sequences: Sequence[tuple[Sequence[int], Sequence[int]]],
-                         temperature: float = 1.0) -> tuple[float, int]:
-        """The sum of H_t over every response token of (prompt ids, response ids) pairs, and the
-        number of those tokens."""
 
 
 class NoNativeTransfer:

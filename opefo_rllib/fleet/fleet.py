@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 
 import ray
 
-from opefo_rllib.fleet.engine import Engine, EntropyScorer, SamplingConfig
+from opefo_rllib.fleet.engine import Engine, SamplingConfig
 
 __all__ = ["EngineFleet", "EngineActor", "make_engine", "wait_all"]
 
@@ -58,11 +58,8 @@ class EngineActor:
         out = self.engine.generate(prompts, n, sampling, seed)
         return out, time.perf_counter() - start
 
-    def scores_entropy(self) -> bool:
-        """Whether the engine is an ``EntropyScorer`` (the optional ``response_entropy``)."""
-        return isinstance(self.engine, EntropyScorer)
-
     def response_entropy(self, sequences, temperature):
+        """The engine's optional ``response_entropy`` (HFEngine's; the learner asks only HF engines)."""
         return self.engine.response_entropy(sequences, temperature)
 
     def load_weights(self, weights, version):
@@ -142,7 +139,6 @@ class EngineFleet:
         self.version = 0
         self.restarts = 0  # every restart changes the fleet's membership (a native group must be rebuilt)
         self._weights_ref = None  # the last synced weights, for engines that restart
-        self._scores_entropy: bool | None = None  # every engine has response_entropy (asked on first use)
         self.weights_provider = None  # () -> state dict of version self.version, when _weights_ref is None
         backends = set(ray.get([a.weight_transfer_backend.remote() for a in self.actors]))
         if len(backends) != 1:
@@ -254,13 +250,6 @@ class EngineFleet:
                 actor = self.actors[engine]
                 ref = actor.generate.remote(*args)
         raise AssertionError("unreachable")
-
-    @property
-    def scores_entropy(self) -> bool:
-        """Every engine has ``response_entropy`` (asked once)."""
-        if self._scores_entropy is None:
-            self._scores_entropy = all(ray.get([a.scores_entropy.remote() for a in self.actors]))
-        return self._scores_entropy
 
     def submit_entropy(self, sequences: Sequence[tuple], temperature: float) -> list:
         """Start scoring (prompt, response) pairs on the engines, a contiguous share each, behind

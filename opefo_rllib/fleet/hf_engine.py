@@ -76,7 +76,7 @@ class HFEngine(NoNativeTransfer):
         """The sum of the policy entropy H_t (logits / ``temperature``) over every response token of
         ``sequences`` ((prompt ids, response ids) pairs), and how many tokens that is. Rows that share
         a prompt share its forward once a first call has checked that path against the plain one."""
-        from opefo_rllib.models.shared_prompt import right_padded, shared_prompt_hidden
+        from opefo_rllib.models.shared_prompt import response_positions, right_padded, shared_prompt_hidden
 
         if not sequences:
             return 0.0, 0
@@ -91,9 +91,7 @@ class HFEngine(NoNativeTransfer):
 
         def plain():
             hidden = body(input_ids=ids[:, :-1], attention_mask=attn[:, :-1]).last_hidden_state
-            column = torch.arange(ids.shape[1] - 1, device=self.device)
-            valid = (column >= plens[:, None] - 1) & (column < attn.sum(-1, keepdim=True) - 1)
-            return entropy_sum(hidden, valid)
+            return entropy_sum(hidden, response_positions(ids, attn, plens))
 
         def shared():
             hidden, layout = shared_prompt_hidden(body, ids, attn, plens)

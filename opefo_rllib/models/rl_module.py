@@ -16,7 +16,8 @@ from ray.rllib.core.rl_module.torch import TorchRLModule
 from ray.rllib.utils.annotations import override
 
 from opefo_rllib.algorithms.opefo.token_stats import TokenStats, token_stats, token_stats_from_hidden
-from opefo_rllib.models.shared_prompt import distinct_prompts, response_layout, scatter_to_rows, shared_prompt_hidden
+from opefo_rllib.models.shared_prompt import (distinct_prompts, response_positions, scatter_to_rows,
+                                              shared_prompt_hidden)
 
 logger = logging.getLogger(__name__)
 
@@ -61,9 +62,11 @@ class HFCausalLMModule(TorchRLModule):
         With ``prompt_lengths`` [N], rows that share a prompt share its forward (shared_prompt.py)
         when the model passed the one-time check (``share_prompt_forward``); the stats of prompt
         positions are then 0 (no loss reads them)."""
-        if prompt_lengths is not None and not use_full_logits and self._shares_prompts(
-                input_ids, attention_mask, temperature, prompt_lengths):
-            return self._shared_prompt_stats(input_ids, attention_mask, temperature, prompt_lengths)
+        if prompt_lengths is not None and not use_full_logits and self._may_share_prompts(prompt_lengths):
+            distinct = distinct_prompts(input_ids, prompt_lengths)
+            if len(distinct[0]) < len(input_ids) and self._passes_sharing_check(
+                    input_ids, attention_mask, temperature, prompt_lengths, distinct):
+                return self._shared_prompt_stats(input_ids, attention_mask, temperature, prompt_lengths, distinct)
         return self._plain_stats(input_ids, attention_mask, temperature, use_full_logits)
 
     def _plain_stats(self, input_ids, attention_mask, temperature, use_full_logits=False) -> TokenStats:
@@ -76,34 +79,32 @@ class HFCausalLMModule(TorchRLModule):
         return token_stats_from_hidden(hidden, self.lm.get_output_embeddings().weight, targets, temperature,
                                        chunk_size=self.logits_chunk_size)
 
-    def _shared_prompt_stats(self, input_ids, attention_mask, temperature, prompt_lengths) -> TokenStats:
-        hidden, layout = shared_prompt_hidden(self.lm.base_model, input_ids, attention_mask, prompt_lengths)
+    def _shared_prompt_stats(self, input_ids, attention_mask, temperature, prompt_lengths, distinct) -> TokenStats:
+        hidden, layout = shared_prompt_hidden(self.lm.base_model, input_ids, attention_mask, prompt_lengths, distinct)
         stats = token_stats_from_hidden(hidden, self.lm.get_output_embeddings().weight, layout.targets, temperature,
                                         chunk_size=self.logits_chunk_size)
         width = input_ids.shape[1] - 1
         return TokenStats(*(scatter_to_rows(v, layout, width) for v in stats))
 
-    def _shares_prompts(self, input_ids, attention_mask, temperature, prompt_lengths) -> bool:
-        """Whether this micro-batch takes the shared-prompt forward: switched on, no gradient
-        checkpointing (its forward keeps no cache), some prompt repeated, and the model passed the
-        check (run once, on the first such micro-batch, in eval mode: the response tokens' log pi
-        and H of both forwards must agree; a model that disagrees or fails keeps the plain forward,
-        with a warning)."""
-        if not self.share_prompt_forward or getattr(self.lm, "is_gradient_checkpointing", False):
-            return False
-        if int(prompt_lengths.min()) < 1 or len(distinct_prompts(input_ids, prompt_lengths)[0]) == len(input_ids):
-            return False
+    def _may_share_prompts(self, prompt_lengths) -> bool:
+        """Switched on, no gradient checkpointing (its forward keeps no cache), every prompt a token."""
+        return (self.share_prompt_forward and not getattr(self.lm, "is_gradient_checkpointing", False)
+                and int(prompt_lengths.min()) >= 1)
+
+    def _passes_sharing_check(self, input_ids, attention_mask, temperature, prompt_lengths, distinct) -> bool:
+        """The model's one-time check, on the first micro-batch with a repeated prompt, in eval mode:
+        the response tokens' log pi and H of both forwards must agree; a model that disagrees or
+        fails keeps the plain forward, with a warning."""
         if self._prompt_sharing_checked:
-            return True
+            return self.share_prompt_forward
         self._prompt_sharing_checked = True
         training = self.lm.training
         self.lm.eval()
         try:
             with torch.no_grad():
                 plain = self._plain_stats(input_ids, attention_mask, temperature)
-                shared = self._shared_prompt_stats(input_ids, attention_mask, temperature, prompt_lengths)
-            layout = response_layout(input_ids, attention_mask, prompt_lengths)
-            on = scatter_to_rows(torch.ones(layout.valid.shape), layout, input_ids.shape[1] - 1).bool()
+                shared = self._shared_prompt_stats(input_ids, attention_mask, temperature, prompt_lengths, distinct)
+            on = response_positions(input_ids, attention_mask, prompt_lengths)
             gap = max(float((a - b)[on].abs().max()) if bool(on.any()) else 0.0
                       for a, b in zip(plain[:2], shared[:2]))
             tolerance = 1e-4 if self.lm.dtype in (torch.float32, torch.float64) else 0.1
