@@ -3,7 +3,7 @@ that must not change behaviour): prints the largest absolute difference of each 
 and the tags only one run has. Timing tags (time/, throughput/, the engines' busy time and idle
 fraction) are skipped.
 
-    python benchmarks/compare_runs.py RUN_A/tensorboard RUN_B/tensorboard
+    python benchmarks/compare_runs.py RUN_A RUN_B   (or their tensorboard/ folders)
 """
 
 from __future__ import annotations
@@ -13,9 +13,11 @@ import math
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from opefo_rllib.evaluation.compare import event_dir
+
 
 def scalars(logdir: str) -> dict[str, dict[int, float]]:
-    acc = EventAccumulator(logdir, size_guidance={"scalars": 0})
+    acc = EventAccumulator(str(event_dir(logdir)), size_guidance={"scalars": 0})  # RUN/tensorboard/NAME
     acc.Reload()
     return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]
             if not tag.startswith(("time/", "throughput/", "fleet/engine_busy_s", "fleet/engine_idle_frac"))}

@@ -134,6 +134,14 @@ def _fmt_eta(seconds: float) -> str:
     return f"{m}m{s:02d}s"
 
 
+def _run_name(data: dict, config) -> str:
+    """The run's TensorBoard name, ``OPEFO-<model>-seed<N>`` (algorithm, model and seed are
+    fixed on resume, so a resumed run gets the name it started with)."""
+    from opefo_rllib.logging_tb import run_name
+
+    return run_name(str(data.get("algorithm") or "OPEFO"), config.model_path, config.seed)
+
+
 def _train_setup(args: argparse.Namespace):
     """(run config, algorithm config, run directory, resume plan or None) of ``opefo train``."""
     from opefo_rllib.checkpoints import plan_resume
@@ -148,7 +156,8 @@ def _train_setup(args: argparse.Namespace):
     data, config = _resolve(args)
     if args.logdir:
         data["logdir"] = args.logdir
-    logdir = Path(data["logdir"] or Path("opefo_runs") / time.strftime("%Y%m%d-%H%M%S")).resolve()
+    default = Path("opefo_runs") / f"{_run_name(data, config)}-{time.strftime('%Y%m%d-%H%M%S')}"
+    logdir = Path(data["logdir"] or default).resolve()
     if (logdir / "checkpoints" / "latest").exists():
         raise UserError(f"{logdir} already holds a run's checkpoints; continue it with --resume "
                         f"{logdir / 'checkpoints' / '<iter_N>'} or choose another --logdir")
@@ -168,12 +177,14 @@ def _eval_line(result: dict, iteration: int) -> str:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from opefo_rllib.checkpoints import latest_checkpoint, save_checkpoint
+    from opefo_rllib.logging_tb import TB_DIR, tensorboard_run_dir
 
     data, config, logdir, plan = _train_setup(args)
     iterations = int(data["iterations"])
     every = int(data.get("checkpoint_every") or 0)
     logdir.mkdir(parents=True, exist_ok=True)
-    config.tensorboard_dir = str(logdir / "tensorboard")
+    tb_run = tensorboard_run_dir(logdir, _run_name(data, config))
+    config.tensorboard_dir = str(tb_run)
 
     import ray
 
@@ -195,7 +206,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     print(f"opefo train: {data['algorithm']} on {config.env} with {config.model_path}, {iterations} iterations")
     print(f"  logs:        {logdir}")
-    print(f"  TensorBoard: tensorboard --logdir {logdir / 'tensorboard'}")
+    print(f"  TensorBoard: tensorboard --logdir {logdir / TB_DIR}"
+          + (f"  (run {tb_run.name})" if tb_run.parent.name == TB_DIR else "")
+          + "; its Custom Scalars tab (http://localhost:6006/#custom_scalars) has P and N, entropy, reward, "
+            "lambda and held-out accuracy")
     algo = config.build_algo()
     start = time.time()
     try:
@@ -224,7 +238,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     finally:
         algo.stop()
         ray.shutdown()
-    print(f"done in {_fmt_eta(time.time() - start)}; view: tensorboard --logdir {logdir / 'tensorboard'}")
+    print(f"done in {_fmt_eta(time.time() - start)}; view: tensorboard --logdir {logdir / TB_DIR}")
     return 0
 
 

@@ -40,7 +40,9 @@ def _cli(*args, cwd, expect=0, timeout=900):
 def _scalars(tb_dir: Path, tag: str) -> list[tuple[int, float]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
+    from opefo_rllib.evaluation.compare import event_dir
+
+    acc = EventAccumulator(str(event_dir(tb_dir)), size_guidance={"scalars": 0})  # RUN/tensorboard/NAME
     acc.Reload()
     return [(e.step, e.value) for e in acc.Scalars(tag)] if tag in acc.Tags()["scalars"] else []
 

@@ -91,7 +91,7 @@ def test_two_iterations_with_build_algo_log_every_tag(ray_session, tmp_path, cls
         assert results[0]["entropy_flow/lambda"] == pytest.approx(results[0]["entropy_flow/lambda_star"])
     scalars, other = _event_tags(tmp_path / "tb")
     _assert_all_tags(scalars)
-    assert "entropy_flow/delta" in other["histograms"] and other["text"]
+    assert "entropy_flow/delta" in other["histograms"] and "samples/text_summary" in other["text"]
 
 
 def test_colocated_layout_releases_engine_memory_around_each_update(ray_session, tmp_path):

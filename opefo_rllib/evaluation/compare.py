@@ -14,23 +14,28 @@ from typing import Sequence
 
 from opefo_rllib.config.fields import ConfigError
 
-__all__ = ["TRAINING_TAGS", "EVAL_METRICS", "read_scalars", "compare_runs", "plot_runs", "first_last_table",
-           "eval_metric_rank"]
+__all__ = ["TRAINING_TAGS", "EVAL_METRICS", "event_dir", "read_scalars", "compare_runs", "plot_runs",
+           "first_last_table", "eval_metric_rank"]
 
 TRAINING_TAGS = ("rollout/reward_mean", "policy/entropy", "entropy_flow/lambda")
 Series = dict[str, tuple[list[int], list[float]]]  # tag -> (steps, values)
 
 
-def read_scalars(run_dir: str | Path) -> Series:
-    """Every scalar of a run, sorted by step. The run's event files are those of the shallowest
-    folder below ``run_dir`` that has any (RUN/tensorboard, not a branch's); reading the folder as
-    one log applies TensorBoard's own rule for a resumed run (later events purge a restarted step)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
+def event_dir(run_dir: str | Path) -> Path:
+    """The folder of a run's event files: the shallowest below ``run_dir`` that has any
+    (RUN/tensorboard/NAME, or RUN/tensorboard for runs from before run names; not a branch's)."""
     folders = {f.parent for f in Path(run_dir).expanduser().rglob("events.out.tfevents.*")}
     if not folders:
         raise ConfigError(f"compare: {run_dir}: no TensorBoard event files (give run directories of `opefo train`)")
-    acc = EventAccumulator(str(min(folders, key=lambda d: (len(d.parts), str(d)))), size_guidance={"scalars": 0})
+    return min(folders, key=lambda d: (len(d.parts), str(d)))
+
+
+def read_scalars(run_dir: str | Path) -> Series:
+    """Every scalar of a run, sorted by step, from its ``event_dir``; reading the folder as one
+    log applies TensorBoard's own rule for a resumed run (later events purge a restarted step)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(event_dir(run_dir)), size_guidance={"scalars": 0})
     acc.Reload()
     series: Series = {}
     for tag in acc.Tags().get("scalars", []):
@@ -72,12 +77,21 @@ def _num(x: float) -> str:
     return "nan" if math.isnan(x) else f"{x:.4g}"
 
 
+def _label(path: Path) -> str:
+    """A run's label: its run directory's name (``OPEFO-<model>-seed<N>-<time>`` by default),
+    whether given as RUN, RUN/tensorboard or RUN/tensorboard/NAME."""
+    if path.name == "tensorboard":
+        return path.parent.name
+    if path.parent.name == "tensorboard":
+        return path.parent.parent.name
+    return path.name
+
+
 def _names(dirs: Sequence[str]) -> list[str]:
-    """Short labels: the directory name, or its parent's when it is a tensorboard/ folder."""
+    """Short labels (``_label``), numbered where two runs share one."""
     names = []
     for d in dirs:
-        p = Path(d).expanduser().resolve()
-        label = p.parent.name if p.name == "tensorboard" else p.name
+        label = _label(Path(d).expanduser().resolve())
         names.append(label if label not in names else f"{label} ({len(names)})")
     return names
 

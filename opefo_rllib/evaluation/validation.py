@@ -25,9 +25,15 @@ __all__ = ["TrainingEvaluator", "eval_dir"]
 
 
 def eval_dir(tensorboard_dir: str | Path) -> Path:
-    """RUN/eval when TensorBoard writes to RUN/tensorboard (``opefo train``), else TB_DIR/eval."""
+    """RUN/eval when TensorBoard writes to RUN/tensorboard/NAME (``opefo train``) or to
+    RUN/tensorboard (runs started before run names), else TB_DIR/eval: the reports sit beside
+    the checkpoints, where ``opefo study``'s report looks for them."""
     tb = Path(tensorboard_dir)
-    return (tb.parent if tb.name == "tensorboard" else tb) / "eval"
+    if tb.name == "tensorboard":
+        return tb.parent / "eval"
+    if tb.parent.name == "tensorboard":
+        return tb.parent.parent / "eval"
+    return tb / "eval"
 
 
 class TrainingEvaluator:
