@@ -48,6 +48,7 @@ BAD_VALUES = [
     ("engine=tgi", "engine"), ("num_engines=0", "num_engines"), ("num_cpus_per_engine=-1", "num_cpus_per_engine"),
     ("num_gpus_per_engine=-1", "num_gpus_per_engine"), ("colocate_engines=2", "colocate_engines"),
     ("engine_dtype=int8", "engine_dtype"), ("generate_timeout_s=0", "generate_timeout_s"),
+    ("stall_timeout_s=0", "stall_timeout_s"),
     ("weight_sync_timeout_s=-5", "weight_sync_timeout_s"), ("resource_wait_timeout_s=-1", "resource_wait_timeout_s"), ("weight_sync=nccl", "weight_sync"),
     ("weight_sync=native", "weight_sync"), ("weight_transfer_backend=mpi", "weight_transfer_backend"),
     ("weight_transfer_address=7", "weight_transfer_address"),

@@ -38,6 +38,35 @@ def test_vllm_logprobs_match_the_learner_before_and_after_a_weight_update():
     assert proc.returncode == 0 and "vllm engine checks passed" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
 
 
+def _same_as_llm_generate(engine, prompts, results, seed):
+    """VLLMEngine drives vLLM's engine step by step (to count tokens as they come): the samples
+    are still those of vLLM's own LLM.generate for the same seeds, and the count is theirs."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    assert engine.generated_tokens() == sum(len(r.response_ids) for g in results for r in g)
+    params = [SamplingParams(n=4, temperature=1.0, top_p=1.0, max_tokens=6, logprobs=0, seed=seed + 104_729 * k,
+                             stop_token_ids=[TOK.eos_token_id], detokenize=False) for k in range(len(prompts))]
+    ref = engine.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
+    assert [[list(c.token_ids) for c in out.outputs] for out in ref] == [[r.response_ids for r in g] for g in results]
+
+
+def _tokens_counted_mid_call(engine, prompts):
+    """generated_tokens moves while requests are in flight, not only when they finish."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    before = engine.generated_tokens()
+    params = SamplingParams(n=2, max_tokens=8, ignore_eos=True, seed=5, detokenize=False)
+    engine.llm.enqueue([TokensPrompt(prompt_token_ids=list(prompts[0]))], params, use_tqdm=False)
+    llm_engine, seen = engine.llm.llm_engine, []
+    while llm_engine.has_unfinished_requests():
+        finished = any(out.finished for out in llm_engine.step())
+        if not finished:
+            seen.append(engine.generated_tokens() - before)
+    assert any(0 < t < 16 for t in seen), seen
+
+
 def _engine_checks():
     from transformers import AutoModelForCausalLM
 
@@ -48,6 +77,8 @@ def _engine_checks():
     model = AutoModelForCausalLM.from_pretrained(TINY_DEFAULT_PATH, dtype=torch.float32)
     results = engine.generate(prompts, 4, SamplingConfig(max_new_tokens=6), seed=1)
     assert all(len(g) == 4 for g in results) and any(r.response_ids for g in results for r in g)
+    _same_as_llm_generate(engine, prompts, results, seed=1)
+    _tokens_counted_mid_call(engine, prompts)
     assert _max_gap(model, prompts, results) < LOGPROB_TOLERANCE
     with torch.no_grad():
         for p in model.parameters():

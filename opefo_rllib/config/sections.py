@@ -172,8 +172,12 @@ class FleetSettings:
     num_gpus_per_engine: float = setting(0.0, "GPUs reserved per engine actor", low=0.0)
     colocate_engines: bool = setting(False, "engines share the learners' devices and release memory during updates")
     engine_dtype: str = setting("float32", "the engines' dtype", choices=DTYPES)
-    generate_timeout_s: float = setting(600.0, "deadline of one generation call; the error names engines and step",
-                                        low=0.0, low_open=True)
+    stall_timeout_s: float = setting(180.0, "a generation whose engine produced no new token for this long ends "
+                                     "the run in one line naming the engine, the step and the tokens so far; "
+                                     "one still producing tokens runs on, however long", low=0.0, low_open=True)
+    generate_timeout_s: float | None = setting(None, "optional hard cap on one wait for generation, tokens coming "
+                                               "or not (None: none; stall_timeout_s is the deadline)",
+                                               low=0.0, low_open=True)
     weight_sync_timeout_s: float = setting(120.0, "deadline of one weight push", low=0.0, low_open=True)
     resource_wait_timeout_s: float = setting(10.0, "how long a run waits for the Ray cluster to have the CPUs and "
                                              "GPUs it asks for before it stops naming what is missing (raise it "

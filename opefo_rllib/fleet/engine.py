@@ -96,6 +96,11 @@ class Engine(Protocol):
     def weight_version(self) -> int:
         """The version of the weights currently loaded."""
 
+    def generated_tokens(self) -> int:
+        """Tokens sampled over the engine's life. Read while ``generate`` runs (from another
+        thread of the actor), so the fleet's stall deadline sees a long call progress: count them
+        as they are sampled where the backend allows (HF, vLLM), else as each call returns."""
+
     def release_memory(self) -> None:
         """Colocation: free device memory (weights, KV cache) while the learner trains."""
 

@@ -13,6 +13,7 @@ from typing import Any, Mapping, Sequence
 
 import ray
 
+from opefo_rllib.fleet.deadlines import EngineProgress, OnProgress, wait_progressing
 from opefo_rllib.fleet.engine import Engine, SamplingConfig
 
 __all__ = ["EngineFleet", "EngineActor", "make_engine", "wait_all"]
@@ -45,22 +46,47 @@ def wait_all(calls: list, timeout_s: float, what: str, engines: Sequence[int] | 
         raise TimeoutError(f"{what} timed out after {timeout_s:g} s (engines {stuck} still busy)")
 
 
-@ray.remote
+@ray.remote(concurrency_groups={"progress": 1})
 class EngineActor:
     """A Ray actor around one engine: the Engine protocol, method for method (generate and
-    load_weights also return their seconds)."""
+    load_weights also return their seconds).
+
+    Every method but ``progress`` runs in Ray's default concurrency group, one call at a time
+    (queued calls wait, as on a plain actor); ``progress`` has a group of its own, so the fleet can
+    ask how far a long ``generate`` got while it runs (the stall deadline, the eval progress bar).
+    """
 
     def __init__(self, kind: str, engine_kwargs: dict):
         self.engine: Engine = make_engine(kind, **engine_kwargs)
+        self._call: str | None = None
+        self._call_base = 0  # the engine's generated_tokens() when the running call started
+
+    def _run(self, call: str, fn, *args):
+        """Run ``fn(*args)`` as the named call: ``progress`` reports it while it runs."""
+        self._call, self._call_base = call, self.engine.generated_tokens()
+        try:
+            return fn(*args)
+        finally:
+            self._call = None
+
+    @ray.method(concurrency_group="progress")
+    def generated_tokens(self) -> int:
+        return self.engine.generated_tokens()
+
+    @ray.method(concurrency_group="progress")
+    def progress(self) -> EngineProgress:
+        """The running call and its tokens so far; answered while ``generate`` runs."""
+        call, base, tokens = self._call, self._call_base, self.engine.generated_tokens()
+        return EngineProgress(call=call, call_tokens=tokens - base if call else 0, tokens=tokens)
 
     def generate(self, prompts, n, sampling, seed):
         start = time.perf_counter()
-        out = self.engine.generate(prompts, n, sampling, seed)
+        out = self._run("generate", self.engine.generate, prompts, n, sampling, seed)
         return out, time.perf_counter() - start
 
     def response_entropy(self, sequences, temperature):
         """The engine's optional ``response_entropy`` (HFEngine's; the learner asks only HF engines)."""
-        return self.engine.response_entropy(sequences, temperature)
+        return self._run("response_entropy", self.engine.response_entropy, sequences, temperature)
 
     def load_weights(self, weights, version):
         start = time.perf_counter()
@@ -115,8 +141,12 @@ class EngineFleet:
         engine_kwargs: keyword arguments of the engine (model_path, eos_token_id, ...).
         num_cpus_per_engine: Ray CPUs reserved per engine (fractional, so engines fit 2 cores).
         num_gpus_per_engine: Ray GPUs per engine (1: disaggregated; a fraction: shared with learners).
-        generate_timeout_s, sync_timeout_s: a call past these ends in a TimeoutError naming
-            the engines and the step, never a silent hang.
+        stall_timeout_s: a generation (or entropy scoring) whose engine produced no token for
+            this long ends in ``EngineStalled`` naming the engine, the step and its tokens so
+            far; one still producing tokens keeps going (deadlines by progress).
+        generate_timeout_s: optional hard cap on one wait for generation (None: none).
+        sync_timeout_s: a weight push (or memory release) past this ends in a TimeoutError
+            naming the engines and the step, never a silent hang.
 
     Weights: :meth:`sync_weights` pushes a state dict through Ray's object store; engines with a
     native weight-transfer backend (``native_backend``, e.g. vLLM's) can instead be updated by the
@@ -127,12 +157,13 @@ class EngineFleet:
     """
 
     def __init__(self, kind: str = "hf", num_engines: int = 1, engine_kwargs: dict | None = None,
-                 num_cpus_per_engine: float = 0.5, generate_timeout_s: float = 600.0, sync_timeout_s: float = 120.0,
-                 num_gpus_per_engine: float = 0.0):
+                 num_cpus_per_engine: float = 0.5, generate_timeout_s: float | None = None,
+                 sync_timeout_s: float = 120.0, num_gpus_per_engine: float = 0.0, stall_timeout_s: float = 180.0):
         if num_engines < 1:
             raise ValueError(f"num_engines must be >= 1, got {num_engines}")
         self.kind, self.engine_kwargs = kind, dict(engine_kwargs or {})
         self.generate_timeout_s, self.sync_timeout_s = generate_timeout_s, sync_timeout_s
+        self.stall_timeout_s = stall_timeout_s
         self.num_cpus_per_engine, self.num_gpus_per_engine = num_cpus_per_engine, num_gpus_per_engine
         self.memory_releases = 0
         self.actors = [self._start_actor() for _ in range(num_engines)]
@@ -146,6 +177,7 @@ class EngineFleet:
         self.native_backend: str | None = backends.pop()
         # workers per engine (ranks in a transfer group); a restarted engine has the same
         self.world_sizes: list[int] = ray.get([a.world_size.remote() for a in self.actors])
+        self.ready_at = time.monotonic()  # when every engine answered (the CLI's "engines up" line)
 
     def _start_actor(self):
         return EngineActor.options(num_cpus=self.num_cpus_per_engine,
@@ -221,8 +253,20 @@ class EngineFleet:
                     pending.append((idx, actor.generate.remote(*args), e, args, actor))
         return pending
 
-    def wait_any(self, pending: list[tuple], step: int, max_restarts: int = 2):
+    def _wait(self, refs: list, engines: Sequence[int], num_returns: int, what: str,
+              on_progress: OnProgress | None) -> list:
+        """``num_returns`` of ``refs`` done, under the progress-based deadline (EngineStalled /
+        GenerationTimeout)."""
+        return wait_progressing(refs, engines, self.actors, num_returns, what, self.stall_timeout_s,
+                                self.generate_timeout_s, on_progress)
+
+    def wait_any(self, pending: list[tuple], step: int, max_restarts: int = 2,
+                 on_progress: OnProgress | None = None):
         """Block until one call is done; returns (indices, results, seconds, rest, engine).
+
+        No per-call deadline: a call runs as long as its engine keeps producing tokens; one whose
+        engine produced none for ``stall_timeout_s`` ends the wait in ``EngineStalled``.
+        ``on_progress`` gets the busy engines' progress reports while the wait lasts.
 
         An engine that died is restarted with the current weights and version, and each of its
         calls is generated again (same seed): no sample lost, none duplicated, still on-policy.
@@ -230,16 +274,15 @@ class EngineFleet:
         they are waited for (one restart per death).
         """
         refs = [entry[1] for entry in pending]
-        ready, _ = ray.wait(refs, num_returns=1, timeout=self.generate_timeout_s)
-        if not ready:
-            engines = sorted({entry[2] for entry in pending})
-            raise TimeoutError(f"generation timed out after {self.generate_timeout_s:g} s at step {step} "
-                               f"(engines {engines} of {len(self.actors)} still busy)")
+        ready = self._wait(refs, [entry[2] for entry in pending], 1, f"generation at step {step}", on_progress)
         i = refs.index(ready[0])
         idx, ref, engine, args, actor = pending[i]
         rest = pending[:i] + pending[i + 1:]
         for attempt in range(max_restarts + 1):
             try:
+                if attempt:  # a resent call: under the same progress-based deadline
+                    self._wait([ref], [engine], 1, f"generation at step {step} (resent to restarted engine "
+                               f"{engine})", on_progress)
                 results, seconds = ray.get(ref)
                 return idx, results, seconds, rest, engine
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
@@ -261,7 +304,7 @@ class EngineFleet:
         """The summed (entropy, tokens) of ``submit_entropy``'s calls; an engine that died or timed
         out is an error naming it (the caller decides what the measurement is worth then)."""
         engines, calls = [e for e, _ in pending], [c for _, c in pending]
-        wait_all(calls, self.generate_timeout_s, f"scoring answers' entropy at step {step}", engines=engines)
+        self._wait(calls, engines, len(calls), f"scoring answers' entropy at step {step}", None)
         parts = ray.get(calls)
         return sum(p[0] for p in parts), sum(p[1] for p in parts)
 

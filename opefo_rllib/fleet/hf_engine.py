@@ -11,6 +11,7 @@ realized entropy change this way, on an engine that would otherwise wait for the
 
 from __future__ import annotations
 
+import time
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -31,10 +32,16 @@ class HFEngine(NoNativeTransfer):
         dtype: parameter dtype ("float32" for exact agreement with a float32 learner).
         num_threads: torch threads in this process (1 avoids oversubscribing small machines).
         device: where the model runs ("cpu", "cuda"); sampling uses a generator on that device.
+        token_delay_s: seconds slept before each decoding step: a slow (or, with a large value,
+            stalled) engine for the stall-deadline tests; 0 in real runs.
+
+    ``generated_tokens`` counts the tokens sampled so far, over the engine's life: the fleet's
+    stall deadline reads it (through ``EngineActor.progress``) while a ``generate`` call runs.
     """
 
     def __init__(self, model_path: str, eos_token_id: int | Sequence[int], pad_token_id: int = 0,
-                 dtype: str = "float32", num_threads: int | None = 1, device: str = "cpu"):
+                 dtype: str = "float32", num_threads: int | None = 1, device: str = "cpu",
+                 token_delay_s: float = 0.0):
         if num_threads:
             torch.set_num_threads(num_threads)
         from opefo_rllib.models.loading import load_model
@@ -45,10 +52,16 @@ class HFEngine(NoNativeTransfer):
         self.eos_ids = as_token_ids(eos_token_id, "HFEngine eos_token_id")
         self.pad = int(pad_token_id)
         self._version = 0
+        self._tokens = 0  # sampled tokens over the engine's life (read mid-call from another thread)
+        self.token_delay_s = float(token_delay_s)
         self._shared_scoring: bool | None = None  # response_entropy: the shared-prompt forward agrees (checked once)
 
     def weight_version(self) -> int:
         return self._version
+
+    def generated_tokens(self) -> int:
+        """Tokens sampled so far (every row's, finished rows excluded), over the engine's life."""
+        return self._tokens
 
     def release_memory(self) -> None:
         """Colocation: move the weights off the accelerator while the learner trains."""
@@ -133,6 +146,8 @@ class HFEngine(NoNativeTransfer):
         lengths = torch.full((rows,), sampling.max_new_tokens, device=dev)
         zero = torch.zeros((), device=dev)
         for t in range(sampling.max_new_tokens):
+            if self.token_delay_s:
+                time.sleep(self.token_delay_s)
             if sampling.greedy:  # the argmax; log-probs of the untempered distribution
                 logp = torch.log_softmax(last_logits.float(), -1)
                 nxt = logp.argmax(-1)
@@ -143,6 +158,7 @@ class HFEngine(NoNativeTransfer):
             out_ids[:, t] = nxt
             out_logp[:, t] = torch.where(done, zero, logp.gather(-1, nxt[:, None]).squeeze(-1))
             newly = ~done & torch.isin(nxt, stops)
+            self._tokens += rows - int(done.sum())  # this step's tokens, before newly finished rows join
             lengths = torch.where(newly, torch.full_like(lengths, t + 1), lengths)
             done |= newly
             if done.all() or t + 1 == sampling.max_new_tokens:

@@ -45,6 +45,8 @@ class SGLangEngine(NoNativeTransfer):
     ``stop_token_ids`` of each call's SamplingConfig (SGLang keeps the stop token in the output).
     """
 
+    _tokens = 0  # tokens of the calls that returned (SGLang's offline generate is one blocking call)
+
     def __init__(self, model_path: str, eos_token_id: int | Sequence[int], pad_token_id: int = 0,
                  dtype: str = "bfloat16", seed: int = 0, **engine_kwargs: Any):
         import sglang
@@ -59,6 +61,11 @@ class SGLangEngine(NoNativeTransfer):
 
     def weight_version(self) -> int:
         return self._version
+
+    def generated_tokens(self) -> int:
+        """Tokens of the calls that returned: progress moves per call here, so stall_timeout_s
+        bounds one SGLang generate call."""
+        return self._tokens
 
     def generate(self, prompts: Sequence[Sequence[int]], n: int, sampling: SamplingConfig,
                  seed: int | None = None) -> list[list[GenerationResult]]:
@@ -76,6 +83,7 @@ class SGLangEngine(NoNativeTransfer):
             results[k].append(GenerationResult(
                 prompt_index=k, sample_index=s, response_ids=ids, sampling_logp=[float(lp) for lp, _, _ in logprobs],
                 weight_version=self._version, finished=bool(ids) and ids[-1] in stops))
+            self._tokens += len(ids)
         return results
 
     def load_weights(self, weights: Mapping[str, Any], version: int) -> None:

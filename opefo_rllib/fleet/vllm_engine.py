@@ -106,6 +106,7 @@ class VLLMEngine:
                        max_model_len=max_model_len, enforce_eager=True,
                        logprobs_mode="processed_logprobs",
                        worker_extension_cls="opefo_rllib.fleet.vllm_engine.WeightReloadExtension", **llm_kwargs)
+        self._tokens = 0  # tokens of finished requests (generated_tokens adds those in flight)
         self._set_version(0)
 
     def _set_version(self, version: int) -> None:
@@ -181,8 +182,7 @@ class VLLMEngine:
         params = [SamplingParams(n=n, temperature=sampling.temperature, top_p=1.0, max_tokens=sampling.max_new_tokens,
                                  logprobs=0, seed=base + 104_729 * k, stop_token_ids=list(stops), detokenize=False)
                   for k in range(len(prompts))]
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params,
-                                    use_tqdm=False)
+        outputs = self._run([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params)
         results: list[list[GenerationResult]] = []
         for k, out in enumerate(outputs):
             group = []
@@ -196,6 +196,30 @@ class VLLMEngine:
             results.append(group)
         return results
 
+    def generated_tokens(self) -> int:
+        """Tokens sampled so far over the engine's life: those of finished calls plus those of the
+        requests in flight (read mid-call by the fleet's stall deadline, from another thread)."""
+        return self._tokens + _tokens_in_flight(self.llm.llm_engine)
+
+    def _run(self, prompts: list, params: list) -> list:
+        """``LLM.generate`` driven step by step: the requests are queued with ``LLM.enqueue`` and
+        the engine stepped here (what ``LLM._run_engine`` does, so the same samples for the same
+        seed), which lets ``generated_tokens`` see the tokens as they come. A failure aborts the
+        requests still queued, so the next call starts clean."""
+        engine = self.llm.llm_engine
+        ids = self.llm.enqueue(prompts, params, use_tqdm=False)  # vLLM's internal request ids
+        outputs: list = []
+        try:
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    if out.finished:
+                        outputs.append(out)
+                        self._tokens += sum(len(c.token_ids) for c in out.outputs)
+        except BaseException:
+            engine.abort_request(ids, internal=True)
+            raise
+        return sorted(outputs, key=lambda out: int(out.request_id))  # the prompts' order, as _run_engine
+
     def load_weights(self, weights: Mapping[str, Any], version: int) -> None:
         import torch
         from safetensors.torch import save
@@ -204,6 +228,21 @@ class VLLMEngine:
         self.llm.collective_rpc("opefo_reload_safetensors", args=(data,))
         self.llm.reset_prefix_cache()
         self._set_version(version)
+
+
+def _tokens_in_flight(llm_engine) -> int:
+    """Tokens sampled so far by the unfinished requests of vLLM's engine (its output processor's
+    request states; 0 where this vLLM keeps them elsewhere: progress then moves per request)."""
+    states = getattr(getattr(llm_engine, "output_processor", None), "request_states", None) or {}
+    try:
+        current = list(states.values())  # the engine thread adds and removes requests meanwhile
+    except RuntimeError:
+        return 0
+    total = 0
+    for state in current:
+        detok = getattr(state, "detokenizer", None)
+        total += detok.num_output_tokens() if detok is not None else 0
+    return total
 
 
 def _check_versions(completion, version: int) -> None:

@@ -71,7 +71,7 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
         self.fleet = EngineFleet(
             kind=c.engine, num_engines=c.num_engines, engine_kwargs=engine_kwargs,
             num_cpus_per_engine=c.num_cpus_per_engine, num_gpus_per_engine=c.num_gpus_per_engine,
-            generate_timeout_s=c.generate_timeout_s,
+            stall_timeout_s=c.stall_timeout_s, generate_timeout_s=c.generate_timeout_s,
             sync_timeout_s=c.weight_sync_timeout_s)
         if c.weight_sync == "native" and self.fleet.native_backend is None:
             raise ValueError("config field 'weight_sync' = 'native': the installed vLLM has no weight-transfer API "
