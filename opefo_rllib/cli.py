@@ -8,7 +8,9 @@
     opefo study STUDY.yaml [--out DIR] [--parallel N] [--dry-run] [--report-only]
 
 Bad input (a config value, a missing file or directory, a bad dataset row) ends in one line
-naming what is wrong and where, and exit status 2; ``--debug`` shows the traceback instead.
+naming what is wrong and where, and exit status 2. A run that fails on its way (a stalled engine,
+a weight sync, verifier or learner past its deadline) ends in one line too, exit status 1.
+``--debug`` shows the traceback instead; ``--verbose`` shows the libraries' start-up notices.
 """
 
 from __future__ import annotations
@@ -54,6 +56,40 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from opefo_rllib.run_config import ConfigError
 
     return UserError, ConfigError, DatasetError, CheckpointError
+
+
+def _run_failures() -> tuple[type[BaseException], ...]:
+    """Failures of a run on its way, each reported as one line and exit status 1: every deadline
+    (engine stall, generate cap, weight sync, verifier: TimeoutError) and a failed learner."""
+    from opefo_rllib.algorithms.grpo.grpo import LearnerFailedError
+
+    return TimeoutError, LearnerFailedError
+
+
+def _causes(error: BaseException):
+    """``error`` and what it wraps, outermost first: Ray's ``RayTaskError.cause`` (a remote
+    error), ``__cause__`` and ``__context__`` (a re-raise)."""
+    seen, todo = set(), [error]
+    while todo:
+        e = todo.pop(0)
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        todo += [c for c in (getattr(e, "cause", None), e.__cause__, e.__context__) if isinstance(c, BaseException)]
+
+
+def failure_line(error: BaseException) -> str | None:
+    """The one-line message of a run failure found in ``error``'s causes, or None (then the
+    traceback is shown: an unexpected error is a bug to report)."""
+    failures = _run_failures()
+    for e in _causes(error):
+        if isinstance(getattr(e, "cause", None), BaseException):
+            continue  # a Ray wrapper: its message holds the remote traceback; its cause is next
+        if isinstance(e, failures):
+            lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+            return lines[0] if lines else type(e).__name__
+    return None
 
 
 def _config_paths(args: argparse.Namespace) -> list[Path]:
@@ -130,8 +166,9 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def _fmt_eta(seconds: float) -> str:
-    m, s = divmod(int(max(seconds, 0)), 60)
-    return f"{m}m{s:02d}s"
+    from opefo_rllib.progress import fmt_duration
+
+    return fmt_duration(seconds)
 
 
 def _run_name(data: dict, config) -> str:
@@ -188,13 +225,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     import ray
 
+    from opefo_rllib.progress import Stages
+    from opefo_rllib.quiet import ray_env_vars
+
     # Ray's token authentication stays on (its default): Ray 2.60's own servers listen on every
     # interface and the token is what guards them. A local run advertises loopback.
     ray_kwargs = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False,
                   **(data.get("ray") or {})}
     if "address" not in ray_kwargs:
         ray_kwargs.setdefault("_node_ip_address", "127.0.0.1")
-    ray.init(**ray_kwargs)
+    stages = Stages()
+    ray.init(**ray_env_vars(ray_kwargs, args.verbose))
     from opefo_rllib.algorithms.grpo.grpo import NonFiniteTrainingError
     from opefo_rllib.resources import InsufficientResources, wait_for_resources
 
@@ -210,7 +251,11 @@ def cmd_train(args: argparse.Namespace) -> int:
           + (f"  (run {tb_run.name})" if tb_run.parent.name == TB_DIR else "")
           + "; its Custom Scalars tab (http://localhost:6006/#custom_scalars) has P and N, entropy, reward, "
             "lambda and held-out accuracy")
+    stages.done("Ray up")
+    print(f"  starting {config.num_engines} {config.engine} engine(s), then "
+          f"{max(1, config.num_learners)} learner(s) ...", flush=True)
     algo = config.build_algo()
+    _print_build_stages(stages, algo, config)
     start = time.time()
     try:
         if plan is not None:
@@ -240,6 +285,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         ray.shutdown()
     print(f"done in {_fmt_eta(time.time() - start)}; view: tensorboard --logdir {logdir / TB_DIR}")
     return 0
+
+
+def _print_build_stages(stages, algo, config) -> None:
+    """The "engines up" and "learners up" lines of a built algorithm (RLlib starts the env
+    runner, whose fleet starts the engines, before the learners)."""
+    fleet = getattr(getattr(algo, "env_runner", None), "fleet", None)
+    engines = f"engines up ({config.num_engines} {config.engine})"
+    if fleet is not None:
+        stages.done(engines, at=fleet.ready_at)
+        stages.done(f"learners up ({max(1, config.num_learners)})")
+    else:
+        stages.done(f"{engines}, learners up ({max(1, config.num_learners)})")
 
 
 def _eval_tasks(args: argparse.Namespace, exclude_draws: int) -> list:
@@ -276,6 +333,11 @@ def _eval_spec(args: argparse.Namespace):
 
 def _env_config(text: str | None) -> dict:
     """``--env-config``: a YAML file, or an inline YAML mapping such as '{max_digits: 3}'."""
+    return _yaml_mapping(text, "--env-config", "{max_digits: 3}")
+
+
+def _yaml_mapping(text: str | None, option: str, example: str) -> dict:
+    """An option's YAML mapping: a YAML file, or inline YAML such as ``example``; errors name ``option``."""
     import yaml
 
     if not text:
@@ -284,15 +346,10 @@ def _env_config(text: str | None) -> dict:
     try:
         value = yaml.safe_load(path.read_text() if path.is_file() else text)
     except yaml.YAMLError as e:
-        raise UserError(f"--env-config {text}: not valid YAML: {str(e).splitlines()[0]}") from None
+        raise UserError(f"{option} {text}: not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(value, dict):
-        raise UserError(f"--env-config {text}: expected a mapping (a YAML file or e.g. '{{max_digits: 3}}')")
+        raise UserError(f"{option} {text}: expected a mapping (a YAML file or e.g. '{example}')")
     return value
-
-
-def _progress(name: str, done: int, total: int, seconds: float) -> None:
-    print(f"  {name}: {done}/{total} problems  {done / max(seconds, 1e-9):.1f} problems/s", file=sys.stderr,
-          flush=True)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -308,22 +365,33 @@ def cmd_eval(args: argparse.Namespace) -> int:
     exclude_draws = TRAIN_EPOCH_DRAWS if args.exclude_draws is None else args.exclude_draws
     if exclude_draws < 0:
         raise UserError(f"--exclude-draws {exclude_draws}: must be >= 0")
+    if not args.stall_timeout_s > 0:
+        raise UserError(f"--stall-timeout-s {args.stall_timeout_s:g}: must be > 0")
+    engine_kwargs = _yaml_mapping(args.engine_kwargs, "--engine-kwargs", "{token_delay_s: 0.1}")
     codec = Codec(model_tokenizer(model_dir), args.prompt_format, args.system_prompt)
     tasks = _eval_tasks(args, exclude_draws)
     import ray
 
+    from opefo_rllib.progress import EvalProgressBar, Stages
+    from opefo_rllib.quiet import ray_env_vars
+
     cpus = os.cpu_count() or 2
     started = not ray.is_initialized()  # called from Python inside a Ray session: use that one
+    stages = Stages(sys.stderr)
     if started:
-        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, configure_logging=False,
-                 _node_ip_address="127.0.0.1")
-    fleet, reports = None, []
+        ray.init(**ray_env_vars({"num_cpus": cpus, "include_dashboard": False, "log_to_driver": False,
+                                 "configure_logging": False, "_node_ip_address": "127.0.0.1"}, args.verbose))
+    fleet, reports, bar = None, [], EvalProgressBar()
     try:
         print(f"opefo eval: {args.model} ({model_dir}) with {args.num_engines} {args.engine} engine(s)",
               file=sys.stderr)
-        fleet = eval_fleet(args.engine, args.num_engines, model_dir, codec, min(1.0, cpus / args.num_engines))
-        reports = [evaluate_task(fleet, codec, task, spec, progress=_progress) for task in tasks]
+        stages.done("Ray up")
+        fleet = eval_fleet(args.engine, args.num_engines, model_dir, codec, min(1.0, cpus / args.num_engines),
+                           stall_timeout_s=args.stall_timeout_s, extra_engine_kwargs=engine_kwargs)
+        stages.done(f"engines up ({args.num_engines} {args.engine})")
+        reports = [evaluate_task(fleet, codec, task, spec, progress=bar) for task in tasks]
     finally:
+        bar.close()
         for task in tasks:
             task.close()
         if fleet is not None:
@@ -336,7 +404,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             print(f"note: {r.name}: {r.metrics['truncated_frac']:.0%} of responses stopped at --max-new-tokens "
                   f"{spec.max_new_tokens}; raise it", file=sys.stderr)
     if args.out:
-        config = {k: v for k, v in vars(args).items() if k not in ("func", "debug", "version", "command", "out")}
+        config = {k: v for k, v in vars(args).items()
+                  if k not in ("func", "debug", "verbose", "version", "command", "out")}
         config.update(model_dir=str(model_dir), pass_k=list(spec.pass_k), exclude_draws=exclude_draws)
         out = write_report(args.out, args.model, config, reports)
         print(f"wrote {out} and {records_path(out)}", file=sys.stderr)
@@ -398,6 +467,11 @@ def _add_eval_parser(sub) -> None:
     ev.add_argument("--system-prompt", help="system message of --prompt-format chat")
     ev.add_argument("--engine", choices=("hf", "vllm"), default="hf", help="engine kind (default hf)")
     ev.add_argument("--num-engines", type=int, default=1, metavar="E", help="engine actors (default 1)")
+    ev.add_argument("--engine-kwargs", metavar="YAML", help="extra keyword arguments of each engine: a YAML file "
+                    "or '{key: value}' (vLLM: max_model_len, ...)")
+    ev.add_argument("--stall-timeout-s", type=float, default=180.0, metavar="S",
+                    help="end the evaluation when an engine produced no token for S seconds (default 180); "
+                    "a long generation still producing tokens runs on")
     ev.add_argument("--seed", type=int, default=0, metavar="S", help="sampling seed (default 0)")
     ev.add_argument("--out", metavar="FILE.json", help="write the results here, and per-problem records to "
                     "FILE.problems.jsonl")
@@ -408,6 +482,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="opefo", description="OPEFO / GRPO training of language models on RLlib")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    parser.add_argument("--verbose", action="store_true", help="show the libraries' start-up notices and bars "
+                        "(Ray, RLlib, transformers, DeepSpeed), hidden by default")
     sub = parser.add_subparsers(dest="command")
     train = sub.add_parser("train", help="train (default: configs/tiny_cpu.yaml, OPEFO on arithmetic, CPU)")
     train.add_argument("--config", action="append", help="YAML run config; repeat to overlay")
@@ -447,6 +523,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    from opefo_rllib.quiet import silence_known_notices
+
+    silence_known_notices(args.verbose)  # before Ray, RLlib, transformers, DeepSpeed are imported
     try:
         return args.func(args)
     except _user_errors() as e:
@@ -454,6 +533,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"opefo {args.command}: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # noqa: BLE001 - only run failures become one line; the rest re-raise
+        line = None if args.debug else failure_line(e)
+        if line is None:
+            raise
+        print(f"opefo {args.command}: {line}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

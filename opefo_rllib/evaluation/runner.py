@@ -22,9 +22,28 @@ from opefo_rllib.evaluation.spec import GREEDY_TEMPERATURE, EvalSpec
 from opefo_rllib.evaluation.tasks import EvalTask
 from opefo_rllib.fleet.engine import SamplingConfig
 
-__all__ = ["TaskReport", "evaluate_task", "eval_fleet"]
+__all__ = ["TaskReport", "GenerationProgress", "evaluate_task", "eval_fleet"]
 
-Progress = Callable[[str, int, int, float], None]  # (task name, problems done, total, seconds so far)
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationProgress:
+    """How far one task's generation got, for a progress bar: tokens/s and an ETA while calls run.
+
+    ``budget`` is answers x max_new_tokens; ``budget_done`` counts the tokens generated plus what
+    each finished answer left unused, so it grows with every token and reaches ``budget`` at the end.
+    """
+
+    task: str
+    answers_done: int
+    answers: int
+    tokens: int
+    budget_done: int
+    budget: int
+    seconds: float
+
+
+Progress = Callable[[GenerationProgress], None]
 
 
 @dataclasses.dataclass
@@ -83,22 +102,58 @@ def evaluate_task(fleet, codec: Codec, task: EvalTask, spec: EvalSpec, step: int
 def _generate(fleet, codec: Codec, task: EvalTask, spec: EvalSpec, step: int, progress: Progress | None) -> list:
     """Every chunk through the fleet; each engine's share is handed to the verifier as it arrives.
     Returns [(kind, problem indices, generation results, verdict futures)]."""
-    start = time.perf_counter()
     problems = task.problems
     prompts = [codec.encode(p.prompt, p.id) for p in problems]
+    tally = _Tally(task.name, len(problems) * (int(spec.greedy) + spec.samples), spec.max_new_tokens, progress)
     scoring = []
     for chunk_no, first in enumerate(range(0, len(problems), spec.chunk_problems)):
         chunk = range(first, min(first + spec.chunk_problems, len(problems)))
         for kind, pending in _submit_chunk(fleet, prompts, chunk, spec, chunk_no):
             while pending:
-                idx, results, _, pending, _ = fleet.wait_any(pending, step)
+                idx, results, _, pending, engine = fleet.wait_any(pending, step, on_progress=tally.running)
+                tally.finished(engine, [len(r.response_ids) for group in results for r in group])
                 rows = [chunk[i] for i in idx]
                 texts = [codec.decode(r.response_ids, r.finished) for group in results for r in group]
                 asked = [problems[k] for k, group in zip(rows, results) for _ in group]
                 scoring.append((kind, rows, results, task.env.score_batch_async(asked, texts)))
-        if progress is not None:
-            progress(task.name, chunk.stop, len(problems), time.perf_counter() - start)
     return scoring
+
+
+class _Tally:
+    """The answers and tokens of one task's generation so far, reported to ``progress``: finished
+    answers as calls return, the running calls' tokens from the engines' progress reports.
+
+    A running call's count only grows here (per engine, the most seen since its last call
+    returned): a report taken just after the call ended, before the fleet saw the result, says 0
+    and must not move the bar back."""
+
+    def __init__(self, task: str, answers: int, max_new_tokens: int, progress: Progress | None):
+        self.task, self.answers, self.max_new_tokens, self.progress = task, answers, max_new_tokens, progress
+        self.start = time.perf_counter()
+        self.done = self.done_tokens = 0
+        self.in_flight: dict[int, int] = {}  # engine -> tokens of its running call
+
+    def running(self, reports) -> None:
+        """``EngineFleet.wait_any``'s on_progress: the busy engines' tokens of their running calls."""
+        for engine, r in reports.items():
+            if r.call == "generate":
+                self.in_flight[engine] = max(self.in_flight.get(engine, 0), r.call_tokens)
+        self._report()
+
+    def finished(self, engine: int, lengths: list[int]) -> None:
+        """A call on ``engine`` returned answers of these lengths."""
+        self.in_flight.pop(engine, None)
+        self.done += len(lengths)
+        self.done_tokens += sum(lengths)
+        self._report()
+
+    def _report(self) -> None:
+        if self.progress is not None:
+            running = sum(self.in_flight.values())
+            self.progress(GenerationProgress(
+                self.task, self.done, self.answers, self.done_tokens + running,
+                self.done * self.max_new_tokens + running, self.answers * self.max_new_tokens,
+                time.perf_counter() - self.start))
 
 
 def _outcomes(scoring: list, num_problems: int, samples: int) -> tuple[list, list[list]]:
@@ -143,11 +198,12 @@ def _records(problems, greedy: list, sampled: list[list]) -> list[dict[str, Any]
 
 
 def eval_fleet(engine: str, num_engines: int, model_dir, codec: Codec, num_cpus_per_engine: float,
-               dtype: str = "float32"):
-    """An EngineFleet serving ``model_dir`` for ``opefo eval`` (Ray must be running)."""
+               dtype: str = "float32", stall_timeout_s: float = 180.0, extra_engine_kwargs: dict | None = None):
+    """An EngineFleet serving ``model_dir`` for ``opefo eval`` (Ray must be running); a call
+    whose engine produced no token for ``stall_timeout_s`` ends the evaluation."""
     from opefo_rllib.fleet.fleet import EngineFleet
 
     engine_kwargs = {"model_path": str(model_dir), "eos_token_id": codec.eos_token_ids,
-                     "pad_token_id": codec.pad_token_id, "dtype": dtype}
+                     "pad_token_id": codec.pad_token_id, "dtype": dtype, **(extra_engine_kwargs or {})}
     return EngineFleet(kind=engine, num_engines=num_engines, engine_kwargs=engine_kwargs,
-                       num_cpus_per_engine=num_cpus_per_engine)
+                       num_cpus_per_engine=num_cpus_per_engine, stall_timeout_s=stall_timeout_s)

@@ -53,15 +53,20 @@ def ensure_process_group(backend: str) -> None:
 
     import deepspeed
 
+    from opefo_rllib.quiet import quiet_stdout
+
     os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's engine reads it (a learner actor sees its own device)
     if dist.is_available() and dist.is_initialized():  # RLlib's learner group made it (num_learners > 1)
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)  # adopts it
+        with quiet_stdout():  # DeepSpeed prints "... shm_comm_op built successfully" on CPU
+            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)  # adopts it
         return
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # launched by a distributed launcher
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+        with quiet_stdout():
+            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
         return
     dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)  # adopts the group above
+    with quiet_stdout():
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)  # adopts the group above
 
 
 class DeepSpeedTorchLearner(TorchLearner):
