@@ -68,7 +68,7 @@ class EvalProgressBar:
         from tqdm import tqdm
 
         return tqdm(total=p.budget, desc=f"  {p.task}", file=self.stream, leave=True, dynamic_ncols=True,
-                    bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix} [{elapsed}<{remaining}]")
+                    bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]")
 
     def close(self) -> None:
         if self._bar is not None:
