@@ -10,6 +10,11 @@ how to draw a problem and how to score a response:
 Single-turn tasks terminate after one step. Multi-turn tasks override ``step`` (see
 ``RetryWithFeedback``) and return a new observation with ``terminated=False``.
 
+A finite problem space (single-digit sums, a small dataset) is split in two by ``split`` /
+``heldout_fraction``: a problem belongs to the held-out part when a hash of its id falls below the
+fraction, so a ``split: train`` env never poses a problem of its ``split: heldout`` twin, whatever
+the seeds (validation on a held-out split of the very task that is trained).
+
 The trainer does not step envs one at a time: it draws many problems with
 ``sample_problems(n)`` and scores many responses at once with ``score_batch_async``, which
 subclasses with a slow verifier (math-verify) override to verify in parallel worker processes.
@@ -18,6 +23,7 @@ subclasses with a slow verifier (math-verify) override to verify in parallel wor
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import string
 from concurrent.futures import Future
 from typing import Any, Sequence
@@ -30,7 +36,10 @@ from gymnasium.utils import seeding
 from opefo_rllib.envs.pool import wait_all
 from opefo_rllib.envs.verifier import VerifyResult
 
-__all__ = ["Problem", "UnicodeText", "TextEnv", "RetryWithFeedback"]
+__all__ = ["Problem", "UnicodeText", "TextEnv", "RetryWithFeedback", "SPLITS", "in_heldout_split"]
+
+SPLITS = ("all", "train", "heldout")
+SPLIT_DRAWS = 10_000  # draws to find one problem of the split before it is an error
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,12 +72,21 @@ class TextEnv(gym.Env):
     Args:
         max_prompt_chars: observation space length limit.
         max_response_chars: action space length limit (longer responses are cut, keeping the end).
+        split: "all" (every problem), "train" or "heldout": the part of the problem space this env
+            poses (see ``in_heldout_split``).
+        heldout_fraction: the share of problem ids in the held-out part.
     """
 
     metadata = {"render_modes": ["ansi"], "render_fps": 1}
     skipped_rows = 0  # dataset rows dropped at load (``on_bad_row="skip"``); datasets set it
 
-    def __init__(self, max_prompt_chars: int = 8192, max_response_chars: int = 65536, render_mode: str | None = None):
+    def __init__(self, max_prompt_chars: int = 8192, max_response_chars: int = 65536, render_mode: str | None = None,
+                 split: str = "all", heldout_fraction: float = 0.2):
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+        if not 0 < heldout_fraction < 1:
+            raise ValueError(f"heldout_fraction must be in (0, 1), got {heldout_fraction}")
+        self.split, self.heldout_fraction = split, float(heldout_fraction)
         self.observation_space = UnicodeText(max_prompt_chars)
         self.action_space = UnicodeText(max_response_chars)
         self.max_response_chars = max_response_chars
@@ -103,13 +121,25 @@ class TextEnv(gym.Env):
         return 600.0
 
     # ------------------------------------------------------------------ batch API
+    def draw_problem(self, rng: np.random.Generator) -> Problem:
+        """The next problem of this env's split (``sample_problem`` redrawn until it is in it)."""
+        if self.split == "all":
+            return self.sample_problem(rng)
+        want_heldout = self.split == "heldout"
+        for _ in range(SPLIT_DRAWS):
+            problem = self.sample_problem(rng)
+            if in_heldout_split(problem.id, self.heldout_fraction) == want_heldout:
+                return problem
+        raise ValueError(f"{type(self).__name__}: no problem of split {self.split!r} (heldout_fraction "
+                         f"{self.heldout_fraction}) in {SPLIT_DRAWS} draws")
+
     def seed_problems(self, seed: int) -> None:
         """Seed the problem stream without drawing a problem (the trainer's start)."""
         self._np_random, self._np_random_seed = seeding.np_random(seed)
 
     def sample_problems(self, n: int) -> list[Problem]:
         """Draw n problems (the trainer's batch path; no episode state is touched)."""
-        return [self.sample_problem(self.np_random) for _ in range(n)]
+        return [self.draw_problem(self.np_random) for _ in range(n)]
 
     def score_batch(self, problems: Sequence[Problem], responses: Sequence[str]) -> list[VerifyResult]:
         futures = self.score_batch_async(problems, responses)
@@ -120,7 +150,7 @@ class TextEnv(gym.Env):
         """Start an episode. ``options={"problem": Problem}`` poses a given problem."""
         super().reset(seed=seed)
         problem = (options or {}).get("problem")
-        self.problem = problem if problem is not None else self.sample_problem(self.np_random)
+        self.problem = problem if problem is not None else self.draw_problem(self.np_random)
         self.turn = 0
         self._last_text = self.problem.prompt
         return self.problem.prompt, self._info()
@@ -144,6 +174,13 @@ class TextEnv(gym.Env):
     def _clip(self, response: Any) -> str:
         text = response if isinstance(response, str) else str(response)
         return text[-self.max_response_chars:]
+
+
+def in_heldout_split(problem_id: str, fraction: float) -> bool:
+    """Is ``problem_id`` in the held-out part? A stable hash of the id (not Python's salted
+    ``hash``), so the split is the same in every process and run."""
+    digest = hashlib.sha256(problem_id.encode()).digest()
+    return int.from_bytes(digest[:8], "big") < fraction * 2**64
 
 
 class RetryWithFeedback(TextEnv):

@@ -123,7 +123,7 @@ def preflight(config) -> None:
 
     try:
         tokenizer = load_tokenizer(resolve_model_path(config.model_path))
-    except (FileNotFoundError, NotADirectoryError, TokenizerError) as e:
+    except (FileNotFoundError, NotADirectoryError, ImportError, TokenizerError) as e:
         raise ConfigError(f"config field 'model_path' = {config.model_path!r}: {e}") from None
     PromptBuilder(tokenizer, config)  # prompt_format chat without a chat template fails here
     try:

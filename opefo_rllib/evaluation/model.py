@@ -6,16 +6,23 @@ from pathlib import Path
 
 from opefo_rllib.checkpoints import RUN_FILE, latest_checkpoint
 from opefo_rllib.config.fields import ConfigError
+from opefo_rllib.models.gguf import gguf_model_dir, is_gguf
 from opefo_rllib.models.tiny import TINY_DEFAULT, TINY_DEFAULT_PATH
 
 __all__ = ["resolve_eval_model"]
 
 
 def resolve_eval_model(model: str) -> Path:
-    """``tiny-default``; a Hugging Face model directory (it has config.json); a checkpoint directory
-    (its ``hf_policy/``); or a run directory (its latest checkpoint's ``hf_policy/``)."""
+    """``tiny-default``; a ``.gguf`` file (a path or ``pkg:PACKAGE/FILE``: its converted directory);
+    a Hugging Face model directory (it has config.json); a checkpoint directory (its ``hf_policy/``);
+    or a run directory (its latest checkpoint's ``hf_policy/``)."""
     if model == TINY_DEFAULT:
         return TINY_DEFAULT_PATH
+    if is_gguf(model):
+        try:
+            return gguf_model_dir(model)
+        except (FileNotFoundError, ImportError) as e:
+            raise ConfigError(f"model {model}: {e}") from None
     path = Path(model).expanduser()
     if not path.is_dir():
         raise ConfigError(f"model {model}: no such directory (give tiny-default, a Hugging Face model directory, "

@@ -53,23 +53,29 @@ def heldout_problems(env: TextEnv, n: int, seed: int = HELDOUT_SEED, train_seed:
 
     Returns (problems, number of draws skipped as training problems). The training stream is the
     one this env (with its env_config) draws: evaluate the training env's own config for a true
-    held-out set. Leaves the env seeded with ``seed``; use an env instance apart from the trainer's.
+    held-out set. An env of ``split: heldout`` is held out by construction (its training twin never
+    poses its problems), so nothing is excluded and a small problem space can be evaluated whole.
+    Leaves the env seeded with ``seed``; use an env instance apart from the trainer's.
     """
-    env.seed_problems(train_seed)
-    training = {p.id for p in env.sample_problems(exclude_draws)}
+    training: set[str] = set()
+    if getattr(env, "split", "all") != "heldout":
+        env.seed_problems(train_seed)
+        training = {p.id for p in env.sample_problems(exclude_draws)}
     env.seed_problems(seed)
     out, chosen, excluded = [], set(), 0
     for _ in range(100 * n + 10_000):  # a task whose problem space is nearly exhausted ends in an error
         if len(out) == n:
             return out, excluded
-        p = env.sample_problem(env.np_random)
+        p = env.draw_problem(env.np_random)
         if p.id in training:
             excluded += 1
         elif p.id not in chosen:  # a set: a problem drawn twice counts once
             chosen.add(p.id)
             out.append(p)
-    raise ConfigError(f"{type(env).__name__}: cannot draw {n} distinct problems outside the training stream's "
-                      f"first {exclude_draws} (got {len(out)}); ask for fewer")
+    where = ("in its held-out split" if training == set() else
+             f"outside the training stream's first {exclude_draws}")
+    raise ConfigError(f"{type(env).__name__}: cannot draw {n} distinct problems {where} (got {len(out)}); "
+                      f"ask for fewer")
 
 
 def _in_file_order(env: TextEnv, n: int | None) -> list[Problem]:

@@ -3,7 +3,8 @@ tokenizer, through :func:`opefo_rllib.models.tokenizer.load_tokenizer`), and a f
 into a model (tied ``lm_head`` allowed to be absent).
 
 Models load from local directories only (no hub downloads at run time); ``"tiny-default"``
-names the shipped tiny checkpoint (:mod:`opefo_rllib.models.tiny`).
+names the shipped tiny checkpoint (:mod:`opefo_rllib.models.tiny`), and a ``.gguf`` file (a path
+or ``pkg:PACKAGE/FILE``) its dequantized directory (:mod:`opefo_rllib.models.gguf`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 
 import torch
 
+from opefo_rllib.models.gguf import gguf_model_dir, is_gguf
 from opefo_rllib.models.tiny import TINY_DEFAULT, TINY_DEFAULT_PATH
 from opefo_rllib.models.tokenizer import ModelTokenizer, load_tokenizer
 
@@ -20,11 +22,14 @@ __all__ = ["resolve_model_path", "load_model", "load_policy", "load_policy_weigh
 
 
 def resolve_model_path(path: str | Path) -> Path:
-    """``"tiny-default"`` means the shipped checkpoint; anything else is a local directory."""
+    """``"tiny-default"`` means the shipped checkpoint; a ``.gguf`` file its converted directory
+    (converted on first use); anything else is a local directory."""
+    if is_gguf(path):
+        return gguf_model_dir(path)
     p = TINY_DEFAULT_PATH if str(path) == TINY_DEFAULT else Path(path).expanduser()
     if not (p / "config.json").exists():
         raise FileNotFoundError(f"model path {str(path)!r}: no config.json in {p} (models load from local "
-                                f"directories only; use 'tiny-default' for the shipped tiny model)")
+                                f"directories or .gguf files only; use 'tiny-default' for the shipped tiny model)")
     return p
 
 
