@@ -160,6 +160,24 @@ def test_a_stalled_generation_ends_in_one_line_naming_engine_step_and_tokens(ray
 
 
 @pytest.mark.slow
+def test_the_optional_hard_cap_ends_a_wait_even_while_tokens_come(ray_session):
+    from opefo_rllib.fleet.deadlines import GenerationTimeout
+    from opefo_rllib.fleet.fleet import EngineFleet
+
+    fleet = EngineFleet("hf", engine_kwargs={"model_path": str(TINY_DEFAULT_PATH), "eos_token_id": NEVER,
+                                             "token_delay_s": 0.2}, stall_timeout_s=30.0, generate_timeout_s=1.0)
+    try:
+        pending = fleet.submit([[5, 6]], 1, SamplingConfig(max_new_tokens=200), seed=0)  # ~40 s of tokens
+        with pytest.raises(GenerationTimeout, match=r"generation at step 2: still running after 1 s "
+                                                    r"\(generate_timeout_s; engines \[0\] of 1 busy"):
+            fleet.wait_any(pending, step=2)
+        shut = time.monotonic()
+    finally:
+        fleet.shutdown()
+    assert time.monotonic() - shut < 20  # the busy engine was killed: the shutdown did not wait out its call
+
+
+@pytest.mark.slow
 def test_eval_progress_moves_while_a_call_runs(ray_session):
     from opefo_rllib.evaluation.codec import Codec, model_tokenizer
     from opefo_rllib.evaluation.runner import eval_fleet, evaluate_task

@@ -97,7 +97,8 @@ def wait_progressing(refs: list, engines: Sequence[int], actors: Sequence[object
     done; returns the ready refs. Meanwhile the busy engines' progress is polled, passed to
     ``on_progress``, and an engine without a new token for ``stall_timeout_s`` ends the wait in
     ``EngineStalled`` (the stalled engine is killed first: it would only block the shutdown
-    behind its call); past ``hard_cap_s`` (None: no cap) in ``GenerationTimeout``."""
+    behind its call); past ``hard_cap_s`` (None: no cap) in ``GenerationTimeout``, the busy
+    engines killed for the same reason."""
     watch = ProgressWatch(stall_timeout_s)
     poll_s = max(0.05, min(POLL_S, stall_timeout_s / 5))
     while True:
@@ -119,5 +120,7 @@ def wait_progressing(refs: list, engines: Sequence[int], actors: Sequence[object
                 ray.kill(actors[s])
             raise EngineStalled(message)
         if hard_cap_s is not None and now - watch.started > hard_cap_s:
+            for e in busy:
+                ray.kill(actors[e])
             raise GenerationTimeout(f"{what}: still running after {hard_cap_s:g} s (generate_timeout_s; engines "
                                     f"{busy} of {len(actors)} busy, tokens still coming)")
