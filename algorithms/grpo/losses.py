@@ -4,7 +4,7 @@ Every loss maps per-token tensors [B, T] to a per-token loss matrix [B, T] plus 
 optional per-token weights w_t (OPEFO's balancing weights) multiply that matrix, and
 ``aggregate_loss`` reduces it to a scalar. Notation: r_t = exp(log pi_t - log pi_old,t).
 
-    "pg"        l_t = -w_t A_t log pi_t                   strict on-policy (OPEFO.md section 4)
+    "pg"        l_t = -w_t A_t log pi_t                   strict on-policy (docs/algorithm.md section 9.1)
     "ppo_clip"  l_t = -min(r_t A_t, clip(r_t, 1 - eps_low, 1 + eps_high) A_t)
                 (eps_high > eps_low is DAPO's clip-higher; optional dual clip at clip_ratio_c)
     "clip_cov"  ppo_clip, but floor(r * #tokens) tokens drawn at random among those with

@@ -1,6 +1,6 @@
 """OPEFO: entropy flow of a policy-gradient step, and the weights that balance it.
 
-Entropy flow (OPEFO.md section 2). One policy-gradient step on the sampled token a_t with
+Entropy flow (docs/algorithm.md section 4). One policy-gradient step on the sampled token a_t with
 advantage A_t changes the entropy of p(. | s_t), to first order in the step size, by delta_t:
 
     "paper"        delta_t = -A_t (1 - pi_t)^2 (log pi_t + H_t)
@@ -9,7 +9,7 @@ advantage A_t changes the entropy of p(. | s_t), to first order in the step size
 
 ("exact" is the first-order change under the tabular-softmax step z <- z + eta A (e_a - p).)
 
-Balancing (OPEFO.md section 3). With S+ = {delta > 0}, S- = {delta < 0},
+Balancing (docs/algorithm.md section 5). With S+ = {delta > 0}, S- = {delta < 0},
 P = sum_{S+} delta and N = sum_{S-} |delta| over the batch's response tokens:
 
     lambda* = (N - P) / (N + P)           (0 when N + P = 0)
@@ -28,7 +28,7 @@ entropy changes; here it is "two_sided" with ``balance_fraction`` = f), "optimiz
 (two-sided weights with the lambda that zeroes the predicted parameter-space entropy change of
 the optimizer's own step, param_balance.py; the learner passes it as "static"; here, without
 the learner's gradients, it falls back to lambda*).
-Guard rails (OPEFO.md section 8), off by default: ``balance_fraction`` f cancels only the
+Guard rails (docs/algorithm.md section 6), off by default: ``balance_fraction`` f cancels only the
 fraction f of the net flow (lambda = f lambda*), ``max_abs_lambda`` caps |lambda|.
 
 P and N are batch-global: with several learners or micro-batches, reduce the totals of
@@ -254,7 +254,7 @@ def flow_diagnostics(
     mask: torch.Tensor,
     expected_s: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """The "understanding" metrics of OPEFO.md section 7 for one batch.
+    """The "understanding" metrics of docs/algorithm.md section 11 for one batch.
 
     Quadrant fractions of the masked tokens (A > 0 or A < 0, and pi_t above or below e^{-H_t}),
     and the predicted entropy change sum_t delta_t for every estimator that can be computed.

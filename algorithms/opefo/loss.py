@@ -1,6 +1,6 @@
 """The OPEFO loss in one call: strict on-policy policy gradient with entropy-flow weights.
 
-    L(theta) = -(1 / T) sum_{j,i,t} w_t A_{j,i} log pi_theta(a_t | s_t)      (OPEFO.md section 4)
+    L(theta) = -(1 / T) sum_{j,i,t} w_t A_{j,i} log pi_theta(a_t | s_t)      (docs/algorithm.md section 9.1)
 
 with w_t from ``balance_weights`` (detached) and T the response tokens of the global batch.
 With ``mode="none"`` every w_t is 1 and this is strict on-policy GRPO.

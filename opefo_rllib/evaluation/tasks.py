@@ -27,7 +27,7 @@ from opefo_rllib.envs.registry import EnvNotFound
 __all__ = ["EvalTask", "HELDOUT_SEED", "TRAIN_EPOCH_DRAWS", "DEFAULT_GENERATED_PROBLEMS", "SUITES",
            "heldout_problems", "env_task", "file_task", "suite_tasks"]
 
-HELDOUT_SEED = 12345  # not a training seed; the held-out figures of OPEFO.md section 8c use it too
+HELDOUT_SEED = 12345  # not a training seed; the held-out figures of docs/algorithm.md section 13 use it too
 TRAIN_EPOCH_DRAWS = 8000  # the default run's training stream: 250 iterations x 32 prompts
 DEFAULT_GENERATED_PROBLEMS = 512
 SUITES = {"math6": ("math500", "aime24", "aime25", "amc23", "minerva_math", "olympiadbench")}
