@@ -36,3 +36,15 @@ def smollm2_dir() -> Path:
     from opefo_rllib.models.gguf import SMOLLM2_GGUF, gguf_model_dir
 
     return gguf_model_dir(SMOLLM2_GGUF)
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """A local Ray of 2 CPUs for one test module (the project's algorithms registered with it)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    import opefo_rllib  # noqa: F401
+
+    yield
+    ray.shutdown()

@@ -26,17 +26,6 @@ GAP_TOLERANCE = {"hf": 1e-4, "vllm": 1e-3}
 
 
 @pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    import opefo_rllib  # noqa: F401
-
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def gsm8k_rows(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "gsm8k_rows.jsonl"
     with open(BENCHMARKS / "gsm8k_test.jsonl") as src, open(path, "w") as out:

@@ -25,17 +25,6 @@ STOP_IDS = list(range(100, 200))  # ~10% of the vocabulary: many responses of th
 
 
 @pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    import opefo_rllib  # noqa: F401
-
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def gsm8k_file(tmp_path_factory) -> Path:
     """40 GSM8K test rows as a user's own file: problem and answer columns, no id column."""
     path = tmp_path_factory.mktemp("data") / "my_gsm8k.jsonl"
