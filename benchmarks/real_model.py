@@ -50,6 +50,7 @@ def bench_raw_vllm(model_dir: Path, prompts, args) -> float:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB, as our engine's default (else 92% of RAM)
     llm = LLM(model=str(model_dir), skip_tokenizer_init=True, dtype="float32", enforce_eager=True,
               max_model_len=1024, enable_chunked_prefill=False, seed=0)
     params = [SamplingParams(temperature=1.0, max_tokens=args.max_new_tokens, seed=k, stop_token_ids=[2],
