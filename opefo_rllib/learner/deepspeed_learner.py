@@ -56,17 +56,12 @@ def ensure_process_group(backend: str) -> None:
     from opefo_rllib.quiet import quiet_stdout
 
     os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's engine reads it (a learner actor sees its own device)
-    if dist.is_available() and dist.is_initialized():  # RLlib's learner group made it (num_learners > 1)
-        with quiet_stdout():  # DeepSpeed prints "... shm_comm_op built successfully" on CPU
-            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)  # adopts it
-        return
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # launched by a distributed launcher
-        with quiet_stdout():
-            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
-        return
-    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    with quiet_stdout():
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)  # adopts the group above
+    has_group = dist.is_available() and dist.is_initialized()  # RLlib's learner group made it (num_learners > 1)
+    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # by a distributed launcher
+    if not (has_group or launched):
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    with quiet_stdout():  # DeepSpeed prints "... shm_comm_op built successfully" on CPU
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)  # adopts the group
 
 
 class DeepSpeedTorchLearner(TorchLearner):
