@@ -18,7 +18,7 @@ import time
 def measure(fleet, codec, task, k: int, repeat: int) -> float:
     """Median seconds of one evaluation of ``task`` with K = ``k`` samples per problem."""
     from opefo_rllib.evaluation.runner import evaluate_task
-    from opefo_rllib.evaluation.spec import EvalSpec
+    from opefo_rllib.config.eval_spec import EvalSpec
 
     spec = EvalSpec(samples=k, pass_k=(1,), seed=0)
     evaluate_task(fleet, codec, task, spec)  # warm-up

@@ -67,8 +67,8 @@ def generate(model_dir: Path, tokenizer, args) -> tuple[list, float, object]:
 def learner_steps(model_dir: Path, samples: list, args) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from opefo_rllib.algorithms.grpo import aggregate_loss, group_advantages, policy_loss
-    from opefo_rllib.algorithms.opefo import balance_weights, entropy_flow, flow_totals, token_stats_from_hidden
+    from opefo_rllib.core import aggregate_loss, group_advantages, policy_loss
+    from opefo_rllib.core import balance_weights, entropy_flow, flow_totals, token_stats_from_hidden
 
     dtype = getattr(torch, args.dtype)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(args.device)

@@ -27,7 +27,7 @@ def _rss_mib() -> float:
 def _child(args) -> None:
     import torch
 
-    from opefo_rllib.algorithms.opefo import token_stats, token_stats_from_hidden
+    from opefo_rllib.core import token_stats, token_stats_from_hidden
 
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)

@@ -5,6 +5,9 @@
 
 ``make_env`` also takes Gymnasium's ``module:env-id`` form (``myenvs:my/Reverse-v0`` imports
 ``myenvs``, which registers the env) and ``import_env_modules`` imports a run's ``imports:``.
+A module that is not on ``sys.path`` is looked for in the current directory, as ``python -m``
+would find it, so ``opefo train`` (a console script) imports ``./myenvs.py`` too; ``sys.path``
+itself is left as it is (Ray's workers get the driver's current directory on theirs).
 Registration with Tune happens once Ray's Tune registry is loaded (``import opefo_rllib`` hooks
 its import and calls ``register_all_with_tune``), so importing the envs alone never imports Ray.
 """
@@ -12,6 +15,9 @@ its import and calls ``register_all_with_tune``), so importing the envs alone ne
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
+import importlib.util
+import os
 import sys
 from typing import Any, Callable, Iterable
 
@@ -46,11 +52,34 @@ def register_all_with_tune() -> None:
         _tune_register(name)
 
 
+def _import_from_cwd(module: str):
+    """Import ``module`` (dotted: its top-level package) from the current directory, which need
+    not be on ``sys.path``; re-raise the caller's ModuleNotFoundError when it is not there."""
+    top = module.partition(".")[0]
+    spec = importlib.machinery.PathFinder.find_spec(top, [os.getcwd()])
+    if spec is None or spec.loader is None:
+        raise ModuleNotFoundError(f"No module named {top!r}", name=top)
+    loaded = importlib.util.module_from_spec(spec)
+    sys.modules[top] = loaded
+    try:
+        spec.loader.exec_module(loaded)
+    except BaseException:
+        del sys.modules[top]
+        raise
+    return importlib.import_module(module)
+
+
 def import_env_modules(modules: Iterable[str] | None, where: str = "imports") -> None:
-    """Import the modules that register a run's envs (``imports:`` of a run config)."""
+    """Import the modules that register a run's envs (``imports:`` of a run config): from
+    ``sys.path``, else from the current directory."""
     for module in modules or ():
         try:
-            importlib.import_module(module)
+            try:
+                importlib.import_module(module)
+            except ModuleNotFoundError as e:
+                if e.name != module.partition(".")[0]:
+                    raise  # the module is there; something it imports is missing
+                _import_from_cwd(module)
         except ImportError as e:
             raise EnvNotFound(f"{where}: cannot import module {module!r} ({e}); it must be importable from the "
                               "current directory or PYTHONPATH") from None

@@ -2,11 +2,14 @@
 
 ``import opefo_rllib`` makes "GRPO" and "OPEFO" known to Ray Tune
 (``tune.Tuner("OPEFO", param_space=config)``) without importing Ray itself: the math
-(``opefo_rllib.algorithms.opefo``, ``.grpo``), the config sections and the envs load in well
-under a second and never import Ray. The algorithms join RLlib's own algorithm table
+(``opefo_rllib.core``), the config sections and the envs load in well under a second and never
+import Ray. The algorithms join RLlib's own algorithm table
 (``ray.rllib.algorithms.registry.ALGORITHMS``), which Tune consults for a name it does not know;
 they are imported only when Tune asks for them. The envs join Tune's env registry when Ray's
 Tune registry is first imported (or at once, if it already is).
+
+``opefo_rllib.train`` is ``opefo_rllib.training.train`` (the loop of ``opefo train``), loaded
+when first used.
 """
 
 from __future__ import annotations
@@ -20,6 +23,14 @@ __version__ = "0.1.0"
 _RLLIB_REGISTRY = "ray.rllib.algorithms.registry"
 
 
+def __getattr__(name: str):
+    if name in ("train", "TrainResult"):  # on first use: the training loop's modules stay unloaded until then
+        from opefo_rllib import training
+
+        return getattr(training, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def _load(name: str):
     from opefo_rllib.algorithms.grpo.grpo import GRPO
     from opefo_rllib.algorithms.opefo.opefo import OPEFO
@@ -31,17 +42,6 @@ def _load(name: str):
 def _add_to(registry) -> None:
     for name in ("GRPO", "OPEFO"):
         registry.ALGORITHMS.setdefault(name, lambda n=name: _load(n))
-
-
-def register_algorithms() -> bool:
-    """Register GRPO and OPEFO with Ray Tune now (imports Ray); False if Ray is not installed."""
-    try:
-        from ray.tune.registry import register_trainable
-    except ImportError:
-        return False
-    for name in ("GRPO", "OPEFO"):
-        register_trainable(name, _load(name)[0])
-    return True
 
 
 def _register_envs_with_tune(_module) -> None:

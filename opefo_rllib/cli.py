@@ -1,7 +1,9 @@
-"""The ``opefo`` command.
+"""The ``opefo`` command: the leaf of the package (nothing imports it), argument parsing over
+the library (``opefo train`` is ``opefo_rllib.training.train``) and exit statuses.
 
+    opefo [--version] [--debug] [--verbose] COMMAND ...
     opefo train  [--config FILE ...] [--set key=value ...] [--resume DIR] [--logdir DIR]
-    opefo config [--config FILE ...] [--set key=value ...]
+    opefo config [--config FILE ...] [--set key=value ...] [--markdown]
     opefo envs
     opefo eval MODEL (--task ENV | --data FILE ... | --suite math6 --data-dir DIR) [options]
     opefo compare RUN_DIR ... [--out compare.png]
@@ -10,60 +12,41 @@
 Bad input (a config value, a missing file or directory, a bad dataset row) ends in one line
 naming what is wrong and where, and exit status 2. A run that fails on its way (a stalled engine,
 a weight sync, verifier or learner past its deadline) ends in one line too, exit status 1.
-``--debug`` shows the traceback instead; ``--verbose`` shows the libraries' start-up notices.
+``--debug`` shows the traceback instead; ``--verbose`` shows the libraries' start-up notices
+(both go before or after the command).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections.abc
 import os
 import sys
-import time
 from pathlib import Path
-
-def shipped_configs() -> Path:
-    """The folder of the shipped run configs (package data of ``opefo_rllib.configs``)."""
-    import importlib.resources
-
-    return Path(str(importlib.resources.files("opefo_rllib.configs")))
-
-
-def default_config() -> Path:
-    """The run config ``opefo train`` uses without ``--config``: the tiny CPU default."""
-    return shipped_configs() / "tiny_cpu.yaml"
-
-
-def resolve_config(name: str) -> Path:
-    """A ``--config`` value: a path, or the name of a shipped config (``tiny_cpu``,
-    ``overlays/grpo_strict``, with or without ``.yaml``)."""
-    path = Path(name).expanduser()
-    if path.exists():
-        return path
-    shipped = shipped_configs() / (name if name.endswith((".yaml", ".yml")) else f"{name}.yaml")
-    if shipped.is_file():
-        return shipped
-    names = sorted(str(p.relative_to(shipped_configs()).with_suffix("")) for p in shipped_configs().rglob("*.yaml"))
-    raise UserError(f"--config {name}: no such file, and no shipped config of that name (shipped: {', '.join(names)})")
 
 
 class UserError(Exception):
-    """Bad input from the user: printed as one line, exit status 2."""
+    """Bad command-line input (a combination of options): printed as one line, exit status 2."""
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    """Bad input, each reported as one line and exit status 2 (the library's typed errors)."""
     from opefo_rllib.checkpoints import CheckpointError
+    from opefo_rllib.config import ConfigError
     from opefo_rllib.envs.datasets import DatasetError
-    from opefo_rllib.run_config import ConfigError
+    from opefo_rllib.resources import InsufficientResources
 
-    return UserError, ConfigError, DatasetError, CheckpointError
+    return UserError, ConfigError, DatasetError, CheckpointError, InsufficientResources
 
 
 def _run_failures() -> tuple[type[BaseException], ...]:
     """Failures of a run on its way, each reported as one line and exit status 1: every deadline
-    (engine stall, generate cap, weight sync, verifier: TimeoutError) and a failed learner."""
+    (engine stall, generate cap, weight sync, verifier: TimeoutError), a failed learner and a
+    run stopped by non-finite updates."""
     from opefo_rllib.algorithms.grpo.grpo import LearnerFailedError
+    from opefo_rllib.training import TrainingStopped
 
-    return TimeoutError, LearnerFailedError
+    return TimeoutError, LearnerFailedError, TrainingStopped
 
 
 def _causes(error: BaseException):
@@ -92,67 +75,25 @@ def failure_line(error: BaseException) -> str | None:
     return None
 
 
-def _config_paths(args: argparse.Namespace) -> list[Path]:
-    return [resolve_config(c) for c in args.config] if args.config else [default_config()]
+def _run_config_args(args: argparse.Namespace) -> tuple[list[str] | None, dict]:
+    """(``--config`` values or None for the default, ``--set`` values parsed) of ``train`` / ``config``."""
+    from opefo_rllib.run_config import parse_overrides
 
-
-def _resolve(args: argparse.Namespace):
-    """The merged run config and the validated algorithm config of ``--config`` / ``--set``,
-    after a pre-flight check that the model directory and the env can be opened."""
-    import logging
-
-    from opefo_rllib.run_config import apply_overrides, build_algo_config, load_run_config
-
-    logging.getLogger("ray.rllib.algorithms.algorithm_config").setLevel(logging.ERROR)  # "new API stack" notice
-    data = apply_overrides(load_run_config(_config_paths(args)), args.set or [])
-    config = build_algo_config(data)
-    preflight(config)
-    return data, config
-
-
-def preflight(config) -> None:
-    """Open what the run will open (the model directory, the env and its data files) and turn a
-    failure into a ConfigError naming the field, before Ray starts."""
-    from opefo_rllib.envs import make_env
-    from opefo_rllib.envs.registry import import_env_modules
-    from opefo_rllib.models.loading import resolve_model_path
-    from opefo_rllib.run_config import ConfigError
-
-    from opefo_rllib.models.tokenizer import TokenizerError, load_tokenizer
-    from opefo_rllib.rollout.prompts import PromptBuilder
-
-    try:
-        tokenizer = load_tokenizer(resolve_model_path(config.model_path))
-    except (FileNotFoundError, NotADirectoryError, ImportError, TokenizerError) as e:
-        raise ConfigError(f"config field 'model_path' = {config.model_path!r}: {e}") from None
-    PromptBuilder(tokenizer, config)  # prompt_format chat without a chat template fails here
-    try:
-        import_env_modules(config.imports)
-        env = make_env(config.env, **dict(config.env_config or {}))
-    except _user_errors():
-        raise
-    except Exception as e:  # noqa: BLE001 - any failure to build the env is the env config's fault
-        msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-        raise ConfigError(f"config field 'env' = {config.env!r} with env_config {dict(config.env_config or {})}: "
-                          f"{type(e).__name__}: {msg}") from None
-    close = getattr(env, "close", None)
-    if close is not None:
-        close()
-    if config.eval_tasks and (config.eval_every or config.eval_before_train):
-        from opefo_rllib.evaluation.validation import TrainingEvaluator
-
-        TrainingEvaluator(config, out_dir=".").close()  # opens every eval set: a missing file fails here
+    return args.config, parse_overrides(args.set or [])
 
 
 def cmd_config(args: argparse.Namespace) -> int:
     """Print the resolved config, section by section, each field with its value and its doc."""
     from opefo_rllib.config import RLLIB_SECTION, RUN_SECTION, SECTIONS, markdown_table
+    from opefo_rllib.run_config import default_config, resolve_config
+    from opefo_rllib.training import prepare
 
     if args.markdown:
         print(markdown_table([RUN_SECTION, RLLIB_SECTION, *SECTIONS.values()]))
         return 0
-    data, config = _resolve(args)
-    print(f"# {type(config).__name__}: resolved from {', '.join(str(p) for p in _config_paths(args))}"
+    data, config = prepare(*_run_config_args(args))
+    paths = [resolve_config(c) for c in args.config] if args.config else [default_config()]
+    print(f"# {type(config).__name__}: resolved from {', '.join(str(p) for p in paths)}"
           + (f" with --set {' '.join(args.set)}" if args.set else ""))
     for section in [RUN_SECTION, RLLIB_SECTION, *SECTIONS.values()]:
         specs = section.fields()
@@ -165,138 +106,14 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fmt_eta(seconds: float) -> str:
-    from opefo_rllib.progress import fmt_duration
-
-    return fmt_duration(seconds)
-
-
-def _run_name(data: dict, config) -> str:
-    """The run's TensorBoard name, ``OPEFO-<model>-seed<N>`` (algorithm, model and seed are
-    fixed on resume, so a resumed run gets the name it started with)."""
-    from opefo_rllib.logging_tb import run_name
-
-    return run_name(str(data.get("algorithm") or "OPEFO"), config.model_path, config.seed)
-
-
-def _train_setup(args: argparse.Namespace):
-    """(run config, algorithm config, run directory, resume plan or None) of ``opefo train``."""
-    from opefo_rllib.checkpoints import plan_resume
-    from opefo_rllib.run_config import apply_overrides, build_algo_config, load_run_config
-
-    if args.resume:
-        plan = plan_resume(args.resume, load_run_config(_config_paths(args)) if args.config else None,
-                           apply_overrides({}, args.set or []), args.logdir)
-        config = build_algo_config(plan.config)
-        preflight(config)
-        return plan.config, config, plan.run_dir, plan
-    data, config = _resolve(args)
-    if args.logdir:
-        data["logdir"] = args.logdir
-    default = Path("opefo_runs") / f"{_run_name(data, config)}-{time.strftime('%Y%m%d-%H%M%S')}"
-    logdir = Path(data["logdir"] or default).resolve()
-    if (logdir / "checkpoints" / "latest").exists():
-        raise UserError(f"{logdir} already holds a run's checkpoints; continue it with --resume "
-                        f"{logdir / 'checkpoints' / '<iter_N>'} or choose another --logdir")
-    data["logdir"] = str(logdir)
-    return data, config, logdir, None
-
-
-def _eval_line(result: dict, iteration: int) -> str:
-    """The accuracies of an in-training evaluation, one line, in a fixed order (all of it is in
-    TensorBoard and RUN/eval/)."""
-    from opefo_rllib.evaluation.compare import eval_metric_rank
-
-    keys = sorted((k for k in result if k.startswith("eval/") and eval_metric_rank(k)[1] is not None),
-                  key=eval_metric_rank)
-    return f"  eval {iteration:4d}  " + "  ".join(f"{k[len('eval/'):]} {result[k]:.3f}" for k in keys)
-
-
 def cmd_train(args: argparse.Namespace) -> int:
-    from opefo_rllib.checkpoints import latest_checkpoint, save_checkpoint
-    from opefo_rllib.logging_tb import TB_DIR, tensorboard_run_dir
+    """``opefo train``: the library's train() with the command's config, values, run directory
+    and checkpoint."""
+    from opefo_rllib.training import train
 
-    data, config, logdir, plan = _train_setup(args)
-    iterations = int(data["iterations"])
-    every = int(data.get("checkpoint_every") or 0)
-    logdir.mkdir(parents=True, exist_ok=True)
-    tb_run = tensorboard_run_dir(logdir, _run_name(data, config))
-    config.tensorboard_dir = str(tb_run)
-
-    import ray
-
-    from opefo_rllib.progress import Stages
-    from opefo_rllib.quiet import ray_env_vars
-
-    # Ray's token authentication stays on (its default): Ray 2.60's own servers listen on every
-    # interface and the token is what guards them. A local run advertises loopback.
-    ray_kwargs = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False,
-                  **(data.get("ray") or {})}
-    if "address" not in ray_kwargs:
-        ray_kwargs.setdefault("_node_ip_address", "127.0.0.1")
-    stages = Stages()
-    ray.init(**ray_env_vars(ray_kwargs, args.verbose))
-    from opefo_rllib.algorithms.grpo.grpo import NonFiniteTrainingError
-    from opefo_rllib.resources import InsufficientResources, wait_for_resources
-
-    try:
-        wait_for_resources(config, config.resource_wait_timeout_s)
-    except InsufficientResources as e:
-        ray.shutdown()
-        raise UserError(str(e)) from None
-
-    print(f"opefo train: {data['algorithm']} on {config.env} with {config.model_path}, {iterations} iterations")
-    print(f"  logs:        {logdir}")
-    print(f"  TensorBoard: tensorboard --logdir {logdir / TB_DIR}"
-          + (f"  (run {tb_run.name})" if tb_run.parent.name == TB_DIR else "")
-          + "; its Custom Scalars tab (http://localhost:6006/#custom_scalars) has P and N, entropy, reward, "
-            "lambda and held-out accuracy")
-    stages.done("Ray up")
-    print(f"  starting {config.num_engines} {config.engine} engine(s), then "
-          f"{max(1, config.num_learners)} learner(s) ...", flush=True)
-    algo = config.build_algo()
-    _print_build_stages(stages, algo, config)
-    start = time.time()
-    try:
-        if plan is not None:
-            algo.restore_from_path(str(plan.checkpoint))
-            print(f"  resumed from {plan.checkpoint} at iteration {algo.iteration}"
-                  + (" (an older checkpoint: this run continues in a new branch)" if plan.branched else ""))
-        first_iter = algo.iteration
-        while algo.iteration < iterations:
-            result = algo.train()
-            i = algo.iteration
-            eta = (time.time() - start) / max(i - first_iter, 1) * (iterations - i)
-            print(f"  iter {i:4d}/{iterations}  reward {result.get('rollout/reward_mean', float('nan')):.3f}  "
-                  f"entropy {result.get('policy/entropy', float('nan')):.3f}  "
-                  f"lambda {result.get('entropy_flow/lambda', float('nan')):+.3f}  "
-                  f"{result.get('time/step_s', 0):.2f}s/it  left {_fmt_eta(eta)}"
-                  + ("  [step skipped: non-finite]" if result.get("learner/nonfinite_in_a_row") else ""), flush=True)
-            if algo.evaluator is not None and algo.evaluator.due(i):
-                print(_eval_line(result, i), flush=True)
-            if (every and i % every == 0) or i == iterations:
-                print(f"  checkpoint:  {save_checkpoint(algo, logdir, i, data)}")
-    except NonFiniteTrainingError as e:
-        last = latest_checkpoint(logdir)
-        print(f"opefo train: stopped: {e}; last finite checkpoint: {last or 'none'}", file=sys.stderr)
-        return 1
-    finally:
-        algo.stop()
-        ray.shutdown()
-    print(f"done in {_fmt_eta(time.time() - start)}; view: tensorboard --logdir {logdir / TB_DIR}")
+    config, overrides = _run_config_args(args)
+    train(config, overrides, logdir=args.logdir, resume=args.resume, verbose=args.verbose)
     return 0
-
-
-def _print_build_stages(stages, algo, config) -> None:
-    """The "engines up" and "learners up" lines of a built algorithm (RLlib starts the env
-    runner, whose fleet starts the engines, before the learners)."""
-    fleet = getattr(getattr(algo, "env_runner", None), "fleet", None)
-    engines = f"engines up ({config.num_engines} {config.engine})"
-    if fleet is not None:
-        stages.done(engines, at=fleet.ready_at)
-        stages.done(f"learners up ({max(1, config.num_learners)})")
-    else:
-        stages.done(f"{engines}, learners up ({max(1, config.num_learners)})")
 
 
 def _eval_tasks(args: argparse.Namespace, exclude_draws: int) -> list:
@@ -319,7 +136,7 @@ def _eval_tasks(args: argparse.Namespace, exclude_draws: int) -> list:
 
 def _eval_spec(args: argparse.Namespace):
     """The EvalSpec of ``opefo eval``'s options; errors name the options."""
-    from opefo_rllib.evaluation.spec import EvalSpec, default_pass_k, parse_pass_k
+    from opefo_rllib.config.eval_spec import EvalSpec, default_pass_k, parse_pass_k
 
     if args.num_engines < 1 or (args.num_problems is not None and args.num_problems < 1):
         raise UserError("--num-engines and --num-problems must be >= 1")
@@ -404,8 +221,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             print(f"note: {r.name}: {r.metrics['truncated_frac']:.0%} of responses stopped at --max-new-tokens "
                   f"{spec.max_new_tokens}; raise it", file=sys.stderr)
     if args.out:
-        config = {k: v for k, v in vars(args).items()
-                  if k not in ("func", "debug", "verbose", "version", "command", "out")}
+        config = {k: v for k, v in vars(args).items() if k not in ("func", "debug", "verbose", "command", "out")}
         config.update(model_dir=str(model_dir), pass_k=list(spec.pass_k), exclude_draws=exclude_draws)
         out = write_report(args.out, args.model, config, reports)
         print(f"wrote {out} and {records_path(out)}", file=sys.stderr)
@@ -440,8 +256,44 @@ def cmd_envs(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_eval_parser(sub) -> None:
-    ev = sub.add_parser("eval", help="evaluate a model: greedy / avg@K / pass@k / maj@K on tasks or datasets")
+class _EngineKinds(collections.abc.Sequence):
+    """The engines the fleet has, read from the one declaration of the config field ``engine``
+    when argparse first looks (the config imports torch: ``opefo --version`` need not wait)."""
+
+    def _kinds(self) -> tuple[str, ...]:
+        from opefo_rllib.config import all_fields
+
+        return all_fields()["engine"].choices()
+
+    def __getitem__(self, index):
+        return self._kinds()[index]
+
+    def __len__(self) -> int:
+        return len(self._kinds())
+
+
+def _shared_options(top_level: bool) -> argparse.ArgumentParser:
+    """``--debug`` and ``--verbose``, accepted before the subcommand and after it. Given after
+    it, they must not reset what was given before it: a subcommand's copy has no default."""
+    default = {} if top_level else {"default": argparse.SUPPRESS}
+    shared = argparse.ArgumentParser(add_help=False)
+    shared.add_argument("--debug", action="store_true", help="show the traceback of an error", **default)
+    shared.add_argument("--verbose", action="store_true", help="show the libraries' start-up notices and bars "
+                        "(Ray, RLlib, transformers, DeepSpeed), hidden by default", **default)
+    return shared
+
+
+def _run_config_options() -> argparse.ArgumentParser:
+    """``--config`` and ``--set`` of the commands that read a run config (train, config)."""
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument("--config", action="append", help="YAML run config, a path or a shipped name "
+                         "(tiny_cpu, overlays/grpo_strict); repeat to overlay")
+    options.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one key (value is YAML)")
+    return options
+
+
+def _add_eval_parser(sub, shared: argparse.ArgumentParser) -> None:
+    ev = sub.add_parser("eval", parents=[shared], help="evaluate a model: greedy / avg@K / pass@k / maj@K on tasks or datasets")
     ev.add_argument("model", metavar="MODEL", help="tiny-default, a Hugging Face model directory, a checkpoint "
                     "directory (its hf_policy/) or a run directory (its latest checkpoint)")
     ev.add_argument("--task", metavar="ENV", help="a registered env (see `opefo envs`)")
@@ -465,7 +317,9 @@ def _add_eval_parser(sub) -> None:
     ev.add_argument("--prompt-format", choices=("raw", "chat"), default="raw",
                     help="raw text, or the tokenizer's chat template")
     ev.add_argument("--system-prompt", help="system message of --prompt-format chat")
-    ev.add_argument("--engine", choices=("hf", "vllm"), default="hf", help="engine kind (default hf)")
+    # a metavar of its own: argparse would otherwise list the choices (and import the config) at once
+    ev.add_argument("--engine", choices=_EngineKinds(), default="hf", metavar="ENGINE",
+                    help="engine kind, one of the fleet's engines: %(choices)s (default hf)")
     ev.add_argument("--num-engines", type=int, default=1, metavar="E", help="engine actors (default 1)")
     ev.add_argument("--engine-kwargs", metavar="YAML", help="extra keyword arguments of each engine: a YAML file "
                     "or '{key: value}' (vLLM: max_model_len, ...)")
@@ -478,32 +332,33 @@ def _add_eval_parser(sub) -> None:
     ev.set_defaults(func=cmd_eval)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="opefo", description="OPEFO / GRPO training of language models on RLlib")
-    parser.add_argument("--version", action="store_true", help="print the version and exit")
-    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
-    parser.add_argument("--verbose", action="store_true", help="show the libraries' start-up notices and bars "
-                        "(Ray, RLlib, transformers, DeepSpeed), hidden by default")
+def _parser() -> argparse.ArgumentParser:
+    from opefo_rllib import __version__
+
+    parser = argparse.ArgumentParser(prog="opefo", parents=[_shared_options(top_level=True)],
+                                     description="OPEFO / GRPO training of language models on RLlib")
+    parser.add_argument("--version", action="version", version=__version__)
+    shared, run_config = _shared_options(top_level=False), _run_config_options()
     sub = parser.add_subparsers(dest="command")
-    train = sub.add_parser("train", help="train (default: configs/tiny_cpu.yaml, OPEFO on arithmetic, CPU)")
-    train.add_argument("--config", action="append", help="YAML run config; repeat to overlay")
-    train.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one key (value is YAML)")
+    train = sub.add_parser("train", parents=[shared, run_config],
+                           help="train (default: configs/tiny_cpu.yaml, OPEFO on arithmetic, CPU)")
     train.add_argument("--resume", metavar="DIR", help="checkpoint directory to resume from")
     train.add_argument("--logdir", help="where logs, TensorBoard files and checkpoints go")
     train.set_defaults(func=cmd_train)
-    config = sub.add_parser("config", help="print the resolved config with each field's doc (and check it)")
-    config.add_argument("--config", action="append", help="YAML run config; repeat to overlay")
-    config.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one key (value is YAML)")
-    config.add_argument("--markdown", action="store_true", help="print the field table of the README (defaults)")
+    config = sub.add_parser("config", parents=[shared, run_config],
+                            help="print the resolved config with each field's doc (and check it)")
+    config.add_argument("--markdown", action="store_true", help="print the field table of docs/configuration.md (defaults)")
     config.set_defaults(func=cmd_config)
-    envs = sub.add_parser("envs", help="list the registered environments")
+    envs = sub.add_parser("envs", parents=[shared], help="list the registered environments")
     envs.set_defaults(func=cmd_envs)
-    _add_eval_parser(sub)
-    compare = sub.add_parser("compare", help="plot reward, entropy, lambda and eval metrics of several runs")
+    _add_eval_parser(sub, shared)
+    compare = sub.add_parser("compare", parents=[shared],
+                             help="plot reward, entropy, lambda and eval metrics of several runs")
     compare.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (or their tensorboard/)")
     compare.add_argument("--out", default="compare.png", help="the figure (PNG; default compare.png)")
     compare.set_defaults(func=cmd_compare)
-    study = sub.add_parser("study", help="a grid of configs x seeds: run, resume, and tabulate mean ± std over seeds")
+    study = sub.add_parser("study", parents=[shared],
+                           help="a grid of configs x seeds: run, resume, and tabulate mean ± std over seeds")
     study.add_argument("study", metavar="STUDY.yaml", help="the study file (or a shipped one: studies/entropy_rules)")
     study.add_argument("--out", metavar="DIR", help="where the runs and results.md go (default study_runs/<study>)")
     study.add_argument("--parallel", type=int, default=1, metavar="N", help="runs at a time (default 1: one run "
@@ -512,14 +367,12 @@ def main(argv: list[str] | None = None) -> int:
                        "the commands; run nothing")
     study.add_argument("--report-only", action="store_true", help="run nothing; rewrite results.md from the runs")
     study.set_defaults(func=cmd_study)
-    args = parser.parse_args(argv)
-    if "" not in sys.path and os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())  # like `python -m`: your env modules in the current directory import
-    if args.version:
-        from opefo_rllib import __version__
+    return parser
 
-        print(__version__)
-        return 0
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 0

@@ -28,9 +28,7 @@ def _fmt(x: float) -> str:
 def requested_resources(config: Any) -> dict[str, dict[str, float]]:
     """Per resource ("CPU", "GPU"): the driver's (with the local learner when num_learners is 0),
     the remote learners' and the engines' parts of the request."""
-    from opefo_rllib.algorithms.grpo.grpo import GRPO
-
-    bundles = GRPO.default_resource_request(config).bundles
+    bundles = config.algo_class.default_resource_request(config).bundles  # the config's own Algorithm
     n_engines, n_learners = config.num_engines, config.num_learners
     parts = {"driver": bundles[:len(bundles) - n_engines - n_learners],
              "learners": bundles[len(bundles) - n_engines - n_learners:len(bundles) - n_engines],

@@ -1,27 +1,69 @@
-"""YAML run configs: load (safe_load), merge overlays and ``--set`` overrides, validate keys,
-and build the Algorithm config.
+"""YAML run configs: find (a path or a shipped name), load (safe_load), merge overlays and
+overrides, validate keys, and build the Algorithm config.
 
 A run config holds run keys (``algorithm``, ``iterations``, ``checkpoint_every``, ``logdir``,
 ``ray``) and config fields of GRPOConfig / OPEFOConfig (``env``, ``env_config``, ``lr``,
 ``prompts_per_batch``, ``balance_mode``, ...). An overlay may name its base with ``base:``.
-A key that is neither is an error naming the key and the file.
+A key that is neither is a ConfigError naming the key and where it was given.
 """
 
 from __future__ import annotations
 
+import copy
 import difflib
+import importlib.resources
+import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Mapping, Union
 
 import yaml
 
 from opefo_rllib.config import ConfigError, all_fields, check_value, coerce_value, rllib_fields, run_fields
 
-__all__ = ["RUN_KEYS", "load_run_config", "apply_overrides", "build_algo_config", "ConfigError", "config_fields",
-           "check_run_keys"]
+__all__ = ["RUN_KEYS", "RunConfigSource", "ConfigNotFound", "shipped_configs", "default_config", "resolve_config",
+           "load_run_config", "run_config_of", "parse_overrides", "set_values", "apply_overrides",
+           "build_algo_config", "ConfigError", "config_fields", "check_run_keys"]
 
 # The run keys and their defaults (declared, with docs and checks, in config.sections.RunSettings).
-RUN_KEYS = {name: spec.default for name, spec in run_fields().items()} | {"ray": {"num_cpus": 2}}
+RUN_KEYS = {name: spec.default for name, spec in run_fields().items()}
+
+# A run config as train() takes it: a path or shipped name, a mapping of keys, or a list of
+# them overlaid in order (later ones win).
+RunConfigSource = Union[str, os.PathLike, Mapping[str, Any], Iterable[Union[str, os.PathLike, Mapping[str, Any]]]]
+
+
+class ConfigNotFound(ConfigError):
+    """A config named by a path that does not exist and by no shipped config; ``name`` is what
+    was asked for, ``shipped`` the names that exist."""
+
+    def __init__(self, name: str, shipped: list[str]):
+        self.name, self.shipped = name, shipped
+        super().__init__(f"config {name}: no such file, and no shipped config of that name "
+                         f"(shipped: {', '.join(shipped)})")
+
+
+def shipped_configs() -> Path:
+    """The folder of the shipped run configs (package data of ``opefo_rllib.configs``)."""
+    return Path(str(importlib.resources.files("opefo_rllib.configs")))
+
+
+def default_config() -> Path:
+    """The run config used when none is given: the tiny CPU default."""
+    return shipped_configs() / "tiny_cpu.yaml"
+
+
+def resolve_config(name: str | os.PathLike) -> Path:
+    """A path, or the name of a shipped config (``tiny_cpu``, ``overlays/grpo_strict``, with or
+    without ``.yaml``); ConfigNotFound otherwise."""
+    path = Path(name).expanduser()
+    if path.exists():
+        return path
+    name = str(name)
+    shipped = shipped_configs() / (name if name.endswith((".yaml", ".yml")) else f"{name}.yaml")
+    if shipped.is_file():
+        return shipped
+    raise ConfigNotFound(name, sorted(str(p.relative_to(shipped_configs()).with_suffix(""))
+                                      for p in shipped_configs().rglob("*.yaml")))
 
 
 def config_fields() -> dict[str, Any]:
@@ -38,6 +80,16 @@ def _coerce(key: str, value: Any) -> Any:
     return coerce_value(spec, value) if spec is not None else value
 
 
+def _with_base(data: dict, folder: Path) -> dict:
+    """``data`` over the config its ``base:`` names (a path relative to ``folder``)."""
+    base = data.pop("base", None)
+    if not base:
+        return data
+    merged = _read((folder / base).resolve())
+    merged.update(data)
+    return merged
+
+
 def _read(path: Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text())
@@ -49,15 +101,10 @@ def _read(path: Path) -> dict:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a run config is a mapping of keys, got {type(data).__name__}")
-    base = data.pop("base", None)
-    if base:
-        merged = _read((path.parent / base).resolve())
-        merged.update(data)
-        data = merged
-    return data
+    return _with_base(data, path.parent)
 
 
-def _check_keys(data: dict, where: str) -> None:
+def _check_keys(data: Mapping, where: str) -> None:
     known = _known()
     for key in data:
         if key not in known:
@@ -65,30 +112,62 @@ def _check_keys(data: dict, where: str) -> None:
             raise ConfigError(f"{where}: unknown key {key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
 
 
+def _defaults() -> dict[str, Any]:
+    return {k: copy.deepcopy(v) for k, v in RUN_KEYS.items() if k != "base"}
+
+
 def load_run_config(paths: list[str | Path] | None = None) -> dict:
     """Merge the given YAML files (later ones win) over the run-key defaults."""
-    data: dict[str, Any] = {k: v for k, v in RUN_KEYS.items() if k != "base"}
-    for p in paths or []:
-        part = _read(Path(p))
-        _check_keys(part, str(p))
-        data.update({k: _coerce(k, v) for k, v in part.items()})
+    return run_config_of(list(paths or []))
+
+
+def run_config_of(source: RunConfigSource | None) -> dict:
+    """The merged run config of ``source`` over the run-key defaults: a path or shipped name, a
+    mapping of keys (its ``base:`` relative to the current directory), or a list of them (later
+    ones win); None: the default config."""
+    if source is None:
+        source = [default_config()]
+    elif isinstance(source, (str, os.PathLike, Mapping)):
+        source = [source]
+    data = _defaults()
+    for part in source:
+        if isinstance(part, Mapping):
+            where, values = "run config", _with_base(dict(part), Path.cwd())
+        else:
+            where = str(part)
+            values = _read(resolve_config(part))
+        _check_keys(values, where)
+        data.update({k: _coerce(k, v) for k, v in values.items()})
     return data
 
 
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """``key=value`` pairs (value parsed as YAML), e.g. ``iterations=2`` or ``env_config={max_digits: 1}``."""
-    for item in overrides:
+def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """``--set`` text, ``key=value`` each (the value parsed as YAML, e.g. ``iterations=2`` or
+    ``env_config={max_digits: 1}``), as a mapping; errors name the item."""
+    values = {}
+    for item in items:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected key=value")
         key, raw = item.split("=", 1)
         key = key.strip()
         _check_keys({key: None}, f"--set {item}")
         try:
-            value = yaml.safe_load(raw)
+            values[key] = yaml.safe_load(raw)
         except yaml.YAMLError as e:
             raise ConfigError(f"--set {item}: the value is not valid YAML: {str(e).splitlines()[0]}") from None
-        data[key] = _coerce(key, value)
+    return values
+
+
+def set_values(data: dict, values: Mapping[str, Any] | None, where: str = "overrides") -> dict:
+    """Set ``values`` (config keys -> values) in ``data``; an unknown key is a ConfigError."""
+    _check_keys(values or {}, where)
+    data.update({k: _coerce(k, v) for k, v in (values or {}).items()})
     return data
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Set ``--set`` text items (``key=value``, see parse_overrides) in ``data``."""
+    return set_values(data, parse_overrides(overrides))
 
 
 def check_run_keys(data: dict) -> None:
@@ -110,8 +189,6 @@ def build_algo_config(data: dict):
             setattr(config, key, value)
     try:
         config.validate()
-    except ConfigError:
-        raise
-    except ValueError as e:  # RLlib's own checks
-        raise ConfigError(str(e)) from None
+    except ValueError as e:  # RLlib's own checks; ours raise ConfigError (a ValueError) already
+        raise e if isinstance(e, ConfigError) else ConfigError(str(e)) from None
     return config

@@ -14,15 +14,9 @@ Run (NAME, S) is ``opefo train --config BASE... --config CONFIG... --set KEY=VAL
 --set seed=S --set iterations=N --logdir OUT/NAME/seed_S``. A config is a file (relative to the
 study file, or to the current directory) or the name of a shipped config.
 
-The study is resumable, one run at a time (``run_state``):
-
-    done        OUT/NAME/seed_S/study_done.json says N iterations finished, or the newest
-                checkpoint is at iteration >= N: not run again
-    resumable   checkpoints/latest names a complete checkpoint below N: the same command with
-                ``--resume`` that checkpoint
-    restart     the directory holds an attempt without a checkpoint: it is moved to
-                OUT/.attempts/ and the run starts again
-    new         no directory yet
+The study is resumable, one run at a time (``study_state.run_state``): a done run is not run
+again, a resumable one runs the same command with ``--resume`` its latest checkpoint, a restart
+(an attempt without a checkpoint) is moved to OUT/.attempts/ and starts again, a new one starts.
 
 A run that fails is reported (exit status and the last lines of its stderr) and the others go
 on; the study then exits with status 1. Each run's output goes to RUN/train.log and
@@ -48,10 +42,12 @@ from typing import Any
 import yaml
 
 from opefo_rllib.config import ConfigError
+from opefo_rllib.run_config import (ConfigNotFound, apply_overrides, default_config, load_run_config, resolve_config,
+                                   shipped_configs)
+from opefo_rllib.study_state import DONE_FILE, RunState, run_state
 
 __all__ = ["Study", "StudyRun", "RunState", "load_study", "run_state", "train_command", "run_study", "DONE_FILE"]
 
-DONE_FILE = "study_done.json"
 STDOUT_LOG, STDERR_LOG = "train.log", "train.stderr.log"
 STUDY_KEYS = ("runs", "seeds", "iterations", "base", "set")
 RUN_KEYS = ("config", "set")
@@ -87,15 +83,6 @@ class Study:
                 for name, (configs, sets) in self.runs.items() for seed in self.seeds]
 
 
-@dataclasses.dataclass(frozen=True)
-class RunState:
-    """What the study does with a run: ``done``, ``resumable`` (from ``checkpoint``), ``restart`` or ``new``."""
-
-    kind: str
-    checkpoint: Path | None = None
-    iteration: int = 0
-
-
 # ------------------------------------------------------------------ the study file
 
 def _fail(where: str, what: str) -> ConfigError:
@@ -122,15 +109,13 @@ def _as_list(value: Any, where: str) -> list:
 
 def _resolve_config(name: str, study_dir: Path, where: str) -> Path:
     """A config of the study: a file beside the study file, a path, or a shipped config name."""
-    from opefo_rllib.cli import UserError, resolve_config
-
     for candidate in (study_dir / name, study_dir / f"{name}.yaml"):
         if candidate.is_file():
             return candidate.resolve()
     try:
         return resolve_config(name).resolve()
-    except UserError as e:
-        raise _fail(where, str(e).replace("--config ", "config ", 1)) from None
+    except ConfigNotFound as e:
+        raise _fail(where, str(e)) from None
 
 
 def _set_value(value: Any) -> str:
@@ -159,8 +144,6 @@ def _find_study(name: str) -> Path:
     path = Path(name).expanduser()
     if path.is_file():
         return path.resolve()
-    from opefo_rllib.cli import shipped_configs
-
     stem = name if name.endswith((".yaml", ".yml")) else f"{name}.yaml"
     for shipped in (shipped_configs() / stem, shipped_configs() / "studies" / stem):
         if shipped.is_file():
@@ -174,8 +157,6 @@ def load_study(name: str | os.PathLike) -> Study:
 
     Every run's configs and --set keys are checked as ``opefo train`` would (an unknown key or a
     missing file is a ConfigError naming the run), before anything starts."""
-    from opefo_rllib.run_config import apply_overrides, load_run_config
-
     path = _find_study(str(name))
     try:
         data = yaml.safe_load(path.read_text())
@@ -209,8 +190,6 @@ def load_study(name: str | os.PathLike) -> Study:
         _check_keys(spec, RUN_KEYS, where)
         configs = base + [_resolve_config(str(c), path.parent, where) for c in _as_list(spec.get("config"), where)]
         if not configs:
-            from opefo_rllib.cli import default_config
-
             configs = [default_config()]  # what `opefo train` runs without --config
         sets = {**common, **_set_mapping(spec.get("set"), f"{where}: set")}
         try:
@@ -222,31 +201,6 @@ def load_study(name: str | os.PathLike) -> Study:
 
 
 # ------------------------------------------------------------------ one run
-
-def _checkpoint_iteration(ckpt: Path) -> int:
-    return int(ckpt.name.rsplit("_", 1)[-1])
-
-
-def run_state(run_dir: Path, iterations: int) -> RunState:
-    """Done, resumable (from its latest complete checkpoint), restart (an attempt left no
-    checkpoint) or new; read from the run directory only."""
-    from opefo_rllib.checkpoints import latest_checkpoint
-
-    marker = run_dir / DONE_FILE
-    if marker.is_file():
-        try:
-            if int(json.loads(marker.read_text()).get("iterations", 0)) >= iterations:
-                return RunState("done", iteration=iterations)
-        except (ValueError, TypeError, AttributeError):
-            pass  # a damaged marker: decide from the checkpoints
-    latest = latest_checkpoint(run_dir) if run_dir.is_dir() else None
-    if latest is not None:
-        done_at = _checkpoint_iteration(latest)
-        return RunState("done" if done_at >= iterations else "resumable", latest, done_at)
-    if run_dir.is_dir() and any(run_dir.iterdir()):
-        return RunState("restart")
-    return RunState("new")
-
 
 def train_command(run: StudyRun, out: Path, iterations: int, resume: Path | None = None) -> list[str]:
     """The ``opefo train`` command of a run: a fresh start in its directory, or ``--resume``

@@ -29,6 +29,7 @@ import numpy as np
 
 from opefo_rllib.config import ConfigError
 from opefo_rllib.evaluation.compare import TRAINING_TAGS, Series, eval_metric_rank, plot_runs, read_scalars
+from opefo_rllib.study_state import run_state
 
 __all__ = ["seed_summary", "summary_table", "mean_curves", "write_report", "DASH"]
 
@@ -231,8 +232,6 @@ def _curve_tags(run_dirs: Sequence[Path]) -> list[str]:
 def write_report(out: str | Path, runs: dict[str, list[Path]], iterations: int, title: str = "study") -> Path:
     """Write OUT/results.md (and OUT/curves.png when any run has curves) from ``runs``: each run
     name's seed directories (those that do not exist are left out)."""
-    from opefo_rllib.study import run_state
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     present = {name: [d for d in dirs if Path(d).is_dir()] for name, dirs in runs.items()}

@@ -1,30 +1,29 @@
 """GRPO as a native RLlib algorithm: GRPOConfig and GRPO.
 
-The recipe of one ``training_step`` (``pipeline: sync``):
+The recipe of one ``training_step``, the same for every pipeline:
 
-    rollouts = env_runner.sample()                  # B prompts x G responses, verified, versioned
-    batch = learner_batch(rollouts, ...)            # tensors; group advantages before any split
-    learner_group.foreach_learner(update)           # flow pass, then ONE optimizer step (N learners:
-                                                    #   token-balanced shards, global lambda*, docs/scaling.md)
-    sync_fleet_weights(step)                        # new weights and version, before the next sample
-    validate(step + 1)                              # eval_tasks on the synced fleet, when scheduled
-    rollout_metrics(...), timings -> metrics, TensorBoard
+    sample = pipeline.sample(step)               # B prompts x G responses, verified, versioned, collated once
+    metrics = update(sample.batch)               # flow pass, then ONE optimizer step (N learners:
+                                                 #   token-balanced shards, global lambda*, docs/scaling.md)
+    pipeline.before_sync(step, sample)           # async: the batch ahead finished, the engines' re-score in
+    sync_fleet_weights(step)                     # new weights and version, before the next sample
+    pipeline.after_sync(step, rescore)           # async: the engines re-score this step's batch
+    log(...)                                     # validation when due, RLlib's result, TensorBoard
 
-``pipeline: streaming`` is the same update, strictly on-policy, with the learner's forward moved
-into the generation: each engine's share goes as ``stream_chunks`` calls, and every finished
-call's groups get their training forward (``stream_forward``, graphs kept) while the rest are
-generated; once the last is in, ``update_from_rollouts`` takes lambda from the whole batch and
-runs the backward passes and the one optimizer step. The realized-change re-score of a step runs
-while the next batch is generated (``measure_deferred_realized_change``; TensorBoard has it at
-its own step).
+The pipeline is one object (``algorithms/grpo/pipelines.py``), chosen once in ``setup`` from the
+``pipeline`` field. ``sync`` generates the batch now. ``streaming`` is the same update, strictly
+on-policy, with the learner's forward moved into the generation: each engine's share goes as
+``stream_chunks`` calls, and every finished call's groups get their training forward
+(``stream_forward``, graphs kept) while the rest are generated; the update then takes lambda
+from the whole batch. The realized-change re-score of a step runs while the next batch is
+generated (``measure_deferred_realized_change``; TensorBoard has it at its own step). ``async``
+trains on the batch generated during the previous update and starts the next one before this
+update: generation overlaps learning, samples are one version old (approximately on-policy;
+``max_staleness``, ``tis_cap``, ``offpolicy_mask``); with fp32 HF engines the realized-change
+re-score runs on the engines, queued after the weight sync and collected after the next update.
 
-``pipeline: async`` trains on the batch generated during the previous update and starts the
-next one before this update (``next_batch``, ``start_ahead``), then waits for it
-(``finish_ahead``) before the weight sync: generation overlaps learning, samples are one
-version old (approximately on-policy; ``max_staleness``, ``tis_cap``, ``offpolicy_mask``).
-With fp32 HF engines the realized-change re-score of a step runs on the engines, queued after
-the weight sync and collected after the next update (``_collect_engine_rescore``), so the
-learner does not pay for it.
+The Algorithm owns the engine fleet (built in ``setup``, given to the env runner, shut down in
+``cleanup``), its ``WeightSync`` and TensorBoard.
 
 The config covers the paper's baselines: strict on-policy GRPO (``policy_loss="pg"``, one
 update per batch), approximate on-policy (``"ppo_clip"`` with ``num_updates_per_batch`` > 1),
@@ -34,6 +33,7 @@ KL-Cov (``policy_loss="clip_cov" | "kl_cov"``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Any
@@ -86,10 +86,10 @@ class GRPOConfig(AlgorithmConfig):
     """Configuration of GRPO-family training; fluent setters like RLlib's own configs.
 
     Every project field is declared once, with its type, default, doc and checks, in a section
-    of ``opefo_rllib.config.sections``; this class takes its defaults, its setters (one per
-    section: ``policy_model``, ``generation``, ``fleet``, ``training`` (objective, loss settings,
-    optimisation, plus RLlib's own ``lr``, ``grad_clip``, ...), ``entropy_flow``, ``deepspeed``,
-    ``logging``) and its validation from there.
+    of ``opefo_rllib.config.sections``; this class takes its defaults, its validation and its
+    setters from there: one per section's ``setter`` (several sections may share one, e.g.
+    ``training`` sets the objective, loss and optimisation sections plus RLlib's own ``lr``,
+    ``grad_clip``, ...); each setter's docstring lists its fields.
 
     Example:
         >>> config = (GRPOConfig().environment("opefo/Arithmetic-v0")
@@ -104,13 +104,14 @@ class GRPOConfig(AlgorithmConfig):
             setattr(self, spec.name, spec.default)
         for name in ("lr", "grad_clip", "seed", "env"):  # RLlib's fields, with this project's defaults
             setattr(self, name, rllib_fields()[name].default)
-        # RLlib plumbing: one local EnvRunner (it drives the engine actors) and one local learner.
+        # RLlib plumbing: one local EnvRunner, in the Algorithm's process (it samples through the
+        # Algorithm's engine fleet). num_learners keeps RLlib's own default (0: one local learner;
+        # the run config's field, or .learners(num_learners=N), sets N remote learners).
         from opefo_rllib.rollout.env_runner import LLMEnvRunner
 
         self.env_runner_cls = LLMEnvRunner
         self.num_env_runners = 0
         self.create_local_env_runner = True
-        self.num_learners = 0
         self.num_cpus_for_main_process = 1
 
     # ------------------------------------------------------------------ fluent setters
@@ -168,10 +169,7 @@ class GRPOConfig(AlgorithmConfig):
         from opefo_rllib.models.rl_module import HFCausalLMModule
 
         return RLModuleSpec(module_class=HFCausalLMModule, learner_only=True,
-                            model_config={"model_path": self.model_path, "dtype": self.model_dtype,
-                                          "gradient_checkpointing": self.gradient_checkpointing,
-                                          "logits_chunk_size": self.logits_chunk_size,
-                                          "share_prompt_forward": self.share_prompt_forward})
+                            model_config=HFCausalLMModule.model_config_of(self))
 
     @override(AlgorithmConfig)
     def get_default_learner_class(self):
@@ -194,10 +192,10 @@ def validate_fields(c: Any) -> None:
 
 
 class GRPO(Algorithm):
-    """GRPO-family RLVR on RLlib: the training loop of the module docstring."""
+    """GRPO-family RLVR on RLlib: the training loop of the module docstring.
 
-    _learner_in_flight_s = 0.0  # streaming: learner seconds spent during the last batch's generation
-    _engine_rescore: tuple | None = None  # async: (TensorBoard step, what the learner knew, the engines' calls)
+    Owns the engine fleet (built in ``setup``, shut down in ``cleanup``; the env runner samples
+    through it), the weight sync, the pipeline object and TensorBoard."""
 
     @classmethod
     @override(Algorithm)
@@ -221,79 +219,91 @@ class GRPO(Algorithm):
 
     @override(Algorithm)
     def setup(self, config) -> None:
-        super().setup(config)
+        super().setup(config)  # RLlib's: the env runner and the learners
+        self.learners_ready_at = time.monotonic()  # the CLI's "learners up" line
+        from opefo_rllib.algorithms.grpo.pipelines import make_pipeline
+        from opefo_rllib.fleet.from_config import fleet_from_config
+        from opefo_rllib.fleet.weight_sync import WeightSync, weights_and_version
         from opefo_rllib.logging_tb import TensorBoardLogger
 
-        self.tb = TensorBoardLogger(self.config.tensorboard_dir or self.logdir)
-        from opefo_rllib.fleet.weight_sync import WeightSync
-
-        # Learner -> engines weights (native or object store), and the weights of a restarted engine.
-        self.weight_sync = WeightSync(self.env_runner.fleet,
-                                      self.run_on_learner,
-                                      master_address=self.config.weight_transfer_address)
+        c = self.config
+        self.tb = TensorBoardLogger(c.tensorboard_dir or self.logdir)
+        # The fleet: a restarted engine gets the learner's weights (and version) when it holds no copy.
+        self.fleet = fleet_from_config(c, self.env_runner.tokenizer,
+                                       lambda: self.run_on_learner(weights_and_version, what="the policy weights"))
+        self.env_runner.use_fleet(self.fleet)
+        # Learner -> engines weights (native or object store).
+        self.weight_sync = WeightSync(self.fleet, self.run_on_learner, master_address=c.weight_transfer_address)
+        self.pipeline = make_pipeline(c.pipeline, c, self.env_runner, self.run_on_learner, self._log_at)
         self.evaluator = None  # validation on the training fleet (eval_tasks), when scheduled
-        if self.config.eval_tasks and (self.config.eval_every or self.config.eval_before_train):
+        if c.eval_tasks and (c.eval_every or c.eval_before_train):
             from opefo_rllib.evaluation.validation import TrainingEvaluator, eval_dir
 
-            self.evaluator = TrainingEvaluator(self.config, eval_dir(self.tb.logdir))
+            self.evaluator = TrainingEvaluator(c, eval_dir(self.tb.logdir))
 
     @override(Algorithm)
     def training_step(self) -> None:
-        c = self.config
         step = self.training_iteration
-        runner = self.env_runner
         if step == 0 and self.evaluator is not None and self.evaluator.due(0):
-            self.tb.scalars(self.validate(0), 0)  # the starting policy, at TensorBoard step 0
+            self._log_at(self.validate(0), 0)  # the starting policy, at TensorBoard step 0
         t0 = time.perf_counter()
-        if c.pipeline == "async":  # train on the batch generated during the last update; start the next
-            rollouts = runner.next_batch()
-            runner.start_ahead()
-        elif c.pipeline == "streaming":  # the learner's forwards run in here, between the engine calls
-            rollouts = self._stream_batch(step)
-        else:
-            rollouts = runner.sample()
-        sample_metrics = dict(runner.last_metrics)  # of this batch (finishing the next one replaces them)
-        batch = learner_batch(rollouts, runner.tokenizer.pad_token_id, c.adv_estimator, c.verify_failure_policy,
-                              c.mask_truncated)
+        sample = self.pipeline.sample(step)
         t1 = time.perf_counter()
-        if c.colocate_engines:  # engines share the learners' devices: free their memory meanwhile
-            runner.fleet.release_memory()
-        metrics = self.run_on_learner(lambda learner, b=batch, s=step: learner.update_from_rollouts(b, s),
-                                      what=f"the update of iteration {step + 1}")
-        if c.colocate_engines:
-            runner.fleet.resume_memory()
+        metrics, delta_hist, rescore = self._update(sample.batch, step)
         t2 = time.perf_counter()
-        self._collect_engine_rescore()  # the last step's, scored by the engines during this update
-        if c.pipeline == "async":
-            runner.finish_ahead()  # the engines are done with it before they get the new weights
+        timings = self.pipeline.before_sync(step, sample)
         t_ahead = time.perf_counter()
         sync_s = self.sync_fleet_weights(step)
         t3 = time.perf_counter()
-        rescore = metrics.pop("_realized_on_engines", None)
-        if rescore is not None:  # the engines now hold this step's weights: score its batch behind the next generation
-            self._engine_rescore = (step + 1, rescore,
-                                    runner.fleet.submit_entropy(rescore["sequences"], c.temperature))
+        self.pipeline.after_sync(step, rescore)
+        metrics.update(rollout_metrics(sample.rollouts, sample.batch))
+        metrics.update(sample.metrics)
+        metrics.update(self._step_metrics(sample, timings, metrics, rollout_s=t1 - t0, learn_s=t2 - t1,
+                                          sync_s=sync_s, ahead_wait_s=t_ahead - t2, step_s=t3 - t0))
+        self._log(step, sample, metrics, delta_hist)
 
-        delta_hist = metrics.pop("_delta_hist")
-        metrics.update(rollout_metrics(rollouts, batch))
-        metrics.update(sample_metrics)
-        metrics.update({
-            "time/generate_s": runner.last_timings["generate_s"],
-            "time/verify_s": runner.last_timings["verify_s"],
-            "time/rollout_s": t1 - t0,
-            "time/learn_s": t2 - t1,
+    def _update(self, batch: dict, step: int) -> tuple[dict, Any, dict | None]:
+        """The learner's update of ``batch``: its metrics, the entropy-flow histogram, and the
+        engines' re-score request (or None). The one place that reads the learner's result."""
+        with self._engines_released():
+            update = self.run_on_learner(lambda learner, b=batch, s=step: learner.update_from_rollouts(b, s),
+                                         what=f"the update of iteration {step + 1}")
+        return update.metrics, update.delta_hist, update.engine_rescore
+
+    @contextlib.contextmanager
+    def _engines_released(self):
+        """Colocated engines share the learners' devices: they free their memory during the update."""
+        if not self.config.colocate_engines:
+            yield
+            return
+        self.fleet.release_memory()
+        yield
+        self.fleet.resume_memory()
+
+    def _step_metrics(self, sample, timings: dict, metrics: dict, **seconds: float) -> dict[str, float]:
+        """The iteration's time/, fleet/ and throughput/ metrics."""
+        step_s = seconds["step_s"]
+        return {
+            "time/generate_s": timings["generate_s"],
+            "time/verify_s": timings["verify_s"],
+            "time/rollout_s": seconds["rollout_s"],
+            "time/learn_s": seconds["learn_s"],
             # streaming: learner work done while the batch was generated (forwards, last step's re-score)
-            "time/learner_in_flight_s": self._learner_in_flight_s if c.pipeline == "streaming" else 0.0,
-            "time/weight_sync_s": sync_s,
-            "time/ahead_wait_s": t_ahead - t2,  # async: waiting for the batch generated during the update
-            "time/step_s": t3 - t0,
-            "fleet/engine_busy_s": runner.last_timings["engine_busy_s"],
-            "fleet/engine_idle_frac": max(0.0, 1.0 - runner.last_timings["engine_busy_s"] / max(t3 - t0, 1e-9)),
-            "throughput/tokens_per_s": metrics["rollout/response_tokens"] / max(t3 - t0, 1e-9),
-            **runner.fleet.metrics(),  # fleet/engine_restarts, fleet/memory_releases
+            "time/learner_in_flight_s": sample.learner_in_flight_s,
+            "time/weight_sync_s": seconds["sync_s"],
+            "time/ahead_wait_s": seconds["ahead_wait_s"],  # async: waiting for the batch generated during the update
+            "time/step_s": step_s,
+            "fleet/engine_busy_s": timings["engine_busy_s"],
+            "fleet/engine_idle_frac": max(0.0, 1.0 - timings["engine_busy_s"] / max(step_s, 1e-9)),
+            "throughput/tokens_per_s": metrics["rollout/response_tokens"] / max(step_s, 1e-9),
+            **self.fleet.metrics(),  # fleet/engine_restarts, fleet/memory_releases
             **self.weight_sync.metrics(),  # fleet/native_weight_sync, fleet/transfer_group_builds
-        })
-        global_step = step + 1
+        }
+
+    def _log(self, step: int, sample, metrics: dict, delta_hist) -> None:
+        """Validation when due, then RLlib's result, TensorBoard (scalars, the flow histogram, text
+        samples) at step + 1; a run of non-finite steps is an error."""
+        c, global_step = self.config, step + 1
         if self.evaluator is not None and self.evaluator.due(global_step):
             metrics.update(self.validate(global_step))  # engines hold version global_step: the new policy
         for key, value in metrics.items():
@@ -301,7 +311,7 @@ class GRPO(Algorithm):
         self.tb.scalars(metrics, global_step)
         self.tb.histogram("entropy_flow/delta", delta_hist, global_step)
         if c.log_text_every and (step % c.log_text_every == 0):
-            self.tb.samples(rollouts[: c.num_text_samples], global_step)
+            self.tb.samples(sample.rollouts[: c.num_text_samples], global_step)
         self.tb.flush()
         if metrics["learner/nonfinite_in_a_row"] >= c.max_nonfinite_steps:
             raise NonFiniteTrainingError(
@@ -310,65 +320,15 @@ class GRPO(Algorithm):
                 f"skipped and the weights are those of version {int(metrics['learner/weight_version'])} "
                 f"(max_nonfinite_steps = {c.max_nonfinite_steps}; lower lr or raise grad_clip)")
 
-    def _stream_batch(self, step: int) -> list:
-        """streaming: start the batch, re-score the last step's batch while it is generated, and
-        run the learner's forward on each finished call's groups; the whole batch's rollouts."""
-        c, runner = self.config, self.env_runner
-        started = runner.start(chunks=c.stream_chunks)
-        t0 = time.perf_counter()
-        self._log_deferred_realized_change(step)
-        rollouts: list = []
-        learner_s = time.perf_counter() - t0
-        for chunk in runner.stream(started):
-            # whole prompt groups: their advantages and masks are those they get in the whole batch
-            part = learner_batch(chunk, runner.tokenizer.pad_token_id, c.adv_estimator, c.verify_failure_policy,
-                                 c.mask_truncated)
-            t0 = time.perf_counter()
-            self.run_on_learner(lambda learner, b=part, r=len(rollouts): learner.stream_forward(b, r),
-                                what=f"a streamed forward of iteration {step + 1}")
-            learner_s += time.perf_counter() - t0
-            rollouts += chunk
-        self._learner_in_flight_s = learner_s
-        return rollouts
-
-    def _collect_engine_rescore(self) -> None:
-        """async: the realized entropy change of the last step, from the engines' re-score (queued
-        right after its weight sync), into TensorBoard at that step. An engine that failed costs
-        this one measurement (a warning), never the run."""
-        if self._engine_rescore is None:
-            return
-        step, known, calls = self._engine_rescore
-        self._engine_rescore = None
-        try:
-            after_sum, tokens = self.env_runner.fleet.collect_entropy(calls, step)
-        except Exception as err:  # noqa: BLE001 - a diagnostic: the engines' own failures are handled by sampling
-            logger.warning("the realized entropy change of iteration %d is not measured: the engines' re-score "
-                           "failed (%s)", step, err)
-            return
-        if tokens != known["tokens"]:
-            logger.warning("the realized entropy change of iteration %d is not measured: the engines scored %d "
-                           "tokens, the batch has %d", step, tokens, known["tokens"])
-            return
-        from opefo_rllib.algorithms.grpo.grpo_torch_learner import realized_change_metrics
-
-        self.tb.scalars(realized_change_metrics(known["before"], after_sum / max(tokens, 1), known["net_flow"]), step)
+    def _log_at(self, metrics: dict[str, float], step: int) -> None:
+        """Scalars into TensorBoard at ``step`` now (validation at 0, measurements of an earlier step)."""
+        self.tb.scalars(metrics, step)
         self.tb.flush()
-
-    def _log_deferred_realized_change(self, step: int) -> None:
-        """streaming: the realized entropy change of the update of iteration ``step`` (measured
-        now, with the weights right after it), into TensorBoard at that iteration."""
-        if self.config.pipeline != "streaming" or not self.config.measure_realized_change:
-            return
-        metrics = self.run_on_learner(lambda learner: learner.measure_deferred_realized_change(),
-                                      what=f"the realized entropy change of iteration {step}")
-        if metrics:  # TensorBoard only: RLlib's result of this iteration is about this iteration
-            self.tb.scalars(metrics, step)
-            self.tb.flush()
 
     def validate(self, iteration: int) -> dict[str, float]:
         """Evaluate ``eval_tasks`` on the training fleet, which holds the current weights (called
         after the weight sync); writes RUN/eval/iter_NNNNNN.json, returns the eval/... scalars."""
-        return self.evaluator.run(self.env_runner.fleet, self.env_runner.tokenizer, iteration)
+        return self.evaluator.run(self.fleet, self.env_runner.tokenizer, iteration)
 
     def sync_fleet_weights(self, step: int) -> float:
         """Push the learner's weights and version to every engine (before the next sample); seconds."""
@@ -408,10 +368,7 @@ class GRPO(Algorithm):
     def save_to_path(self, path=None, *args, **kwargs):
         """RLlib saves learner 0's state; with several learners (or ZeRO-3) that state needs every
         learner at once (gathered ZeRO-3 weights, each rank's optimizer shard): stage it first."""
-        # streaming: the last step's re-score first (it may move the closed loop, which is saved);
-        # async: the engines' re-score of the last step, so a resumed run's TensorBoard has it
-        self._log_deferred_realized_change(self.training_iteration)
-        self._collect_engine_rescore()
+        self.pipeline.flush(self.training_iteration)  # a measurement of the last step still pending
         self.run_on_learner(_stage_state, what="collecting the learner state for a checkpoint")
         try:
             return super().save_to_path(path, *args, **kwargs)
@@ -430,7 +387,12 @@ class GRPO(Algorithm):
             self.tb.close()
         if getattr(self, "evaluator", None) is not None:
             self.evaluator.close()
-        super().cleanup()
+        try:
+            super().cleanup()  # the env runner closes its env
+        finally:
+            if getattr(self, "fleet", None) is not None:
+                self.fleet.shutdown()
+                self.fleet = None
 
 
 def _stage_state(learner) -> None:

@@ -1,10 +1,12 @@
 """OPEFO as a native RLlib algorithm: OPEFOConfig and OPEFO.
 
 OPEFO is GRPO (strict on-policy, ``policy_loss="pg"``) whose per-token loss is multiplied by
-the entropy-flow balancing weights of ``entropy_flow.py``; everything else (sampling, group
-advantages, one optimizer step per batch) is GRPO's. All balancing modes are settings, so the
-paper's ablations are configs: ``balance_mode`` = "two_sided" (OPEFO), "increase_only",
-"decrease_only", "static" (with ``static_lambda``), "none" (= strict GRPO).
+the entropy-flow balancing weights of a balance rule (core/balance.py); everything else (sampling,
+group advantages, one optimizer step per batch) is GRPO's, and its learner (``OPEFOTorchLearner``)
+differs from GRPO's only in supplying that rule. All rules are settings, so the paper's ablations
+are configs: ``balance_mode`` = "two_sided" (OPEFO), "increase_only", "decrease_only", "static"
+(with ``static_lambda``), "closed_loop", "optimizer_aware", "none" (= strict GRPO), or a rule
+registered with ``register_balance_rule``.
 """
 
 from __future__ import annotations
@@ -31,6 +33,12 @@ class OPEFOConfig(GRPOConfig):
         self.balance_mode = "two_sided"
         self.entropy_flow_estimator = "exact"
         self.max_abs_lambda = 0.3
+
+    @override(GRPOConfig)
+    def get_default_learner_class(self):
+        from opefo_rllib.algorithms.opefo.opefo_torch_learner import OPEFOTorchLearner
+
+        return OPEFOTorchLearner
 
 
 class OPEFO(GRPO):

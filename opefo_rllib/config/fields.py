@@ -4,7 +4,7 @@ A config *section* is a dataclass whose fields are declared with ``setting``: ty
 annotation), default, a one-line doc and its checks, side by side (TRL's style). A section may
 add rules that span several of its fields with ``cross_checks``. Everything else is derived:
 ``GRPOConfig``'s defaults and fluent setters, the YAML keys a run config accepts, validation,
-``opefo config``'s listing and the README's field table.
+``opefo config``'s listing and the field table of docs/configuration.md.
 
     @dataclasses.dataclass
     class MySection:
@@ -18,7 +18,9 @@ Pure Python: no Ray, no torch.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import math
 import re
 import types
@@ -50,14 +52,17 @@ def setting(default: Any, doc: str, *, choices: Callable[[], Iterable[Any]] | Se
     """A dataclass field with its doc and checks.
 
     Args:
-        default: the default value (a tuple or None is fine; no mutable defaults).
-        doc: one line: what the field does (shown by ``opefo config`` and the README table).
+        default: the default value; a dict or list default is copied for each instance (and for
+            each reader of ``FieldSpec.default``), so no caller can change it for the others.
+        doc: one line: what the field does (shown by ``opefo config`` and the table of docs/configuration.md).
         choices: allowed values, or a callable returning them (for registries that grow).
         low, high: numeric bounds (inclusive unless ``low_open`` / ``high_open``); None passes.
         check: extra rule ``value -> error text | None``.
     """
     meta = {"doc": doc, "choices": choices, "low": low, "high": high, "low_open": low_open,
             "high_open": high_open, "check": check}
+    if isinstance(default, (dict, list)):
+        return dataclasses.field(default_factory=functools.partial(copy.deepcopy, default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -98,7 +103,8 @@ class Section:
         for f in dataclasses.fields(self.cls):
             if "doc" not in f.metadata:
                 raise TypeError(f"{self.cls.__name__}.{f.name} is not declared with setting(...)")
-            specs.append(FieldSpec(f.name, self.name, hints[f.name], f.default, f.metadata["doc"], dict(f.metadata)))
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            specs.append(FieldSpec(f.name, self.name, hints[f.name], default, f.metadata["doc"], dict(f.metadata)))
         return specs
 
     def cross_checks(self, config: Any) -> Iterator[tuple[str, str]]:
@@ -222,7 +228,7 @@ def validate_sections(config: Any) -> None:
 
 
 def markdown_table(sections: Iterable[Section]) -> str:
-    """The README's field table: one row per field (section, field, type, default, doc)."""
+    """The field table of docs/configuration.md: one row per field (section, field, type, default, doc)."""
     rows = ["| section | field | type | default | meaning |", "|---|---|---|---|---|"]
     for section in sections:
         for f in section.fields():

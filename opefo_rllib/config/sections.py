@@ -2,7 +2,7 @@
 
 Defaults are those of the tiny CPU run. ``GRPOConfig`` (algorithms/grpo/grpo.py) takes its fields,
 defaults, fluent setters, YAML keys and validation from here; ``opefo config`` prints them and
-the README's field table is generated from them (tests/test_config_sections.py checks it).
+the field table of docs/configuration.md is generated from them (tests/unit/config/test_config_sections.py checks it).
 
 To add a field: add one ``setting(...)`` line to its section. To add a section (a later feature):
 declare a dataclass and ``register_section`` it. A policy loss or advantage estimator registered
@@ -16,9 +16,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Iterator
 
-from opefo_rllib.algorithms.grpo.advantages import ADV_EST_SETTINGS, ADV_ESTIMATORS
-from opefo_rllib.algorithms.grpo.losses import AGG_MODES, POLICY_LOSS_SETTINGS, POLICY_LOSSES
-from opefo_rllib.algorithms.opefo.entropy_flow import BALANCE_MODES, ESTIMATORS
+from opefo_rllib.core.advantages import ADV_EST_SETTINGS, ADV_ESTIMATORS
+from opefo_rllib.core.policy_losses import AGG_MODES, POLICY_LOSS_SETTINGS, POLICY_LOSSES
+from opefo_rllib.core.balance import BALANCE_RULES
+from opefo_rllib.core.entropy_flow import ESTIMATORS
 from opefo_rllib.config.fields import Section, register_section, setting, SECTIONS
 
 __all__ = ["RunSettings", "RLlibSettings", "PolicyModelSettings", "GenerationSettings", "RolloutPipelineSettings",
@@ -240,7 +241,7 @@ class EntropyFlowSettings:
 
     entropy_flow_estimator: str = setting("exact", "per-token entropy-flow estimator", choices=ESTIMATORS)
     balance_mode: str = setting("none", 'balancing rule ("two_sided" = OPEFO, the OPEFO default; "none" = GRPO)',
-                                choices=BALANCE_MODES)
+                                choices=lambda: tuple(BALANCE_RULES))  # the registered rules (core/balance.py)
     static_lambda: float = setting(0.0, 'lambda of balance_mode "static"', low=-1.0, high=1.0, low_open=True,
                                    high_open=True)
     balance_fraction: float = setting(1.0, "f in lambda = f * lambda*: the fraction of the net flow cancelled",
@@ -262,6 +263,11 @@ class EntropyFlowSettings:
 
     @staticmethod
     def cross_checks(c) -> Iterator[tuple[str, str]]:
+        learner_class = getattr(c, "get_default_learner_class", None)  # an algorithm config: its learner
+        if c.balance_mode != "none" and learner_class is not None \
+                and not getattr(learner_class(), "balances_entropy_flow", True):
+            yield "balance_mode", ("algorithm GRPO trains with w = 1 (balance_mode none); use algorithm OPEFO to "
+                                   "balance the entropy flow")
         if c.balance_mode == "closed_loop" and not c.measure_realized_change:
             yield "measure_realized_change", "closed_loop balancing is driven by the realized entropy change"
         if c.balance_mode == "optimizer_aware" and c.zero_stage == 3:
@@ -315,7 +321,7 @@ class LoggingSettings:
 
 
 def _check_eval_tasks(value: Any) -> str | None:
-    from opefo_rllib.evaluation.spec import check_eval_tasks  # pure Python; imported late (it imports config)
+    from opefo_rllib.config.eval_spec import check_eval_tasks  # late: eval_spec imports config.fields
 
     return check_eval_tasks(value)
 
@@ -361,6 +367,11 @@ class RLlibSettings:
                                           low=0.0)
 
 
+def _ray_kwargs(value: dict) -> str | None:
+    bad = [k for k in value if not isinstance(k, str) or not k.isidentifier()]
+    return f"keys must be ray.init keyword names, got {bad}" if bad else None
+
+
 @dataclasses.dataclass
 class RunSettings:
     """Keys of a run config that are not algorithm fields (read by `opefo train`)."""
@@ -369,7 +380,8 @@ class RunSettings:
     iterations: int = setting(100, "train until the run has done this many iterations (a resumed run continues to it)", low=1)
     checkpoint_every: int = setting(0, "iterations between checkpoints (0: only at the end)", low=0)
     logdir: str | None = setting(None, "run directory (None: opefo_runs/<time>)")
-    ray: dict | None = setting(None, "keyword arguments of ray.init (None here means {num_cpus: 2})")
+    ray: dict = setting({"num_cpus": 2}, "keyword arguments of ray.init when train() starts Ray (address: join a "
+                        "running cluster); a run inside a running Ray session uses that one", check=_ray_kwargs)
     base: str | None = setting(None, "a run config this one overlays (path relative to this file)")
 
 

@@ -18,7 +18,7 @@ import numpy as np
 from opefo_rllib.envs.pool import wait_all
 from opefo_rllib.evaluation.codec import Codec
 from opefo_rllib.evaluation.metrics import summarize
-from opefo_rllib.evaluation.spec import GREEDY_TEMPERATURE, EvalSpec
+from opefo_rllib.config.eval_spec import GREEDY_TEMPERATURE, EvalSpec
 from opefo_rllib.evaluation.tasks import EvalTask
 from opefo_rllib.fleet.engine import SamplingConfig
 

@@ -18,7 +18,7 @@ from typing import Any
 from opefo_rllib.evaluation.codec import Codec
 from opefo_rllib.evaluation.report import scalar_metrics, write_report
 from opefo_rllib.evaluation.runner import evaluate_task
-from opefo_rllib.evaluation.spec import TaskEntry, parse_eval_task
+from opefo_rllib.config.eval_spec import TaskEntry, parse_eval_task
 from opefo_rllib.evaluation.tasks import EvalTask, env_task, file_task
 
 __all__ = ["TrainingEvaluator", "eval_dir"]

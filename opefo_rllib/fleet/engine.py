@@ -21,7 +21,7 @@ class SamplingConfig:
     greedy decoding (the argmax; for evaluation only: the learner cannot score it)."""
 
     temperature: float = 1.0
-    max_new_tokens: int = 16
+    max_new_tokens: int = dataclasses.field(default_factory=lambda: _setting_default("max_new_tokens"))
     top_p: float = 1.0
     top_k: int = 0
     seed: int = 0
@@ -47,6 +47,13 @@ class SamplingConfig:
     def stop_ids(self, eos_token_ids: Sequence[int]) -> tuple[int, ...]:
         """Every id that ends a response: the engine's EOS ids, then ``stop_token_ids``."""
         return tuple(dict.fromkeys([*eos_token_ids, *self.stop_token_ids]))
+
+
+def _setting_default(name: str):
+    """A generation field's default, from its one declaration (config.sections)."""
+    from opefo_rllib.config.sections import GenerationSettings
+
+    return next(f.default for f in dataclasses.fields(GenerationSettings) if f.name == name)
 
 
 def as_token_ids(ids: int | Sequence[int], what: str) -> tuple[int, ...]:

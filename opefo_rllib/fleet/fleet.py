@@ -8,15 +8,16 @@ verify one engine's groups while the others still generate.
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import ray
 
 from opefo_rllib.fleet.deadlines import EngineProgress, OnProgress, wait_progressing
 from opefo_rllib.fleet.engine import Engine, SamplingConfig
 
-__all__ = ["EngineFleet", "EngineActor", "make_engine", "wait_all"]
+__all__ = ["EngineFleet", "EngineActor", "TransferTargets", "make_engine", "wait_all"]
 
 
 def make_engine(kind: str, **kwargs) -> Engine:
@@ -85,7 +86,8 @@ class EngineActor:
         return out, time.perf_counter() - start
 
     def response_entropy(self, sequences, temperature):
-        """The engine's optional ``response_entropy`` (HFEngine's; the learner asks only HF engines)."""
+        """The engine's optional ``response_entropy`` (HFEngine's; the async pipeline's re-score of
+        the realized entropy change, asked of fp32 HF engines only)."""
         return self._run("response_entropy", self.engine.response_entropy, sequences, temperature)
 
     def load_weights(self, weights, version):
@@ -148,17 +150,22 @@ class EngineFleet:
         sync_timeout_s: a weight push (or memory release) past this ends in a TimeoutError
             naming the engines and the step, never a silent hang.
 
+        weights_source: ``() -> (state dict, version)``, the learner's current weights; a restarted
+            engine loads them when the fleet holds no copy (after a native sync). None: such a
+            restart is an error.
+
     Weights: :meth:`sync_weights` pushes a state dict through Ray's object store; engines with a
     native weight-transfer backend (``native_backend``, e.g. vLLM's) can instead be updated by the
-    learner directly, after which :meth:`confirm_version` records the version (and
-    :meth:`restart_unhealthy` recovers from a failed round). :class:`~opefo_rllib.fleet.weight_sync.WeightSync`
-    drives either. A restarted engine always gets the current weights the object-store way, from
-    ``weights_provider`` (set by ``WeightSync``) when the fleet holds no copy of them.
+    learner directly (to the engines :meth:`transfer_targets` names), after which
+    :meth:`confirm_version` records the version (and :meth:`restart_unhealthy` recovers from a
+    failed round). :class:`~opefo_rllib.fleet.weight_sync.WeightSync` drives either. ``version``
+    is the version every engine was last checked to hold (the learner's, after each sync).
     """
 
     def __init__(self, kind: str = "hf", num_engines: int = 1, engine_kwargs: dict | None = None,
                  num_cpus_per_engine: float = 0.5, generate_timeout_s: float | None = None,
-                 sync_timeout_s: float = 120.0, num_gpus_per_engine: float = 0.0, stall_timeout_s: float = 180.0):
+                 sync_timeout_s: float = 120.0, num_gpus_per_engine: float = 0.0, stall_timeout_s: float = 180.0,
+                 weights_source: Callable[[], tuple[Mapping[str, Any], int]] | None = None):
         if num_engines < 1:
             raise ValueError(f"num_engines must be >= 1, got {num_engines}")
         self.kind, self.engine_kwargs = kind, dict(engine_kwargs or {})
@@ -169,8 +176,8 @@ class EngineFleet:
         self.actors = [self._start_actor() for _ in range(num_engines)]
         self.version = 0
         self.restarts = 0  # every restart changes the fleet's membership (a native group must be rebuilt)
-        self._weights_ref = None  # the last synced weights, for engines that restart
-        self.weights_provider = None  # () -> state dict of version self.version, when _weights_ref is None
+        self._weights_ref = None  # the last object-store weights (of self.version), for engines that restart
+        self.weights_source = weights_source
         backends = set(ray.get([a.weight_transfer_backend.remote() for a in self.actors]))
         if len(backends) != 1:
             raise RuntimeError(f"engines disagree on their weight-transfer backend: {sorted(map(str, backends))}")
@@ -191,10 +198,11 @@ class EngineFleet:
             pass
         actor = self._start_actor()
         if self._weights_ref is None and self.version > 0:
-            if self.weights_provider is None:
-                raise RuntimeError(f"engine {engine} restarted at step {step}, but the fleet has no weights_provider "
+            if self.weights_source is None:
+                raise RuntimeError(f"engine {engine} restarted at step {step}, but the fleet has no weights_source "
                                    f"to load weights version {self.version} into it")
-            self._weights_ref = ray.put(dict(self.weights_provider()))
+            weights, self.version = self.weights_source()
+            self._weights_ref = ray.put(dict(weights))
         if self._weights_ref is not None:
             call = actor.load_weights.remote(self._weights_ref, self.version)
             wait_all([call], self.sync_timeout_s, f"restarted engine loading weights version {self.version} "
@@ -203,16 +211,21 @@ class EngineFleet:
         self.actors[engine] = actor
         self.restarts += 1
 
+    def transfer_targets(self) -> "TransferTargets":
+        """What a native weight push needs of this fleet: its actors, their ranks, the backend."""
+        return TransferTargets(actors=list(self.actors), world_sizes=list(self.world_sizes),
+                               backend=self.native_backend, timeout_s=self.sync_timeout_s)
+
     def confirm_version(self, version: int, step: int) -> None:
         """The engines were updated to ``version`` outside the object store (native transfer):
-        record it (a restart now asks ``weights_provider``) and check every engine reports it."""
+        record it (a restart now asks ``weights_source``) and check every engine reports it."""
         self._weights_ref = None
         self.version = version
         self._check_versions(version, step)
 
     def restart_unhealthy(self, version: int, step: int) -> None:
         """After a failed native update to ``version``: restart every engine that is dead or was left
-        mid-update (it comes back with ``version`` from ``weights_provider``)."""
+        mid-update (it comes back with ``version`` from ``weights_source``)."""
         self.version, self._weights_ref = version, None
         for engine, actor in enumerate(list(self.actors)):
             try:
@@ -344,6 +357,16 @@ class EngineFleet:
         for a in self.actors:
             ray.kill(a)
         self.actors = []
+
+
+@dataclasses.dataclass(frozen=True)
+class TransferTargets:
+    """The engines a native weight push goes to (``push_weights_native``'s arguments)."""
+
+    actors: list
+    world_sizes: list[int]
+    backend: str | None
+    timeout_s: float
 
 
 def _split(n_items: int, n_parts: int) -> list[range]:

@@ -11,8 +11,10 @@ the engines:
 * ``"object_store"`` (HF and SGLang engines, vLLM without the API): the learner's CPU state dict
   goes into Ray's object store once and every engine loads it.
 
-Either way a restarted engine gets its weights the object-store way; when the fleet holds no copy
-of the current weights (native sync), it asks :meth:`WeightSync.learner_weights`.
+Either way a restarted engine gets its weights the object-store way (the fleet's own
+``weights_source``, given when it is built). WeightSync uses only the fleet's public methods
+(``transfer_targets``, ``sync_weights``, ``confirm_version``, ``restart_unhealthy``) and takes the
+weights and the version from the learner: the learner's ``weight_version`` is the one source.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any, Callable
 
 from opefo_rllib.fleet.fleet import EngineFleet
 
-__all__ = ["WeightSync"]
+__all__ = ["WeightSync", "weights_and_version"]
 
 
 class WeightSync:
@@ -40,11 +42,6 @@ class WeightSync:
         self.strategy = "object_store" if fleet.native_backend is None else "native"
         self.group_builds = 0
         self._built_at_restarts: int | None = None  # fleet.restarts when the transfer group was built
-        fleet.weights_provider = self.learner_weights
-
-    def learner_weights(self) -> dict:
-        """A CPU copy of the learner's current weights (for an engine that restarts)."""
-        return self.run_on_learner(_policy_weights)
 
     def sync(self, step: int) -> float:
         """Push the learner's weights and version to every engine; returns the seconds it took."""
@@ -52,7 +49,7 @@ class WeightSync:
         if self.strategy == "native":
             self._sync_native(step)
         else:
-            weights, version = self.run_on_learner(_weights_and_version)
+            weights, version = self.run_on_learner(weights_and_version)
             self.fleet.sync_weights(weights, version, step)
         return time.perf_counter() - start
 
@@ -60,8 +57,9 @@ class WeightSync:
         fleet = self.fleet
         for attempt in range(2):
             rebuild = attempt > 0 or self._built_at_restarts != fleet.restarts  # first round, or new members
-            push = functools.partial(_push_native, actors=list(fleet.actors), world_sizes=list(fleet.world_sizes),
-                                     backend=fleet.native_backend, step=step, timeout_s=fleet.sync_timeout_s,
+            targets = fleet.transfer_targets()
+            push = functools.partial(_push_native, actors=targets.actors, world_sizes=targets.world_sizes,
+                                     backend=targets.backend, step=step, timeout_s=targets.timeout_s,
                                      rebuild=rebuild, master_address=self.master_address)
             try:
                 version = self.run_on_learner(push)
@@ -83,15 +81,12 @@ class WeightSync:
 
 
 # Module-level, so they pickle by reference when the learner is a remote actor.
-def _policy_weights(learner) -> dict:
-    return learner.policy_weights()
-
-
 def _weight_version(learner) -> int:
     return learner.weight_version
 
 
-def _weights_and_version(learner) -> tuple[dict, int]:
+def weights_and_version(learner) -> tuple[dict, int]:
+    """The learner's CPU state dict and its version (a fleet's ``weights_source`` asks this)."""
     return learner.policy_weights(), learner.weight_version
 
 

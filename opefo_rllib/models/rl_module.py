@@ -3,7 +3,8 @@
 RLlib's catalogs and connectors know nothing about text, so the module is built with
 ``learner_only=True`` (EnvRunners never build it: engines generate) and exposes what the
 learner needs: per-token log pi, entropy and the exact-flow term of given response tokens,
-computed with the memory-efficient chunked head (``token_stats_from_hidden``).
+computed with the memory-efficient chunked head (``token_stats_from_hidden``). It has no RLlib
+``_forward``: the learner trains through ``update_from_rollouts``, never RLlib's forward passes.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from ray.rllib.core.rl_module.torch import TorchRLModule
 from ray.rllib.utils.annotations import override
 
-from opefo_rllib.algorithms.opefo.token_stats import TokenStats, token_stats, token_stats_from_hidden
+from opefo_rllib.core.token_stats import TokenStats, token_stats, token_stats_from_hidden
 from opefo_rllib.models.shared_prompt import (distinct_prompts, response_positions, scatter_to_rows,
                                               shared_prompt_hidden)
 
@@ -28,7 +29,16 @@ class HFCausalLMModule(TorchRLModule):
     """model_config keys: ``model_path`` (local dir or "tiny-default"), or ``hf_config`` (a dict of
     a transformers config, e.g. ``{"model_type": "qwen2", ...}``, to build a fresh model),
     ``dtype`` ("float32" | "bfloat16"), ``gradient_checkpointing`` (bool), ``logits_chunk_size``,
-    ``share_prompt_forward`` (bool, default True)."""
+    ``share_prompt_forward`` (bool, default True); ``model_config_of`` takes them from a config."""
+
+    # model_config key -> the config field (policy_model section) it comes from
+    CONFIG_FIELDS = {"model_path": "model_path", "dtype": "model_dtype", "gradient_checkpointing": "gradient_checkpointing",
+                     "logits_chunk_size": "logits_chunk_size", "share_prompt_forward": "share_prompt_forward"}
+
+    @classmethod
+    def model_config_of(cls, config) -> dict[str, Any]:
+        """The module's model_config from a GRPOConfig's policy_model fields."""
+        return {key: getattr(config, field) for key, field in cls.CONFIG_FIELDS.items()}
 
     @override(TorchRLModule)
     def setup(self) -> None:
@@ -49,11 +59,6 @@ class HFCausalLMModule(TorchRLModule):
         self.logits_chunk_size = int(cfg.get("logits_chunk_size", 1024))
         self.share_prompt_forward = bool(cfg.get("share_prompt_forward", True))
         self._prompt_sharing_checked = False
-
-    @override(TorchRLModule)
-    def _forward(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
-        stats = self.sequence_token_stats(batch["input_ids"], batch["attention_mask"], batch.get("temperature", 1.0))
-        return {"logp": stats.logp, "entropy": stats.entropy}
 
     def sequence_token_stats(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0,
                              use_full_logits: bool = False, prompt_lengths: torch.Tensor | None = None) -> TokenStats:

@@ -1,7 +1,7 @@
 """The tiny default policy: a small Qwen2-architecture causal LM with a character tokenizer.
 
 ``opefo_rllib/models/tiny_default/`` ships a checkpoint warm-started by a short supervised
-phase on the arithmetic task (``python -m opefo_rllib.models.make_tiny`` rebuilds it,
+phase on the arithmetic task (``python -m opefo_rllib.tools.make_tiny`` rebuilds it,
 deterministically), so the default run needs no download and no warm-up. Loading any policy
 directory (this one included, as ``"tiny-default"``) is :mod:`opefo_rllib.models.loading`.
 """

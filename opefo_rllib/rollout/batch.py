@@ -4,8 +4,10 @@ A ``Rollout`` is one response to one prompt: token ids, the engine's sampling lo
 verifier's reward, the prompt group it belongs to, and the weight version that produced it.
 ``collate`` right-pads prompt + response into [N, L] and aligns the response mask and the
 sampling log-probs with the targets (token t is predicted at position t - 1); ``learner_batch``
-adds the group advantages (computed on the whole batch, before any split) and leaves samples
-whose verification failed out of the loss; ``rollout_metrics`` summarises a batch.
+adds the group advantages (computed per prompt group, so a batch of whole groups gets the ones
+it has in any larger batch) and leaves samples whose verification failed out of the loss;
+``concat_batches`` joins such batches (the streaming pipeline's chunks) into one;
+``rollout_metrics`` summarises a batch.
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ from typing import Any, Sequence
 
 import torch
 
-from opefo_rllib.algorithms.grpo.advantages import group_advantages
+from opefo_rllib.core.advantages import group_advantages
 
-__all__ = ["Rollout", "collate", "learner_batch", "rollout_metrics", "verify_failed"]
+__all__ = ["Rollout", "collate", "concat_batches", "learner_batch", "rollout_metrics", "verify_failed"]
 
 
 @dataclasses.dataclass
@@ -96,6 +98,21 @@ def learner_batch(rollouts: Sequence[Rollout], pad_id: int, adv_estimator: str,
         batch["response_mask"][truncated] = 0.0
     batch["truncation_masked"] = truncated if mask_truncated else torch.zeros_like(truncated)
     return batch
+
+
+def concat_batches(parts: Sequence[dict[str, Any]], pad_id: int) -> dict[str, Any]:
+    """``learner_batch``-es of disjoint whole prompt groups as one: the tensors ``learner_batch`` of
+    all their rollouts (in order) would give, each [n, width] tensor right-padded to the widest
+    (``input_ids`` with ``pad_id``, the rest with 0)."""
+    width = max(p["input_ids"].shape[1] for p in parts)
+
+    def padded(key: str, t: torch.Tensor, own_width: int) -> torch.Tensor:
+        if t.dim() == 1:
+            return t
+        extra = width - own_width  # the same for [n, L] and target-aligned [n, L-1] tensors
+        return torch.nn.functional.pad(t, (0, extra), value=pad_id if key == "input_ids" else 0)
+
+    return {key: torch.cat([padded(key, p[key], p["input_ids"].shape[1]) for p in parts]) for key in parts[0]}
 
 
 def _group_frac(rollouts: Sequence[Rollout], test) -> float:

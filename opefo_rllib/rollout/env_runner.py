@@ -7,12 +7,15 @@ the engine fleet (G samples each, each group whole on one engine call), and veri
 groups as soon as that call is done, so verification overlaps the generation of the rest.
 Every rollout carries its prompt group and the weight version that generated it.
 
-A batch is ``start``-ed (drawn and submitted) and ``finish``-ed (collected, verified, filtered);
-``stream`` yields it one engine call's groups at a time as they are verified (the streaming
-pipeline: ``start(chunks=k)`` sends each engine's share as k calls); the async pipeline starts the
-next batch before the update and finishes it after (``start_ahead`` / ``next_batch``). ``filter_groups: zero_variance`` (DAPO's dynamic sampling)
-drops groups whose rewards are all equal and refills them with new prompts; the soft overlong
-penalty is applied to the reward here, before advantages.
+The fleet is the Algorithm's (it builds, syncs and shuts it down): the runner samples through
+the fleet it is given (``use_fleet``). A batch is ``start``-ed (drawn and submitted) and
+``finish``-ed (collected, verified, filtered) into a :class:`Sampled` (rollouts, the batch's
+metrics and timings); ``finish(..., on_chunk=f)`` hands each engine call's verified groups to
+``f`` as they are done (the streaming pipeline: ``start(chunks=k)`` sends each engine's share as
+k calls). The async pipeline starts the next batch before the update and finishes it after
+(``start_ahead`` / ``finish_ahead`` / ``next_batch``). ``filter_groups: zero_variance`` (DAPO's
+dynamic sampling) drops groups whose rewards are all equal and refills them with new prompts;
+the soft overlong penalty is applied to the reward here, before advantages.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Any
+from typing import Any, Callable
 
 from ray.rllib.core import DEFAULT_MODULE_ID
 from ray.rllib.env.env_runner import EnvRunner
@@ -35,7 +38,7 @@ from opefo_rllib.fleet.fleet import EngineFleet
 from opefo_rllib.rollout.batch import Rollout
 from opefo_rllib.rollout.prompts import PromptBuilder, draw_prompts, response_text
 
-__all__ = ["LLMEnvRunner", "overlong_penalty"]
+__all__ = ["LLMEnvRunner", "Sampled", "overlong_penalty"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,33 +62,19 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
         self.sampling = SamplingConfig(temperature=c.temperature, max_new_tokens=c.max_new_tokens,
                                        top_p=c.top_p, top_k=c.top_k, seed=c.seed or 0,
                                        stop_token_ids=tuple(c.stop_token_ids or ()))
-        # Engines get every EOS id of the model (each ends a response) and a pad id that is always
-        # masked; they see token ids only, never text.
-        engine_kwargs = {"model_path": str(model_dir), "eos_token_id": list(self.tokenizer.eos_token_ids),
-                         "pad_token_id": self.tokenizer.pad_token_id, "dtype": c.engine_dtype}
-        if c.engine == "vllm":
-            engine_kwargs["colocated"] = c.colocate_engines
-            if c.weight_sync != "object_store":
-                engine_kwargs["weight_transfer_backend"] = c.weight_transfer_backend
-        engine_kwargs.update(c.engine_kwargs or {})  # e.g. vLLM's gpu_memory_utilization, HF's device
-        self.fleet = EngineFleet(
-            kind=c.engine, num_engines=c.num_engines, engine_kwargs=engine_kwargs,
-            num_cpus_per_engine=c.num_cpus_per_engine, num_gpus_per_engine=c.num_gpus_per_engine,
-            stall_timeout_s=c.stall_timeout_s, generate_timeout_s=c.generate_timeout_s,
-            sync_timeout_s=c.weight_sync_timeout_s)
-        if c.weight_sync == "native" and self.fleet.native_backend is None:
-            raise ValueError("config field 'weight_sync' = 'native': the installed vLLM has no weight-transfer API "
-                             "(LLM.init_weight_transfer_engine); use 'auto' or 'object_store'")
+        self.fleet: EngineFleet | None = None  # the Algorithm's, given by use_fleet
         self._next_group_id = 0
         self._sample_calls = 0
-        self._ahead: _Started | list[Rollout] | None = None  # async: the batch generated during the update
+        self._ahead: _Started | Sampled | None = None  # async: the batch generated during the update
         self._state_before_ahead: dict | None = None
-        self.last_timings: dict[str, float] = {}
-        self.last_metrics: dict[str, float] = {}  # runner metrics of the last sample(), for the algorithm's log
+
+    def use_fleet(self, fleet: EngineFleet) -> None:
+        """Sample through ``fleet`` from now on (the Algorithm owns it: builds, syncs, stops it)."""
+        self.fleet = fleet
 
     @override(EnvRunner)
     def assert_healthy(self):
-        assert self.fleet is not None and len(self.fleet) > 0, "LLMEnvRunner has no engines"
+        assert self.env is not None, "LLMEnvRunner has no env"
 
     @override(EnvRunner)
     def get_spaces(self):
@@ -93,7 +82,7 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
         return {"__env__": spaces, DEFAULT_MODULE_ID: spaces}
 
     @override(EnvRunner)
-    def sample(self, **kwargs) -> list[Rollout]:
+    def sample(self, **kwargs) -> "Sampled":
         """One whole batch, generated now with the engines' current weights (the sync pipeline)."""
         return self.finish(self.start())
 
@@ -110,34 +99,32 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
         pending = self.fleet.submit(draw.prompt_ids, c.group_size, self.sampling, seed=seed, chunks=chunks)
         return _Started(step, draw, group_ids, pending, time.perf_counter(), chunks)
 
-    def finish(self, started: "_Started") -> list[Rollout]:
-        """Wait for a started batch, verify it (each engine call's share as soon as it is done),
-        and, with ``filter_groups``, drop its zero-variance groups and refill them with new prompts."""
-        return [r for chunk in self.stream(started) for r in chunk]
-
-    def stream(self, started: "_Started"):
-        """The started batch's rollouts, one verified engine call's share at a time, as they are
-        done (whole prompt groups; zero-variance groups already dropped under ``filter_groups``,
-        then the refill rounds' shares). When the last is out, ``last_timings`` and
-        ``last_metrics`` describe the batch."""
+    def finish(self, started: "_Started", on_chunk: Callable[[list[Rollout]], None] | None = None) -> "Sampled":
+        """Wait for a started batch and verify it, each engine call's share as soon as it is done
+        (handed to ``on_chunk`` then: whole prompt groups, zero-variance groups already dropped
+        under ``filter_groups``, then the refill rounds' shares); with ``filter_groups``, dropped
+        groups are refilled with new prompts. Returns the batch with its metrics and timings."""
         c = self.config
-        gen = {"generate_s": 0.0, "verify_s": 0.0, "engine_busy_s": 0.0}
+        timings = {"generate_s": 0.0, "verify_s": 0.0, "engine_busy_s": 0.0}
+        rollouts: list[Rollout] = []
         filtered = rounds = groups = 0
         skipped_long = started.draw.skipped_too_long
         current, dropped = started, 0
         while True:
             busy: dict[int, float] = {}
             for chunk, timing in self._collect(current, busy):
-                gen["generate_s"] += timing["generate_s"]
-                gen["verify_s"] += timing["verify_s"]
+                timings["generate_s"] += timing["generate_s"]
+                timings["verify_s"] += timing["verify_s"]
                 if c.filter_groups == "zero_variance":
                     chunk, n_dropped = _drop_zero_variance(chunk)
                     dropped += n_dropped
                 groups += len({r.group_id for r in chunk})
                 self.num_env_steps_sampled_lifetime += len(chunk)
                 if chunk:
-                    yield chunk
-            gen["engine_busy_s"] += max(busy.values(), default=0.0)
+                    if on_chunk is not None:
+                        on_chunk(chunk)
+                    rollouts += chunk
+            timings["engine_busy_s"] += max(busy.values(), default=0.0)
             filtered += dropped
             if not dropped or rounds >= c.max_refill_rounds:
                 break
@@ -151,11 +138,11 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
                            "filter_groups (every group of those had equal rewards)", started.step, shortfall,
                            c.prompts_per_batch, rounds)
         self._sample_calls += 1
-        self.last_timings = gen
-        self.last_metrics = {"data/skipped_rows": float(self.env.skipped_rows),
-                             "rollout/prompts_skipped_too_long": float(skipped_long),
-                             "rollout/groups_filtered": float(filtered), "rollout/refill_rounds": float(rounds),
-                             "rollout/batch_shortfall": float(max(shortfall, 0))}
+        metrics = {"data/skipped_rows": float(self.env.skipped_rows),
+                   "rollout/prompts_skipped_too_long": float(skipped_long),
+                   "rollout/groups_filtered": float(filtered), "rollout/refill_rounds": float(rounds),
+                   "rollout/batch_shortfall": float(max(shortfall, 0))}
+        return Sampled(rollouts, metrics, timings)
 
     def _collect(self, started: "_Started", busy: dict[int, float]):
         """Each engine call's rollouts, verified, as the calls finish, with its (generate_s,
@@ -200,12 +187,12 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
             yield rollouts, timing
 
     # ------------------------------------------------------------------ the async pipeline's batch ahead
-    def next_batch(self) -> list[Rollout]:
+    def next_batch(self) -> "Sampled":
         """async: the batch generated during the last update (with the weights before it), or, when
         none is ahead (the first step, a resumed run), one sampled now."""
         ahead, self._ahead = self._ahead, None
         self._state_before_ahead = None
-        if isinstance(ahead, list):
+        if isinstance(ahead, Sampled):
             return ahead
         return self.finish(ahead) if ahead is not None else self.sample()
 
@@ -217,14 +204,17 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
         self._state_before_ahead = self.get_state()
         self._ahead = self.start()
 
-    def finish_ahead(self) -> None:
+    def finish_ahead(self) -> "Sampled":
         """async: wait for the batch ahead and verify it (after the update, before the weight sync,
-        so a sync never waits behind a generation)."""
-        if self._ahead is not None and not isinstance(self._ahead, list):
+        so a sync never waits behind a generation); returns it (``next_batch`` hands it out next)."""
+        if not isinstance(self._ahead, Sampled):
             self._ahead = self.finish(self._ahead)
+        return self._ahead
 
     @override(EnvRunner)
     def get_metrics(self) -> dict:
+        """Nothing: each batch's metrics come back with it (``Sampled.metrics``), so the algorithm
+        logs those of the batch it trains on, not of the one generated ahead."""
         return {}
 
     @override(Checkpointable)
@@ -255,15 +245,21 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
 
     @override(EnvRunner)
     def stop(self) -> None:
-        """Close the env (its verifier's worker processes) and shut the engines down; idempotent.
-        RLlib calls it from ``algo.stop()``."""
-        try:
-            if getattr(self, "env", None) is not None:
-                self.env.close()
-        finally:
-            if getattr(self, "fleet", None) is not None:
-                self.fleet.shutdown()
-                self.fleet = None
+        """Close the env (its verifier's worker processes); idempotent. RLlib calls it from
+        ``algo.stop()``; the fleet is the Algorithm's to shut down."""
+        if getattr(self, "env", None) is not None:
+            self.env.close()
+
+
+@dataclasses.dataclass
+class Sampled:
+    """A finished batch: its rollouts, its ``data/`` and ``rollout/`` counters (skipped rows,
+    filtered groups, refill rounds, shortfall), and its timings (``generate_s``, ``verify_s``,
+    ``engine_busy_s``: the busiest engine's own generation seconds)."""
+
+    rollouts: list[Rollout]
+    metrics: dict[str, float]
+    timings: dict[str, float]
 
 
 @dataclasses.dataclass
