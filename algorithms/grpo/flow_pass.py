@@ -34,6 +34,11 @@ class FlowPass:
     delta: torch.Tensor
     totals: FlowTotals
 
+    def with_advantages(self, advantages: torch.Tensor, mask: torch.Tensor, estimator: str) -> "FlowPass":
+        """The same stats with the flow of other advantages (``kl_in: reward`` shapes them)."""
+        delta = entropy_flow(self.logp, self.entropy, advantages.float(), estimator, self.expected_s)
+        return dataclasses.replace(self, delta=delta, totals=flow_totals(delta, mask))
+
     def mean_entropy(self, mask: torch.Tensor) -> float:
         """The batch's mean response-token entropy (as sampled)."""
         return float((self.entropy * mask).sum()) / max(float(mask.sum()), 1.0)

@@ -1,6 +1,6 @@
-"""The training pass: per mini-batch, the backward of the weighted policy loss micro-batch by
-micro-batch (aggregated with the global token / sequence counts, so the gradient does not depend
-on the micro-batch size), then ONE optimizer step. Strict on-policy: one mini-batch; approximate
+"""The training pass: per mini-batch, the backward of the weighted policy loss (plus the entropy
+bonus and, ``kl_in: loss``, the KL penalty) micro-batch by micro-batch (aggregated with the global
+token / sequence counts, so the gradient does not depend on the micro-batch size), then ONE optimizer step. Strict on-policy: one mini-batch; approximate
 on-policy (``num_updates_per_batch`` > 1) takes that many. A non-finite loss or gradient norm
 skips the step (the finite-step guard, ``DeepSpeedTorchLearner.optimizer_step``)."""
 
@@ -15,6 +15,7 @@ import torch
 from opefo_rllib.algorithms.grpo.flow_pass import FlowPass, TrainingForwards
 from opefo_rllib.algorithms.grpo.streaming import StreamGradients
 from opefo_rllib.algorithms.grpo.token_weights import TokenWeights
+from opefo_rllib.core.kl import kl_estimate
 from opefo_rllib.core.policy_losses import aggregate_loss, entropy_bonus, loss_settings, policy_loss
 from opefo_rllib.learner.data_parallel import all_reduce_sum, reduce_floats
 
@@ -100,6 +101,9 @@ def accumulate_gradients(learner, batch: dict[str, Any], flow: FlowPass, weights
                                    weights=weights.weights[micro, :w], config=settings, generator=generator)
         loss = aggregate_loss(loss_mat, m, c.loss_agg_mode, **counts)
         loss = loss + entropy_bonus(stats.entropy, m, entropy_coef, c.loss_agg_mode, **counts)
+        if c.kl_coef > 0 and c.kl_in == "loss":  # kl_coef x aggregate(kl_t), its gradient through log pi
+            kl = kl_estimate(c.kl_estimator, stats.logp, batch["ref_logp"][micro, :w])
+            loss = loss + c.kl_coef * aggregate_loss(kl, m, c.loss_agg_mode, **counts)
         if filler:  # keeps this learner's collectives in step with the others; adds nothing
             loss = loss * 0.0
         # DeepSpeed averages gradients over learners; the loss is already a share of the

@@ -7,6 +7,8 @@
 2. ``flow_pass`` (flow_pass.py): per-token log pi, H and S of the whole batch, its entropy flow
    delta_t and totals P, N -> ``FlowPass``, and the forwards the backward may reuse (fused, or
    streamed by ``stream_forward`` into a ``StreamedForwards``) -> ``TrainingForwards``.
+   With ``kl_coef`` > 0, ``kl_to_reference`` (kl_penalty.py) adds the reference's log-probs
+   (and, ``kl_in: reward``, shapes the rewards, the advantages and the flow) -> ``KLStep``.
 3. ``token_weights`` (token_weights.py): the balance rule's lambda and weights (core/balance.py;
    GRPO's rule is "none": w = 1, ``OPEFOTorchLearner`` supplies the configured one), forking
    tokens, truncated IS and the off-policy mask -> ``TokenWeights``.
@@ -37,6 +39,7 @@ from ray.rllib.core import DEFAULT_MODULE_ID
 
 from opefo_rllib.algorithms.grpo import gradients
 from opefo_rllib.algorithms.grpo.flow_pass import FlowPass, TrainingForwards, run_flow_pass
+from opefo_rllib.algorithms.grpo.kl_penalty import KLStep, kl_to_reference
 from opefo_rllib.algorithms.grpo.micro_batches import MicroBatchPlanner, pack_by_tokens
 from opefo_rllib.algorithms.grpo.optimizer_aware import optimizer_aware_inputs
 from opefo_rllib.algorithms.grpo.realized_change import (engine_rescore_request, realized_change_metrics,
@@ -47,6 +50,7 @@ from opefo_rllib.core.balance import BalanceRule, OptimizerAwareInputs, lambda_s
 from opefo_rllib.core.entropy_control import AdaptiveEntropyCoef
 from opefo_rllib.core.entropy_flow import flow_diagnostics
 from opefo_rllib.learner.deepspeed_learner import DeepSpeedTorchLearner
+from opefo_rllib.learner.reference import ReferencePolicy
 
 __all__ = ["GRPOTorchLearner", "StaleBatchError", "UpdateResult", "FlowPass", "TokenWeights", "pack_by_tokens",
            "high_entropy_tokens", "realized_change_metrics"]
@@ -88,10 +92,16 @@ class GRPOTorchLearner(DeepSpeedTorchLearner):
         self._streamed: StreamedForwards | None = None  # streaming: the forwards of the batch being generated
         self._pending_rescore: tuple[dict, FlowPass] | None = None  # streaming: the last step's, not re-scored yet
         self._native_sender = None
+        self.reference = self.build_reference() if c.kl_coef > 0 else None  # the KL penalty's frozen policy
 
     def make_balance_rule(self) -> BalanceRule:
         """GRPO trains with w = 1 (``OPEFOTorchLearner`` supplies the configured rule)."""
         return make_balance_rule("none")
+
+    def build_reference(self) -> ReferencePolicy:
+        """The KL reference: a frozen copy of the policy before any step (gathered under ZeRO-3)."""
+        with self._gathered_policy() as lm:
+            return ReferencePolicy.copy_of(lm, self.config.logits_chunk_size)
 
     @property
     def zero3(self) -> bool:
@@ -106,13 +116,17 @@ class GRPOTorchLearner(DeepSpeedTorchLearner):
         if self._pending_rescore is not None:  # streaming without the re-score call: do it before this step
             self.measure_deferred_realized_change()
         flow, forwards = self.flow_pass(batch, streamed)
+        kl_metrics = {}
+        if self.reference is not None:
+            kl = self.kl_to_reference(batch, flow)
+            batch, flow, kl_metrics = kl.batch, kl.flow, kl.metrics
         entropy = flow.mean_entropy(batch["response_mask"])
         entropy_coef = self.adaptive_entropy.coefficient(entropy) if self.adaptive_entropy else c.entropy_coef
         inputs = None
         if self.balance_rule.needs_gradients and not math.isnan(lambda_star(flow.totals)):
             inputs = self.optimizer_aware_inputs(batch, flow)
         weights = self.token_weights(batch, flow, inputs)
-        metrics = dict(weights.metrics)
+        metrics = {**weights.metrics, **kl_metrics}
         if self.adaptive_entropy:
             metrics["learner/entropy_coef"] = entropy_coef
         outcome = self.training_pass(batch, flow, weights, forwards, entropy_coef, step)
@@ -186,6 +200,9 @@ class GRPOTorchLearner(DeepSpeedTorchLearner):
     def flow_pass(self, batch: dict[str, Any], streamed: StreamedForwards | None = None
                   ) -> tuple[FlowPass, TrainingForwards]:
         return run_flow_pass(self, batch, streamed)
+
+    def kl_to_reference(self, batch: dict[str, Any], flow: FlowPass) -> KLStep:
+        return kl_to_reference(self, batch, flow)
 
     def optimizer_aware_inputs(self, batch: dict[str, Any], flow: FlowPass) -> OptimizerAwareInputs:
         return optimizer_aware_inputs(self, batch, flow)

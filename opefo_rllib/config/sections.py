@@ -20,11 +20,12 @@ from opefo_rllib.core.advantages import ADV_EST_SETTINGS, ADV_ESTIMATORS
 from opefo_rllib.core.policy_losses import AGG_MODES, POLICY_LOSS_SETTINGS, POLICY_LOSSES
 from opefo_rllib.core.balance import BALANCE_RULES
 from opefo_rllib.core.entropy_flow import ESTIMATORS
+from opefo_rllib.core.kl import KL_ESTIMATORS, KL_PLACES
 from opefo_rllib.config.fields import Section, register_section, setting, SECTIONS
 
 __all__ = ["RunSettings", "RLlibSettings", "PolicyModelSettings", "GenerationSettings", "RolloutPipelineSettings",
            "FleetSettings",
-           "ObjectiveSettings", "EntropyFlowSettings", "OptimizationSettings", "DeepSpeedSettings",
+           "ObjectiveSettings", "KLSettings", "EntropyFlowSettings", "OptimizationSettings", "DeepSpeedSettings",
            "LoggingSettings", "EvaluationSettings", "RUN_SECTION", "RLLIB_SECTION", "run_fields", "rllib_fields"]
 
 DTYPES = ("float32", "bfloat16")
@@ -236,6 +237,26 @@ class ObjectiveSettings:
 
 
 @dataclasses.dataclass
+class KLSettings:
+    """KL to a reference policy, the starting model (off by default, as in the paper)."""
+
+    kl_coef: float = setting(0.0, "weight of the KL penalty to the reference policy (0: off, no reference is built)",
+                             low=0.0)
+    kl_estimator: str = setting("low_var_kl", "per-token KL estimator: k1 (log pi - log pi_ref), k2 (squared log "
+                                "ratio / 2), k3 (exp(r) - r - 1, r = log pi_ref - log pi), low_var_kl (k3 clamped)",
+                                choices=lambda: tuple(KL_ESTIMATORS))
+    kl_in: str = setting("loss", "loss: kl_coef x the aggregated KL is added to the loss (gradient through log pi); "
+                         "reward: kl_coef x each answer's summed KL is taken from its reward before the group "
+                         "advantages (so also from the entropy flow's A_t)", choices=KL_PLACES)
+
+    @staticmethod
+    def cross_checks(c) -> Iterator[tuple[str, str]]:
+        if c.kl_coef > 0 and c.stream_backward:
+            yield "kl_coef", ("the KL penalty needs the reference's log-probs of the whole batch before any backward; "
+                              "stream_backward runs them during generation (use stream_backward: false)")
+
+
+@dataclasses.dataclass
 class EntropyFlowSettings:
     """Entropy flow: the estimator every run logs, and OPEFO's balancing rule."""
 
@@ -422,6 +443,7 @@ register_section("fleet", FleetSettings)
 register_section("objective", ObjectiveSettings, setter="training")
 SECTIONS["loss_settings"] = RegistrySection("loss_settings", object, "training",
                                             "Settings of the registered policy losses and advantage estimators", {})
+register_section("kl", KLSettings, setter="training")
 register_section("entropy_flow", EntropyFlowSettings, aliases={"estimator": "entropy_flow_estimator"})
 register_section("optimization", OptimizationSettings, setter="training")
 register_section("deepspeed", DeepSpeedSettings)

@@ -22,7 +22,21 @@ from opefo_rllib.models.shared_prompt import (distinct_prompts, response_positio
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["HFCausalLMModule"]
+__all__ = ["HFCausalLMModule", "causal_lm_token_stats"]
+
+
+def causal_lm_token_stats(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float,
+                          chunk_size: int | None, use_full_logits: bool = False) -> TokenStats:
+    """Stats of tokens 1..L-1 of right-padded rows [N, L] under the causal LM ``lm``, every row
+    running its whole prefix; the LM head in chunks unless ``use_full_logits``."""
+    inputs, targets = input_ids[:, :-1], input_ids[:, 1:]
+    mask = attention_mask[:, :-1]
+    if use_full_logits:  # e.g. under ZeRO-3, where the head weight is partitioned
+        logits = lm(input_ids=inputs, attention_mask=mask).logits
+        return token_stats(logits, targets, temperature, chunk_size=chunk_size)
+    hidden = lm.base_model(input_ids=inputs, attention_mask=mask).last_hidden_state
+    return token_stats_from_hidden(hidden, lm.get_output_embeddings().weight, targets, temperature,
+                                   chunk_size=chunk_size)
 
 
 class HFCausalLMModule(TorchRLModule):
@@ -75,14 +89,8 @@ class HFCausalLMModule(TorchRLModule):
         return self._plain_stats(input_ids, attention_mask, temperature, use_full_logits)
 
     def _plain_stats(self, input_ids, attention_mask, temperature, use_full_logits=False) -> TokenStats:
-        inputs, targets = input_ids[:, :-1], input_ids[:, 1:]
-        mask = attention_mask[:, :-1]
-        if use_full_logits:  # e.g. under ZeRO-3, where the head weight is partitioned
-            logits = self.lm(input_ids=inputs, attention_mask=mask).logits
-            return token_stats(logits, targets, temperature, chunk_size=self.logits_chunk_size)
-        hidden = self.lm.base_model(input_ids=inputs, attention_mask=mask).last_hidden_state
-        return token_stats_from_hidden(hidden, self.lm.get_output_embeddings().weight, targets, temperature,
-                                       chunk_size=self.logits_chunk_size)
+        return causal_lm_token_stats(self.lm, input_ids, attention_mask, temperature, self.logits_chunk_size,
+                                     use_full_logits)
 
     def _shared_prompt_stats(self, input_ids, attention_mask, temperature, prompt_lengths, distinct) -> TokenStats:
         hidden, layout = shared_prompt_hidden(self.lm.base_model, input_ids, attention_mask, prompt_lengths, distinct)

@@ -19,7 +19,7 @@ import torch
 
 from opefo_rllib.core.advantages import group_advantages
 
-__all__ = ["Rollout", "collate", "concat_batches", "learner_batch", "rollout_metrics", "verify_failed"]
+__all__ = ["Rollout", "batch_advantages", "collate", "concat_batches", "learner_batch", "rollout_metrics", "verify_failed"]
 
 
 @dataclasses.dataclass
@@ -83,21 +83,28 @@ def learner_batch(rollouts: Sequence[Rollout], pad_id: int, adv_estimator: str,
     """
     batch = collate(rollouts, pad_id)
     failed = torch.tensor([verify_failed(r) for r in rollouts], dtype=torch.bool)
-    if verify_failure_policy == "mask" and bool(failed.any()):
-        keep = ~failed
-        advantages = torch.zeros(len(rollouts), dtype=torch.float32)
-        if bool(keep.any()):
-            advantages[keep] = group_advantages(batch["rewards"][keep], batch["group_ids"][keep], adv_estimator)
-        batch["advantages"] = advantages
-        batch["response_mask"][failed] = 0.0
-    else:
-        batch["advantages"] = group_advantages(batch["rewards"], batch["group_ids"], adv_estimator)
     batch["verify_masked"] = failed if verify_failure_policy == "mask" else torch.zeros_like(failed)
+    batch["advantages"] = batch_advantages(batch["rewards"], batch["group_ids"], batch["verify_masked"], adv_estimator)
+    batch["response_mask"][batch["verify_masked"]] = 0.0
     truncated = torch.tensor([not r.finished for r in rollouts], dtype=torch.bool)
     if mask_truncated:
         batch["response_mask"][truncated] = 0.0
     batch["truncation_masked"] = truncated if mask_truncated else torch.zeros_like(truncated)
     return batch
+
+
+def batch_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, excluded: torch.Tensor,
+                     adv_estimator: str) -> torch.Tensor:
+    """Group advantages [N] of ``rewards``; the ``excluded`` rows (verification failed, masked)
+    get 0 and stay out of their group's baseline. The learner calls it again when it shapes the
+    rewards (``kl_in: reward``)."""
+    if not bool(excluded.any()):
+        return group_advantages(rewards, group_ids, adv_estimator)
+    advantages = torch.zeros(len(rewards), dtype=torch.float32)
+    keep = ~excluded
+    if bool(keep.any()):
+        advantages[keep] = group_advantages(rewards[keep], group_ids[keep], adv_estimator)
+    return advantages
 
 
 def concat_batches(parts: Sequence[dict[str, Any]], pad_id: int) -> dict[str, Any]:

@@ -253,3 +253,29 @@ def test_a_users_bpe_model_trains_on_two_zero3_learners_and_resumes(tmp_path):
     resumed = _cli("--resume", str(tmp_path / "run" / "checkpoints" / "iter_000001"), cwd=tmp_path)
     assert "at iteration 1" in resumed
     assert _line(resumed, 2) == _line(straight, 2)
+
+
+@pytest.mark.parametrize("stage,kl_in", [(2, "loss"), (3, "reward")])
+def test_two_learners_make_the_one_learner_update_with_a_kl_penalty(ray_session, stage, kl_in):
+    """Each learner scores its shard with its reference (under ZeRO-3 copied from the gathered
+    policy); two updates, so the second one has a KL to penalise."""
+    kl = {"kl_coef": 0.5, "kl_estimator": "k3", "kl_in": kl_in}
+    engine = make_engine()
+    one = build_learner(zero_stage=stage, micro_batch_size=5, adam_eps=ADAM_EPS, **kl)
+    group = _group(2, zero_stage=stage, **kl)
+    try:
+        for step in range(2):
+            batch = rollout_batch(engine, prompts=6, group=4, seed=step)
+            batch["weight_versions"] += step
+            m1 = one.update_from_rollouts(batch, step).metrics
+            m2 = _on_all(group, lambda learner, b=batch, s=step: learner.update_from_rollouts(b, s).metrics,
+                         what="the update")
+        w2 = _on_all(group, lambda learner: learner.policy_weights(), what="the weights")
+    finally:
+        group.shutdown()
+    assert m1["kl/mean"] > 1e-4
+    for key in ("kl/mean", "kl/max", "entropy_flow/P", "entropy_flow/N", "learner/loss"):
+        assert m2[key] == pytest.approx(m1[key], rel=1e-3, abs=1e-6), key
+    w1 = one.policy_weights()
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5)

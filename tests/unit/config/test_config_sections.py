@@ -56,6 +56,7 @@ BAD_VALUES = [
     ("adv_estimator=ppo", "adv_estimator"), ("policy_loss=dpo", "policy_loss"), ("loss_agg_mode=sum", "loss_agg_mode"),
     ("entropy_coef=nan", "entropy_coef"), ("adaptive_entropy=1", "adaptive_entropy"),
     ("entropy_coef_lr=-1", "entropy_coef_lr"), ("entropy_coef_max=-1", "entropy_coef_max"),
+    ("kl_coef=-0.1", "kl_coef"), ("kl_estimator=k4", "kl_estimator"), ("kl_in=advantage", "kl_in"),
     ("top_entropy_quantile=0", "top_entropy_quantile"), ("top_entropy_quantile=1.5", "top_entropy_quantile"), ("tis_cap=0", "tis_cap"), ("strict_on_policy=1", "strict_on_policy"),
     ("num_updates_per_batch=4", "num_updates_per_batch"), ("num_updates_per_batch=0", "num_updates_per_batch"),
     ("micro_batch_size=0", "micro_batch_size"), ("max_tokens_per_micro_batch=0", "max_tokens_per_micro_batch"), ("verify_failure_policy=drop", "verify_failure_policy"),
@@ -99,6 +100,13 @@ def test_stream_backward_refuses_what_needs_the_whole_batch(other):
     data = apply_overrides(load_run_config([TINY]), ["pipeline=streaming", "stream_backward=true", other])
     with pytest.raises(ConfigError, match="config field 'stream_backward'"):
         build_algo_config(data)
+
+
+def test_the_kl_penalty_is_refused_with_stream_backward():
+    data = apply_overrides(load_run_config([TINY]), ["pipeline=streaming", "stream_backward=true", "kl_coef=0.01"])
+    with pytest.raises(ConfigError, match="config field 'kl_coef'.*stream_backward"):
+        build_algo_config(data)
+    build_algo_config(apply_overrides(load_run_config([TINY]), ["kl_coef=0.01", "kl_in=reward"]))  # streaming alone: fine
 
 
 def test_every_checked_field_has_a_bad_value_case():
