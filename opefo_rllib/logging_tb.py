@@ -122,8 +122,8 @@ LAYOUT: tuple[Category, ...] = (
         Chart("data: skipped rows and prompts, filtered groups, shortfall",
               (r"^data/", r"^rollout/(prompts_skipped_too_long|groups_filtered|batch_shortfall|refill_rounds)$")),
         Chart("staleness and dropped batches", (r"^rollout/(staleness_mean|staleness_max|dropped_stale)$",)),
-        Chart("fleet: memory releases, weight syncs, transfer groups",
-              (r"^fleet/(memory_releases|native_weight_sync|transfer_group_builds)$",)),
+        Chart("fleet: memory releases, weight syncs, transfer groups, MB per sync",
+              (r"^fleet/(memory_releases|native_weight_sync|transfer_group_builds|weight_sync_mb)$",)),
         Chart("weight version and optimizer steps", (r"^learner/(weight_version|optimizer_steps)$",)),
     ), closed=True),
 )

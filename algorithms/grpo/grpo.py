@@ -234,6 +234,12 @@ class GRPO(Algorithm):
         self.env_runner.use_fleet(self.fleet)
         # Learner -> engines weights (native or object store).
         self.weight_sync = WeightSync(self.fleet, self.run_on_learner, master_address=c.weight_transfer_address)
+        if c.lora_rank:
+            from opefo_rllib.config.sections import lora_syncs_adapter
+
+            logger.warning("LoRA rank %d: the %s engines get %s after each step", c.lora_rank, c.engine,
+                           "the adapter alone" if lora_syncs_adapter(c) else
+                           "the merged weights (base + B A; adapter-only sync is built for the hf engine)")
         self.pipeline = make_pipeline(c.pipeline, c, self.env_runner, self.run_on_learner, self._log_at)
         self.evaluator = None  # validation on the training fleet (eval_tasks), when scheduled
         if c.eval_tasks and (c.eval_every or c.eval_before_train):
@@ -376,9 +382,13 @@ class GRPO(Algorithm):
             self.run_on_learner(_clear_staged_state, what="releasing the staged learner state")
 
     def export_policy(self, directory: str) -> str:
-        """Write the current policy in Hugging Face format (safetensors + config + tokenizer)."""
-        from opefo_rllib.learner.hf_export import export_hf_policy
+        """Write the current policy in Hugging Face format (safetensors + config + tokenizer); under
+        LoRA the merged model, or with ``export_adapter`` the adapter alone in peft's format."""
+        from opefo_rllib.learner.hf_export import export_adapter, export_hf_policy
 
+        if self.config.lora_rank and self.config.export_adapter:
+            state, lora_config = self.run_on_learner(lambda learner: learner.adapter_export(), what="the adapter")
+            return export_adapter(self.config.model_path, state, lora_config, directory)
         return export_hf_policy(self.config.model_path, self.policy_weights(), directory)
 
     @override(Algorithm)

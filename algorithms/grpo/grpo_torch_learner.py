@@ -99,7 +99,11 @@ class GRPOTorchLearner(DeepSpeedTorchLearner):
         return make_balance_rule("none")
 
     def build_reference(self) -> ReferencePolicy:
-        """The KL reference: a frozen copy of the policy before any step (gathered under ZeRO-3)."""
+        """The KL reference: the policy with its adapter off (LoRA), else a frozen copy of the
+        policy before any step (gathered under ZeRO-3)."""
+        module = self._module[DEFAULT_MODULE_ID]
+        if module.peft_model is not None:
+            return ReferencePolicy.adapter_disabled(module.peft_model, module.lm, self.config.logits_chunk_size)
         with self._gathered_policy() as lm:
             return ReferencePolicy.copy_of(lm, self.config.logits_chunk_size)
 
@@ -292,8 +296,12 @@ class GRPOTorchLearner(DeepSpeedTorchLearner):
         from opefo_rllib.fleet.vllm_transfer import NativeWeightSender
 
         if self._native_sender is None:
-            lm = self._module[DEFAULT_MODULE_ID].lm
-            self._native_sender = NativeWeightSender(lambda: lm.state_dict().items(), master_address)
+            module = self._module[DEFAULT_MODULE_ID]
+            lm = module.lm
+            # under LoRA: base + B A merged (CPU copies), by the plain model's names: vLLM serves the merged model
+            named = (lambda: self._hf_state_dict(lm).items()) if module.peft_model is not None \
+                else (lambda: lm.state_dict().items())
+            self._native_sender = NativeWeightSender(named, master_address)
         with self._gathered_policy():  # every learner takes part in a ZeRO-3 gather; rank 0 sends
             if self.dp_rank == 0:
                 self._native_sender.send(actors, world_sizes, backend, self.weight_version, step, timeout_s, rebuild)

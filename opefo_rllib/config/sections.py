@@ -23,7 +23,7 @@ from opefo_rllib.core.entropy_flow import ESTIMATORS
 from opefo_rllib.core.kl import KL_ESTIMATORS, KL_PLACES
 from opefo_rllib.config.fields import Section, register_section, setting, SECTIONS
 
-__all__ = ["RunSettings", "RLlibSettings", "PolicyModelSettings", "GenerationSettings", "RolloutPipelineSettings",
+__all__ = ["RunSettings", "RLlibSettings", "PolicyModelSettings", "LoraSettings", "lora_syncs_adapter", "GenerationSettings", "RolloutPipelineSettings",
            "FleetSettings",
            "ObjectiveSettings", "KLSettings", "EntropyFlowSettings", "OptimizationSettings", "DeepSpeedSettings",
            "LoggingSettings", "EvaluationSettings", "RUN_SECTION", "RLLIB_SECTION", "run_fields", "rllib_fields"]
@@ -55,6 +55,45 @@ class PolicyModelSettings:
                                          "same stats up to float order (checked once per run against the plain "
                                          "forward; a model that fails keeps the plain one). Off under ZeRO-3 and "
                                          "gradient checkpointing")
+
+
+@dataclasses.dataclass
+class LoraSettings:
+    """LoRA adapters (peft) on the policy: only they train, are checkpointed and go to the engines."""
+
+    lora_rank: int = setting(0, "rank r of the LoRA adapters (0: off, full fine-tuning)", low=0)
+    lora_alpha: float = setting(16.0, "LoRA scale numerator: the update is alpha / r x B A", low=0.0, low_open=True)
+    lora_dropout: float = setting(0.0, "dropout on the adapters' input (> 0 makes the learner's log-probs differ "
+                                  "from the engines': strict on-policy needs 0)", low=0.0, high=1.0, high_open=True)
+    lora_target_modules: list | None = setting(None, "names of the Linear modules to adapt (None: the "
+                                               "architecture's attention and MLP projections, models/lora.py)",
+                                               check=lambda v: None if v and all(isinstance(m, str) and m for m in v)
+                                               else "must be a non-empty list of module names")
+    lora_sync: str = setting("auto", "what the engines get after a step: adapter (the adapter tensors only; HF "
+                             "engines), merged (base + B A as whole weights, through the full-weight path), or auto "
+                             "(adapter where the engine takes it, else merged)", choices=("auto", "adapter", "merged"))
+    export_adapter: bool = setting(False, "exports (hf_policy/ beside each checkpoint) write the adapter alone, in "
+                                   "peft's format, instead of the merged model")
+
+    @staticmethod
+    def cross_checks(c) -> Iterator[tuple[str, str]]:
+        if not c.lora_rank:
+            return
+        if c.zero_stage == 3:
+            yield "lora_rank", ("LoRA trains under ZeRO 0-2 here; ZeRO-3 would partition the frozen base weights the "
+                                "merged sync and the reference gather whole (use zero_stage 0, 1 or 2)")
+        if c.lora_sync == "adapter" and c.engine != "hf":
+            yield "lora_sync", (f"adapter-only sync is built for the hf engine; engine {c.engine!r} takes merged "
+                                "weights (lora_sync: auto or merged)")
+        if c.lora_dropout > 0 and c.strict_on_policy:
+            yield "lora_dropout", "strict on-policy needs the learner to score what the engines sampled: dropout 0"
+        if c.balance_mode == "optimizer_aware":
+            yield "balance_mode", "optimizer_aware reads Adam's state of every parameter; with LoRA use another rule"
+
+
+def lora_syncs_adapter(c) -> bool:
+    """The engines get the adapter alone (else merged weights): LoRA on, and an engine that takes it."""
+    return bool(c.lora_rank) and c.lora_sync in ("auto", "adapter") and c.engine == "hf"
 
 
 @dataclasses.dataclass
@@ -436,6 +475,7 @@ class RegistrySection(Section):
 
 register_section("environment", EnvironmentSettings)
 register_section("policy_model", PolicyModelSettings)
+register_section("lora", LoraSettings, setter="policy_model")
 register_section("prompts", PromptSettings, setter="generation")
 register_section("generation", GenerationSettings)
 register_section("rollout", RolloutPipelineSettings)

@@ -14,10 +14,13 @@ def fleet_from_config(c: Any, tokenizer: Any,
     """Start ``c.num_engines`` engines of ``c.engine`` on ``c.model_path``. Engines get every EOS id
     of the model (each ends a response) and a pad id that is always masked; they see token ids
     only, never text. ``weights_source``: the learner's (weights, version), for a restarted engine."""
+    from opefo_rllib.config.sections import lora_syncs_adapter
     from opefo_rllib.models.loading import resolve_model_path
 
     engine_kwargs = {"model_path": str(resolve_model_path(c.model_path)), "eos_token_id": list(tokenizer.eos_token_ids),
                      "pad_token_id": tokenizer.pad_token_id, "dtype": c.engine_dtype}
+    if lora_syncs_adapter(c):  # the engines carry the adapter and get it alone after each step
+        engine_kwargs["lora"] = {"rank": c.lora_rank, "alpha": c.lora_alpha, "target_modules": c.lora_target_modules}
     if c.engine == "vllm":
         engine_kwargs["colocated"] = c.colocate_engines
         if c.weight_sync != "object_store":

@@ -34,6 +34,8 @@ class HFEngine(NoNativeTransfer):
         device: where the model runs ("cpu", "cuda"); sampling uses a generator on that device.
         token_delay_s: seconds slept before each decoding step: a slow (or, with a large value,
             stalled) engine for the stall-deadline tests; 0 in real runs.
+        lora: ``{"rank", "alpha", "target_modules"}``: the engine carries the learner's LoRA adapter
+            (peft, injected in place) and ``load_weights`` takes the adapter tensors alone.
 
     ``generated_tokens`` counts the tokens sampled so far, over the engine's life: the fleet's
     stall deadline reads it (through ``EngineActor.progress``) while a ``generate`` call runs.
@@ -41,13 +43,18 @@ class HFEngine(NoNativeTransfer):
 
     def __init__(self, model_path: str, eos_token_id: int | Sequence[int], pad_token_id: int = 0,
                  dtype: str = "float32", num_threads: int | None = 1, device: str = "cpu",
-                 token_delay_s: float = 0.0):
+                 token_delay_s: float = 0.0, lora: dict | None = None):
         if num_threads:
             torch.set_num_threads(num_threads)
         from opefo_rllib.models.loading import load_model
 
         self.device = torch.device(device)
         self.model = load_model(model_path, dtype=getattr(torch, dtype)).to(self.device)
+        self.lora = bool(lora)
+        if lora:  # B = 0: the base model until the first adapter arrives, as on the learner
+            from opefo_rllib.models.lora import apply_lora
+
+            apply_lora(self.model, lora["rank"], lora["alpha"], 0.0, lora.get("target_modules"))
         self.model.eval()
         self.eos_ids = as_token_ids(eos_token_id, "HFEngine eos_token_id")
         self.pad = int(pad_token_id)
@@ -78,9 +85,16 @@ class HFEngine(NoNativeTransfer):
             torch.cuda.empty_cache()
 
     def load_weights(self, weights: Mapping[str, Any], version: int) -> None:
+        """The policy's weights (a full state dict), or with ``lora`` its adapter tensors alone."""
         from opefo_rllib.models.loading import load_policy_weights
 
-        load_policy_weights(self.model, {k: torch.as_tensor(v) for k, v in weights.items()}, "HFEngine.load_weights")
+        if self.lora:
+            from opefo_rllib.models.lora import load_adapter_state
+
+            load_adapter_state(self.model, weights, "HFEngine.load_weights")
+        else:
+            load_policy_weights(self.model, {k: torch.as_tensor(v) for k, v in weights.items()},
+                                "HFEngine.load_weights")
         self._version = int(version)
 
     @torch.no_grad()

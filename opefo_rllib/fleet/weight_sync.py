@@ -9,7 +9,8 @@ the engines:
   transfer group is built on the first sync and rebuilt after any engine restart; a failed round
   restarts the engines that are dead or left mid-update, then is retried once.
 * ``"object_store"`` (HF and SGLang engines, vLLM without the API): the learner's CPU state dict
-  goes into Ray's object store once and every engine loads it.
+  goes into Ray's object store once and every engine loads it. Under LoRA that is the adapter
+  alone for HF engines, the merged weights for the others (``learner.engine_weights``).
 
 Either way a restarted engine gets its weights the object-store way (the fleet's own
 ``weights_source``, given when it is built). WeightSync uses only the fleet's public methods
@@ -32,7 +33,7 @@ class WeightSync:
     """Args:
         fleet: the engine fleet to keep in sync.
         run_on_learner: ``run_on_learner(fn)`` -> ``fn(learner)``, run where the learner lives. The
-            learner has ``policy_weights()``, ``weight_version`` and ``push_weights_native(...)``.
+            learner has ``engine_weights()``, ``weight_version`` and ``push_weights_native(...)``.
         master_address: where the learner's transfer-group store listens (native strategy).
     """
 
@@ -41,6 +42,7 @@ class WeightSync:
         self.fleet, self.run_on_learner, self.master_address = fleet, run_on_learner, master_address
         self.strategy = "object_store" if fleet.native_backend is None else "native"
         self.group_builds = 0
+        self.last_mb = 0.0  # megabytes of the last object-store push (under LoRA with adapter sync: the adapter's)
         self._built_at_restarts: int | None = None  # fleet.restarts when the transfer group was built
 
     def sync(self, step: int) -> float:
@@ -50,6 +52,7 @@ class WeightSync:
             self._sync_native(step)
         else:
             weights, version = self.run_on_learner(weights_and_version)
+            self.last_mb = sum(getattr(v, "nbytes", 0) for v in weights.values()) / 2**20
             self.fleet.sync_weights(weights, version, step)
         return time.perf_counter() - start
 
@@ -77,7 +80,8 @@ class WeightSync:
     def metrics(self) -> dict[str, float]:
         """The weight-sync counters, as logged every iteration."""
         return {"fleet/native_weight_sync": float(self.strategy == "native"),
-                "fleet/transfer_group_builds": float(self.group_builds)}
+                "fleet/transfer_group_builds": float(self.group_builds),
+                "fleet/weight_sync_mb": self.last_mb}
 
 
 # Module-level, so they pickle by reference when the learner is a remote actor.
@@ -86,8 +90,9 @@ def _weight_version(learner) -> int:
 
 
 def weights_and_version(learner) -> tuple[dict, int]:
-    """The learner's CPU state dict and its version (a fleet's ``weights_source`` asks this)."""
-    return learner.policy_weights(), learner.weight_version
+    """What the engines load (the learner's CPU state dict, or under LoRA with adapter sync its
+    adapter alone) and its version; a fleet's ``weights_source`` asks this too."""
+    return learner.engine_weights(), learner.weight_version
 
 
 def _push_native(learner, **kwargs) -> int:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 import torch
 from ray.rllib.core import DEFAULT_MODULE_ID
@@ -15,12 +16,40 @@ class WeightAccess:
     """TorchLearner mixin (with ``DeepSpeedEngine``): the policy weights, gathered."""
 
     def policy_weights(self) -> dict[str, torch.Tensor] | None:
-        """A CPU copy of the Hugging Face model's state dict (gathered under ZeRO-3), from rank 0;
-        None on the other learners (which take part in the gather)."""
+        """A CPU copy of the Hugging Face model's state dict (gathered under ZeRO-3; under LoRA
+        with the adapter merged in, under the plain model's names), from rank 0; None on the other
+        learners (which take part in the gather)."""
         with self._gathered_policy() as lm:
             if self.dp_rank != 0:
                 return None
-            return {k: v.detach().to("cpu", copy=True) for k, v in lm.state_dict().items()}
+            return self._hf_state_dict(lm)
+
+    def engine_weights(self) -> dict[str, torch.Tensor] | None:
+        """What the engines load after a step: the adapter tensors alone where they take them
+        (LoRA, ``lora_syncs_adapter``), else ``policy_weights()``."""
+        from opefo_rllib.config.sections import lora_syncs_adapter
+        from opefo_rllib.models.lora import adapter_state
+
+        if not lora_syncs_adapter(self.config):
+            return self.policy_weights()
+        return adapter_state(self._module[DEFAULT_MODULE_ID].lm) if self.dp_rank == 0 else None
+
+    def adapter_export(self) -> tuple[dict[str, torch.Tensor], Any] | None:
+        """LoRA: the adapter in peft's own format (its state dict and ``LoraConfig``), from rank 0."""
+        from peft import get_peft_model_state_dict
+
+        peft_model = self._module[DEFAULT_MODULE_ID].peft_model
+        if self.dp_rank != 0:
+            return None
+        state = {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(peft_model).items()}
+        return state, peft_model.peft_config["default"]
+
+    def _hf_state_dict(self, lm) -> dict[str, torch.Tensor]:
+        if self._module[DEFAULT_MODULE_ID].peft_model is not None:
+            from opefo_rllib.models.lora import merged_state_dict
+
+            return merged_state_dict(lm)
+        return {k: v.detach().to("cpu", copy=True) for k, v in lm.state_dict().items()}
 
     @contextlib.contextmanager
     def _gathered_policy(self):

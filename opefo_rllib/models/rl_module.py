@@ -47,7 +47,9 @@ class HFCausalLMModule(TorchRLModule):
 
     # model_config key -> the config field (policy_model section) it comes from
     CONFIG_FIELDS = {"model_path": "model_path", "dtype": "model_dtype", "gradient_checkpointing": "gradient_checkpointing",
-                     "logits_chunk_size": "logits_chunk_size", "share_prompt_forward": "share_prompt_forward"}
+                     "logits_chunk_size": "logits_chunk_size", "share_prompt_forward": "share_prompt_forward",
+                     "lora_rank": "lora_rank", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout",
+                     "lora_target_modules": "lora_target_modules"}
 
     @classmethod
     def model_config_of(cls, config) -> dict[str, Any]:
@@ -67,12 +69,32 @@ class HFCausalLMModule(TorchRLModule):
             self.lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(hf.pop("model_type"), **hf), dtype=dtype)
         else:
             self.lm = load_model(cfg.get("model_path", "tiny-default"), dtype=dtype)
+        # LoRA (peft): adapters injected into self.lm in place, everything else frozen; peft's
+        # wrapper is kept outside the module tree (its parameters are self.lm's).
+        self.__dict__["peft_model"] = None
+        if cfg.get("lora_rank"):
+            from opefo_rllib.models.lora import apply_lora
+
+            self.__dict__["peft_model"] = apply_lora(self.lm, cfg["lora_rank"], cfg.get("lora_alpha", 16.0),
+                                                     cfg.get("lora_dropout", 0.0), cfg.get("lora_target_modules"))
         if cfg.get("gradient_checkpointing"):
+            if self.peft_model is not None:  # the frozen embeddings' output must carry a graph to the adapters
+                self.lm.enable_input_require_grads()
             self.lm.gradient_checkpointing_enable()
             self.lm.config.use_cache = False
         self.logits_chunk_size = int(cfg.get("logits_chunk_size", 1024))
         self.share_prompt_forward = bool(cfg.get("share_prompt_forward", True))
         self._prompt_sharing_checked = False
+
+    @override(TorchRLModule)
+    def get_state(self, *args, **kwargs):
+        """Under LoRA the adapter alone (the base model is ``model_path``'s, rebuilt on restore)."""
+        state = super().get_state(*args, **kwargs)
+        if self.peft_model is None:
+            return state
+        from opefo_rllib.models.lora import LORA_KEY
+
+        return {k: v for k, v in state.items() if LORA_KEY in k}
 
     def sequence_token_stats(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0,
                              use_full_logits: bool = False, prompt_lengths: torch.Tensor | None = None) -> TokenStats:

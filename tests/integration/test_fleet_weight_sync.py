@@ -65,7 +65,8 @@ def test_object_store_strategy_pushes_the_learners_weights_and_version():
     assert sync.strategy == "object_store"
     assert sync.sync(step=4) >= FakeFleet.LOAD_S  # the seconds it took, the engines' load included
     assert fleet.calls == [("sync_weights", {"w": 3}, 3, 4)]
-    assert sync.metrics() == {"fleet/native_weight_sync": 0.0, "fleet/transfer_group_builds": 0.0}
+    assert sync.metrics() == {"fleet/native_weight_sync": 0.0, "fleet/transfer_group_builds": 0.0,
+                              "fleet/weight_sync_mb": 0.0}  # the fake's weights are not tensors
 
 
 def test_a_restarted_engine_gets_the_learners_current_weights_and_version():
@@ -83,7 +84,8 @@ def test_native_group_is_built_once_then_rebuilt_after_a_restart():
     assert [p["rebuild"] for p in learner.pushes] == [True, False, True]
     assert {p["address"] for p in learner.pushes} == {"10.0.0.1"}
     assert fleet.calls[-1] == ("confirm_version", 3, 2)
-    assert sync.metrics() == {"fleet/native_weight_sync": 1.0, "fleet/transfer_group_builds": 2.0}
+    assert sync.metrics() == {"fleet/native_weight_sync": 1.0, "fleet/transfer_group_builds": 2.0,
+                              "fleet/weight_sync_mb": 0.0}  # measured on the object-store path only
 
 
 def test_a_failed_native_round_restarts_engines_and_retries_once_with_a_new_group():

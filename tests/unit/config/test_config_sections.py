@@ -57,6 +57,10 @@ BAD_VALUES = [
     ("entropy_coef=nan", "entropy_coef"), ("adaptive_entropy=1", "adaptive_entropy"),
     ("entropy_coef_lr=-1", "entropy_coef_lr"), ("entropy_coef_max=-1", "entropy_coef_max"),
     ("kl_coef=-0.1", "kl_coef"), ("kl_estimator=k4", "kl_estimator"), ("kl_in=advantage", "kl_in"),
+    ("lora_rank=-1", "lora_rank"), ("lora_alpha=0", "lora_alpha"), ("lora_dropout=1.0", "lora_dropout"),
+    ("lora_target_modules=[]", "lora_target_modules"), ("lora_sync=tensors", "lora_sync"),
+    ("lora_rank=8\nzero_stage=3", "lora_rank"), ("lora_rank=8\nengine=vllm\nlora_sync=adapter", "lora_sync"),
+    ("lora_rank=8\nlora_dropout=0.1", "lora_dropout"),
     ("top_entropy_quantile=0", "top_entropy_quantile"), ("top_entropy_quantile=1.5", "top_entropy_quantile"), ("tis_cap=0", "tis_cap"), ("strict_on_policy=1", "strict_on_policy"),
     ("num_updates_per_batch=4", "num_updates_per_batch"), ("num_updates_per_batch=0", "num_updates_per_batch"),
     ("micro_batch_size=0", "micro_batch_size"), ("max_tokens_per_micro_batch=0", "max_tokens_per_micro_batch"), ("verify_failure_policy=drop", "verify_failure_policy"),
@@ -81,7 +85,7 @@ BAD_VALUES = [
 @pytest.mark.parametrize("override, field", BAD_VALUES, ids=[o for o, _ in BAD_VALUES])
 def test_each_validation_rule_names_its_field(override, field):
     # The library's pipeline (sync): the default run's streaming refuses some of these values itself.
-    data = apply_overrides(load_run_config([TINY]), ["pipeline=sync", override])
+    data = apply_overrides(load_run_config([TINY]), ["pipeline=sync", *override.split("\n")])  # a newline: several
     with pytest.raises(ConfigError, match=f"config field '{field}'"):
         build_algo_config(data)
 
