@@ -239,7 +239,7 @@ class GRPO(Algorithm):
 
             logger.warning("LoRA rank %d: the %s engines get %s after each step", c.lora_rank, c.engine,
                            "the adapter alone" if lora_syncs_adapter(c) else
-                           "the merged weights (base + B A; adapter-only sync is built for the hf engine)")
+                           "the merged weights (base + B A)")
         self.pipeline = make_pipeline(c.pipeline, c, self.env_runner, self.run_on_learner, self._log_at)
         self.evaluator = None  # validation on the training fleet (eval_tasks), when scheduled
         if c.eval_tasks and (c.eval_every or c.eval_before_train):

@@ -70,7 +70,7 @@ class LoraSettings:
                                                check=lambda v: None if v and all(isinstance(m, str) and m for m in v)
                                                else "must be a non-empty list of module names")
     lora_sync: str = setting("auto", "what the engines get after a step: adapter (the adapter tensors only; HF "
-                             "engines), merged (base + B A as whole weights, through the full-weight path), or auto "
+                             "and vLLM engines), merged (base + B A as whole weights, through the full-weight path), or auto "
                              "(adapter where the engine takes it, else merged)", choices=("auto", "adapter", "merged"))
     export_adapter: bool = setting(False, "exports (hf_policy/ beside each checkpoint) write the adapter alone, in "
                                    "peft's format, instead of the merged model")
@@ -82,18 +82,23 @@ class LoraSettings:
         if c.zero_stage == 3:
             yield "lora_rank", ("LoRA trains under ZeRO 0-2 here; ZeRO-3 would partition the frozen base weights the "
                                 "merged sync and the reference gather whole (use zero_stage 0, 1 or 2)")
-        if c.lora_sync == "adapter" and c.engine != "hf":
-            yield "lora_sync", (f"adapter-only sync is built for the hf engine; engine {c.engine!r} takes merged "
-                                "weights (lora_sync: auto or merged)")
+        if c.lora_sync == "adapter" and c.engine not in ADAPTER_ENGINES:
+            yield "lora_sync", (f"adapter-only sync is built for the {' and '.join(ADAPTER_ENGINES)} engines; engine "
+                                f"{c.engine!r} takes merged weights (lora_sync: auto or merged)")
+        if c.weight_sync == "native" and lora_syncs_adapter(c):
+            yield "weight_sync", "with LoRA the engines get the adapter through the object store (weight_sync: auto)"
         if c.lora_dropout > 0 and c.strict_on_policy:
             yield "lora_dropout", "strict on-policy needs the learner to score what the engines sampled: dropout 0"
         if c.balance_mode == "optimizer_aware":
             yield "balance_mode", "optimizer_aware reads Adam's state of every parameter; with LoRA use another rule"
 
 
+ADAPTER_ENGINES = ("hf", "vllm")  # engines that serve a LoRA adapter (SGLang's adapter API is not wired up)
+
+
 def lora_syncs_adapter(c) -> bool:
     """The engines get the adapter alone (else merged weights): LoRA on, and an engine that takes it."""
-    return bool(c.lora_rank) and c.lora_sync in ("auto", "adapter") and c.engine == "hf"
+    return bool(c.lora_rank) and c.lora_sync in ("auto", "adapter") and c.engine in ADAPTER_ENGINES
 
 
 @dataclasses.dataclass

@@ -23,7 +23,7 @@ def fleet_from_config(c: Any, tokenizer: Any,
         engine_kwargs["lora"] = {"rank": c.lora_rank, "alpha": c.lora_alpha, "target_modules": c.lora_target_modules}
     if c.engine == "vllm":
         engine_kwargs["colocated"] = c.colocate_engines
-        if c.weight_sync != "object_store":
+        if c.weight_sync != "object_store" and not lora_syncs_adapter(c):  # an adapter goes the object-store way
             engine_kwargs["weight_transfer_backend"] = c.weight_transfer_backend
     engine_kwargs.update(c.engine_kwargs or {})  # e.g. vLLM's gpu_memory_utilization, HF's device
     fleet = EngineFleet(

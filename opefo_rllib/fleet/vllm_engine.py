@@ -71,6 +71,9 @@ class VLLMEngine:
             vLLM's weight-transfer API ("auto": ipc when colocated on a GPU, nccl on GPUs, opefo_gloo on
             CPU; nothing when the installed vLLM lacks the API); None: the ``load_weights`` path only.
         colocated: the engine shares the learner's GPU (enables vLLM's sleep mode on CUDA).
+        lora: ``{"rank", "alpha", "target_modules"}``: the engine serves the learner's LoRA adapter
+            through vLLM's LoRA API (``enable_lora``), one adapter per weight version
+            (vllm_lora.py); ``load_weights`` then takes the adapter tensors alone.
     """
 
     weight_transfer_backend: str | None = None  # the native backend in use (None: load_weights only)
@@ -78,7 +81,7 @@ class VLLMEngine:
     def __init__(self, model_path: str, eos_token_id: int | Sequence[int], pad_token_id: int = 0,
                  dtype: str = "float32", max_model_len: int | None = None, kv_cache_gib: int = 1, seed: int = 0,
                  num_threads: int | None = 1, weight_transfer_backend: str | None = None, colocated: bool = False,
-                 **llm_kwargs: Any):
+                 lora: dict | None = None, **llm_kwargs: Any):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in this process: ~4 s start
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
         if num_threads:
@@ -109,11 +112,22 @@ class VLLMEngine:
 
                 register_gloo_backend()
             llm_kwargs["weight_transfer_config"] = {"backend": weight_transfer_backend}
+        if lora:
+            from opefo_rllib.fleet.vllm_lora import vllm_max_lora_rank
+
+            llm_kwargs.update(enable_lora=True, max_lora_rank=vllm_max_lora_rank(lora["rank"]), max_loras=2)
         self.llm = LLM(model=str(resolve_model_path(model_path)), skip_tokenizer_init=True, dtype=dtype, seed=seed,
                        max_model_len=max_model_len, enforce_eager=True,
                        logprobs_mode="processed_logprobs",
                        worker_extension_cls="opefo_rllib.fleet.vllm_engine.WeightReloadExtension", **llm_kwargs)
         self._tokens = 0  # tokens of finished requests (generated_tokens adds those in flight)
+        self.adapter = None  # with lora: the adapter slot (None: full weights through load_weights)
+        if lora:
+            from opefo_rllib.fleet.vllm_lora import VLLMAdapterSlot
+
+            path = str(resolve_model_path(model_path))
+            self.adapter = VLLMAdapterSlot(self.llm, lora["rank"], lora["alpha"], lora.get("target_modules"), path,
+                                           self.llm.llm_engine.vllm_config.model_config.hf_config.model_type)
         self._set_version(0)
 
     def _set_version(self, version: int) -> None:
@@ -129,6 +143,8 @@ class VLLMEngine:
 
     def shutdown(self) -> None:
         """Stop vLLM's engine core (and its workers)."""
+        if self.adapter is not None:
+            self.adapter.close()
         self.llm.llm_engine.engine_core.shutdown()
 
     # vLLM's native weight-transfer API (driven by NativeWeightSender through FleetSyncClient).
@@ -214,7 +230,8 @@ class VLLMEngine:
         seed), which lets ``generated_tokens`` see the tokens as they come. A failure aborts the
         requests still queued, so the next call starts clean."""
         engine = self.llm.llm_engine
-        ids = self.llm.enqueue(prompts, params, use_tqdm=False)  # vLLM's internal request ids
+        lora = self.adapter.request if self.adapter is not None else None  # every request names the adapter
+        ids = self.llm.enqueue(prompts, params, lora_request=lora, use_tqdm=False)  # vLLM's internal request ids
         outputs: list = []
         try:
             while engine.has_unfinished_requests():
@@ -228,6 +245,11 @@ class VLLMEngine:
         return sorted(outputs, key=lambda out: int(out.request_id))  # the prompts' order, as _run_engine
 
     def load_weights(self, weights: Mapping[str, Any], version: int) -> None:
+        """The policy's weights (a full state dict), or with ``lora`` its adapter tensors alone."""
+        if self.adapter is not None:
+            self.adapter.load(weights, version)
+            self._set_version(version)
+            return
         import torch
         from safetensors.torch import save
 

@@ -19,7 +19,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 __all__ = ["DEFAULT_TARGETS", "LORA_KEY", "apply_lora", "adapter_state", "load_adapter_state", "merged_state_dict",
-           "target_modules_of"]
+           "peft_format", "target_modules_of"]
 
 LORA_KEY = ".lora_"  # in every adapter parameter's name (peft: ...q_proj.lora_A.default.weight)
 _BASE_LAYER = ".base_layer"  # peft keeps the wrapped Linear as <module>.base_layer
@@ -74,6 +74,12 @@ def load_adapter_state(lm: torch.nn.Module, state: Mapping[str, Any], where: str
     with torch.no_grad():
         for k, v in state.items():
             own[k].copy_(torch.as_tensor(v))
+
+
+def peft_format(state: Mapping[str, Any], adapter: str = "default") -> dict[str, Any]:
+    """Adapter tensors by the names of peft's saved format (what ``save_pretrained`` writes and
+    vLLM reads): ``base_model.model.<module>.lora_A.weight``, the adapter name dropped."""
+    return {"base_model.model." + k.replace(f".{adapter}.", "."): v for k, v in state.items()}
 
 
 def merged_state_dict(lm: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -165,3 +165,42 @@ def test_exports_reload_merged_and_as_a_peft_adapter(engine, tmp_path):
         for model in (merged.eval(), peft_model.get_base_model()):
             logp = causal_lm_token_stats(model, ids, attn, 1.0, None).logp
             assert float((logp - policy)[mask].abs().max()) < 1e-4
+
+
+def test_a_restarted_engine_gets_the_current_adapter(engine):
+    """A LoRA fleet: an engine killed after the adapter of version 3 was synced comes back from
+    the learner's weights_source with that adapter, and samples exactly what it sampled before."""
+    import ray
+
+    from opefo_rllib.fleet.fleet import EngineFleet
+
+    learner = build_learner(lr=3e-2, **LORA)
+    for step in range(3):
+        learner.update_from_rollouts(_next(rollout_batch(engine, seed=step), step), step)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        kwargs = {"model_path": str(TINY_DEFAULT_PATH), "eos_token_id": TOK.eos_token_id,
+                  "lora": {"rank": 4, "alpha": 8.0}}
+        fleet = EngineFleet("hf", num_engines=1, engine_kwargs=kwargs, sync_timeout_s=60,
+                            weights_source=lambda: (learner.engine_weights(), learner.weight_version))
+        fleet.sync_weights(learner.engine_weights(), version=learner.weight_version, step=3)
+        prompts = [TOK.encode(f"{i}*2=") for i in range(4)]
+
+        def run(kill: bool):
+            if kill:
+                ray.kill(fleet.actors[0])
+            pending = fleet.submit(prompts, 2, SamplingConfig(max_new_tokens=4), seed=11)
+            out = {}
+            while pending:
+                idx, results, _, pending, _ = fleet.wait_any(pending, step=4)
+                out.update({k: [(r.response_ids, r.sampling_logp, r.weight_version) for r in g]
+                            for k, g in zip(idx, results)})
+            return out
+
+        clean = run(kill=False)
+        restarted = run(kill=True)
+        assert fleet.restarts == 1
+        assert restarted == clean and {v for g in restarted.values() for *_, v in g} == {3}
+        fleet.shutdown()
+    finally:
+        ray.shutdown()

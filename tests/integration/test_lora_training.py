@@ -1,7 +1,7 @@
 """LoRA through `opefo train`: the HF engines get the adapter alone after every step and serve
 the learner's policy (the log-prob gap of every batch), checkpoints are the adapter, a resumed run
-reproduces the straight one, and the export is the adapter in peft's format; vLLM engines get the
-merged weights (the fallback, named in the log)."""
+reproduces the straight one, and the export is the adapter in peft's format; vLLM engines serve
+the adapter through vLLM's LoRA API, or take the merged weights (the fallback, named in the log)."""
 
 import os
 import subprocess
@@ -60,11 +60,16 @@ def _iteration_line(stdout: str, i: int) -> str:
     return line.split("s/it")[0].rsplit(" ", 1)[0]
 
 
-def test_lora_with_vllm_engines_syncs_merged_weights(tmp_path):
+@pytest.mark.parametrize("lora_sync", ["auto", "merged"])
+def test_lora_with_vllm_engines_serves_the_adapter_or_the_merged_weights(tmp_path, lora_sync):
     pytest.importorskip("vllm")
-    proc = _cli(*SMALL, "--set", "engine=vllm", "--set", "iterations=2", "--logdir", str(tmp_path / "v"),
-                cwd=tmp_path)
-    assert "the vllm engines get the merged weights" in proc.stderr
+    proc = _cli(*SMALL, "--set", "engine=vllm", "--set", f"lora_sync={lora_sync}", "--set", "iterations=3",
+                "--logdir", str(tmp_path / "v"), cwd=tmp_path)
+    what = "the adapter alone" if lora_sync == "auto" else "the merged weights"
+    assert f"the vllm engines get {what}" in proc.stderr
     s = _scalars(tmp_path / "v")
-    assert s["learner/weight_version"][2] == 2
-    assert max(s["rollout/logprob_gap_max"].values()) < 1e-3, s["rollout/logprob_gap_max"]
+    assert s["learner/weight_version"][3] == 3
+    # batches 2 and 3 were sampled with the adapter (or merged weights) of the step before
+    assert max(s["rollout/logprob_gap_max"].values()) < 1e-4, s["rollout/logprob_gap_max"]
+    if lora_sync == "auto":
+        assert 0 < s["fleet/weight_sync_mb"][3] < 0.5  # the adapter, not the 3 MB model
