@@ -9,8 +9,8 @@ Prints one line per figure, each measured in this run, for full fine-tuning and 
   learner  one ``update_from_rollouts`` of GSM8K chat prompts with random response tokens (rows x
            response tokens): seconds (median of 3 after one warm-up) and the learner process's
            peak RSS, each mode in a process of its own;
-  --cli    the same through ``opefo train`` (configs/smollm2_cpu.yaml, 3 iterations, evaluation
-           off, HF engine): medians of time/learn_s and time/weight_sync_s, fleet/weight_sync_mb.
+  --cli    the same through ``opefo train`` (configs/smollm2_cpu.yaml: its vLLM engine, 3 iterations,
+           evaluation off): medians of time/learn_s and time/weight_sync_s, fleet/weight_sync_mb.
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ def bench_cli(args) -> None:
                                                 f"lora_alpha={2 * args.rank}"])):
         run = Path(tempfile.mkdtemp(prefix=f"opefo_lora_bench_{mode}_"))
         cmd = [sys.executable, "-m", "opefo_rllib.cli", "train", "--config", "smollm2_cpu", "--set", "iterations=3",
-               "--set", "engine=hf", "--set", "eval_every=0", "--set", "eval_before_train=false",
+               "--set", "eval_every=0", "--set", "eval_before_train=false",
                "--set", "checkpoint_every=0", "--set", "export_hf_on_checkpoint=false", *extra, "--logdir", str(run)]
         start = time.perf_counter()
         subprocess.run(cmd, check=True, capture_output=True, text=True)

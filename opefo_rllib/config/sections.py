@@ -69,8 +69,8 @@ class LoraSettings:
                                                "architecture's attention and MLP projections, models/lora.py)",
                                                check=lambda v: None if v and all(isinstance(m, str) and m for m in v)
                                                else "must be a non-empty list of module names")
-    lora_sync: str = setting("auto", "what the engines get after a step: adapter (the adapter tensors only; HF "
-                             "and vLLM engines), merged (base + B A as whole weights, through the full-weight path), or auto "
+    lora_sync: str = setting("auto", "what the engines get after a step: adapter (the adapter tensors only; HF, "
+                             "vLLM and SGLang engines), merged (base + B A as whole weights, through the full-weight path), or auto "
                              "(adapter where the engine takes it, else merged)", choices=("auto", "adapter", "merged"))
     export_adapter: bool = setting(False, "exports (hf_policy/ beside each checkpoint) write the adapter alone, in "
                                    "peft's format, instead of the merged model")
@@ -82,9 +82,6 @@ class LoraSettings:
         if c.zero_stage == 3:
             yield "lora_rank", ("LoRA trains under ZeRO 0-2 here; ZeRO-3 would partition the frozen base weights the "
                                 "merged sync and the reference gather whole (use zero_stage 0, 1 or 2)")
-        if c.lora_sync == "adapter" and c.engine not in ADAPTER_ENGINES:
-            yield "lora_sync", (f"adapter-only sync is built for the {' and '.join(ADAPTER_ENGINES)} engines; engine "
-                                f"{c.engine!r} takes merged weights (lora_sync: auto or merged)")
         if c.weight_sync == "native" and lora_syncs_adapter(c):
             yield "weight_sync", "with LoRA the engines get the adapter through the object store (weight_sync: auto)"
         if c.lora_dropout > 0 and c.strict_on_policy:
@@ -93,7 +90,7 @@ class LoraSettings:
             yield "balance_mode", "optimizer_aware reads Adam's state of every parameter; with LoRA use another rule"
 
 
-ADAPTER_ENGINES = ("hf", "vllm")  # engines that serve a LoRA adapter (SGLang's adapter API is not wired up)
+ADAPTER_ENGINES = ("hf", "vllm", "sglang")  # engines that serve a LoRA adapter (SGLang's: not run, CUDA only)
 
 
 def lora_syncs_adapter(c) -> bool:
@@ -209,6 +206,11 @@ class RolloutPipelineSettings:
             yield "overlong_buffer_len", f"must be below max_new_tokens ({c.max_new_tokens})"
 
 
+# HFEngine's keyword arguments a config may set through engine_kwargs (the rest come from fields;
+# tests/unit/config/test_config_sections.py ties this to HFEngine's signature).
+HF_ENGINE_KWARGS = ("device", "num_threads", "token_delay_s")
+
+
 @dataclasses.dataclass
 class FleetSettings:
     """The inference fleet: engine actors, their resources, timeouts and weight sync."""
@@ -239,6 +241,10 @@ class FleetSettings:
 
     @staticmethod
     def cross_checks(c) -> Iterator[tuple[str, str]]:
+        unknown = sorted(set(c.engine_kwargs or {}) - set(HF_ENGINE_KWARGS)) if c.engine == "hf" else []
+        if unknown:  # vLLM and SGLang take any keyword of their own engines
+            yield "engine_kwargs", (f"the hf engine takes no {unknown} (a vLLM setting?); its own: "
+                                    f"{list(HF_ENGINE_KWARGS)}")
         if c.weight_sync == "native" and c.engine != "vllm":
             yield "weight_sync", (f"native weight transfer is vLLM's API; engine is {c.engine!r} "
                                   "(use 'auto' or 'object_store')")

@@ -7,7 +7,10 @@ and parameters (by reading its source), and another checks that the code below m
 outside the table. An upstream API change therefore fails CI.
 
 Weights: ``load_weights`` only (the fleet's object-store path): the state dict goes to
-``update_weights_from_tensor``, which flushes the KV/prefix cache with it. SGLang engines have no
+``update_weights_from_tensor``, which flushes the KV/prefix cache with it. With ``lora`` the
+engine starts with ``enable_lora`` and ``load_weights`` takes the adapter tensors alone: they go
+in memory to ``load_lora_adapter_from_tensors`` under a new name per weight version, every
+generate names it (``lora_path``), and the previous version's is unloaded. SGLang engines have no
 native transfer here (``weight_transfer_backend`` is None, :class:`NoNativeTransfer`).
 ``release_memory`` / ``resume_memory`` free the GPU while a colocated learner trains.
 """
@@ -18,12 +21,14 @@ from typing import Any, Mapping, Sequence
 
 from opefo_rllib.fleet.engine import GenerationResult, NoNativeTransfer, SamplingConfig, as_token_ids
 
-__all__ = ["SGLangEngine", "SGLANG_CALLS", "sglang_sampling_params"]
+__all__ = ["SGLangEngine", "SGLANG_CALLS", "sglang_lora_config", "sglang_sampling_params"]
 
 # method of sglang.Engine -> keyword arguments this module passes to it.
 SGLANG_CALLS: dict[str, tuple[str, ...]] = {
-    "generate": ("input_ids", "sampling_params", "return_logprob"),
+    "generate": ("input_ids", "sampling_params", "return_logprob", "lora_path"),
     "update_weights_from_tensor": ("named_tensors", "flush_cache"),
+    "load_lora_adapter_from_tensors": ("lora_name", "tensors", "config_dict"),
+    "unload_lora_adapter": ("lora_name",),
     "release_memory_occupation": (),
     "resume_memory_occupation": (),
     "shutdown": (),
@@ -38,6 +43,18 @@ def sglang_sampling_params(sampling: SamplingConfig, stop_token_ids: Sequence[in
             "top_k": -1, "stop_token_ids": list(stop_token_ids)}
 
 
+def sglang_lora_config(model_path: str, lora: dict) -> dict[str, Any]:
+    """The adapter config SGLang reads (peft's keys: r, lora_alpha, target_modules, ...)."""
+    from transformers import AutoConfig
+
+    from opefo_rllib.models.lora import target_modules_of
+
+    model_type = AutoConfig.from_pretrained(model_path, local_files_only=True).model_type
+    return {"peft_type": "LORA", "r": int(lora["rank"]), "lora_alpha": float(lora["alpha"]), "lora_dropout": 0.0,
+            "bias": "none", "target_modules": target_modules_of(model_type, lora.get("target_modules")),
+            "task_type": "CAUSAL_LM", "base_model_name_or_path": model_path}
+
+
 class SGLangEngine(NoNativeTransfer):
     """Generate with SGLang from token ids (``skip_tokenizer_init``: the driver tokenizes).
 
@@ -46,17 +63,23 @@ class SGLangEngine(NoNativeTransfer):
     """
 
     _tokens = 0  # tokens of the calls that returned (SGLang's offline generate is one blocking call)
+    adapter: str | None = None  # with lora: the adapter name of the version served (None: the base model)
 
     def __init__(self, model_path: str, eos_token_id: int | Sequence[int], pad_token_id: int = 0,
-                 dtype: str = "bfloat16", seed: int = 0, **engine_kwargs: Any):
+                 dtype: str = "bfloat16", seed: int = 0, lora: dict | None = None, **engine_kwargs: Any):
         import sglang
 
         from opefo_rllib.models.loading import resolve_model_path
 
         self.eos_ids = as_token_ids(eos_token_id, "SGLangEngine eos_token_id")
         self.pad = int(pad_token_id)
-        self.engine = sglang.Engine(model_path=str(resolve_model_path(model_path)), skip_tokenizer_init=True,
-                                    dtype=dtype, random_seed=seed, **engine_kwargs)
+        path = str(resolve_model_path(model_path))
+        self.lora_config = sglang_lora_config(path, lora) if lora else None
+        if self.lora_config:
+            engine_kwargs.update(enable_lora=True, max_lora_rank=self.lora_config["r"],
+                                 lora_target_modules=self.lora_config["target_modules"])
+        self.engine = sglang.Engine(model_path=path, skip_tokenizer_init=True, dtype=dtype, random_seed=seed,
+                                    **engine_kwargs)
         self._version = 0
 
     def weight_version(self) -> int:
@@ -74,7 +97,8 @@ class SGLangEngine(NoNativeTransfer):
         rows = [list(p) for p in prompts for _ in range(n)]
         stops = sampling.stop_ids(self.eos_ids)
         params = sglang_sampling_params(sampling, stops)
-        outputs = self.engine.generate(input_ids=rows, sampling_params=params, return_logprob=True)
+        outputs = self.engine.generate(input_ids=rows, sampling_params=params, return_logprob=True,
+                                       lora_path=[self.adapter] * len(rows) if self.adapter else None)
         results: list[list[GenerationResult]] = [[] for _ in prompts]
         for row, out in enumerate(outputs):
             k, s = divmod(row, n)
@@ -87,8 +111,22 @@ class SGLangEngine(NoNativeTransfer):
         return results
 
     def load_weights(self, weights: Mapping[str, Any], version: int) -> None:
-        """Update from a state dict of tensors (the cache is flushed with it)."""
-        self.engine.update_weights_from_tensor(named_tensors=list(weights.items()), flush_cache=True)
+        """Update from a state dict of tensors (the cache is flushed with it); with ``lora`` from
+        the adapter tensors alone, loaded in memory as this version's adapter."""
+        if self.lora_config is None:
+            self.engine.update_weights_from_tensor(named_tensors=list(weights.items()), flush_cache=True)
+        else:
+            from opefo_rllib.models.lora import peft_format
+
+            name, old = f"opefo-v{int(version)}", self.adapter
+            if old == name:  # the same version again: replace it
+                self.engine.unload_lora_adapter(lora_name=old)
+                old = None
+            self.engine.load_lora_adapter_from_tensors(lora_name=name, tensors=dict(peft_format(weights)),
+                                                       config_dict=self.lora_config)
+            self.adapter = name
+            if old is not None:
+                self.engine.unload_lora_adapter(lora_name=old)
         self._version = int(version)
 
     def release_memory(self) -> None:

@@ -204,3 +204,15 @@ def test_a_restarted_engine_gets_the_current_adapter(engine):
         fleet.shutdown()
     finally:
         ray.shutdown()
+
+
+def test_gradient_checkpointing_gives_the_same_lora_update(engine):
+    batch = rollout_batch(engine)
+    plain = build_learner(micro_batch_size=5, **LORA)
+    checkpointed = build_learner(micro_batch_size=5, gradient_checkpointing=True, **LORA)
+    assert _module(checkpointed).lm.is_gradient_checkpointing and not _module(plain).lm.is_gradient_checkpointing
+    m1 = plain.update_from_rollouts(batch).metrics
+    m2 = checkpointed.update_from_rollouts(batch).metrics
+    assert m2["learner/grad_norm"] == pytest.approx(m1["learner/grad_norm"], rel=1e-4) and m1["learner/grad_norm"] > 0
+    for (k, a), b in zip(_module(plain).lm.state_dict().items(), _module(checkpointed).lm.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=lambda m: f"{k}: {m}")

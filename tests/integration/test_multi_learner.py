@@ -279,3 +279,21 @@ def test_two_learners_make_the_one_learner_update_with_a_kl_penalty(ray_session,
     w1 = one.policy_weights()
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5)
+
+
+def test_two_lora_learners_make_the_one_learner_update(ray_session):
+    lora = {"lora_rank": 4, "lora_alpha": 8.0, "zero_stage": 2}
+    batch = rollout_batch(make_engine(), prompts=6, group=4)
+    one = build_learner(micro_batch_size=5, adam_eps=ADAM_EPS, **lora)
+    m1 = one.update_from_rollouts(batch, 0).metrics
+    group = _group(2, **lora)
+    try:
+        m2 = _on_all(group, lambda learner, b=batch: learner.update_from_rollouts(b, 0).metrics, what="the update")
+        a2 = _on_all(group, lambda learner: learner.engine_weights(), what="the adapter")
+    finally:
+        group.shutdown()
+    assert m2["learner/grad_norm"] == pytest.approx(m1["learner/grad_norm"], rel=1e-4) and m1["learner/grad_norm"] > 0
+    a1 = one.engine_weights()
+    assert set(a2) == set(a1) and all(".lora_" in k for k in a1)
+    for k in a1:
+        torch.testing.assert_close(a2[k], a1[k], rtol=1e-4, atol=1e-6)

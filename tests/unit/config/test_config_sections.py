@@ -59,8 +59,7 @@ BAD_VALUES = [
     ("kl_coef=-0.1", "kl_coef"), ("kl_estimator=k4", "kl_estimator"), ("kl_in=advantage", "kl_in"),
     ("lora_rank=-1", "lora_rank"), ("lora_alpha=0", "lora_alpha"), ("lora_dropout=1.0", "lora_dropout"),
     ("lora_target_modules=[]", "lora_target_modules"), ("lora_sync=tensors", "lora_sync"),
-    ("lora_rank=8\nzero_stage=3", "lora_rank"), ("lora_rank=8\nengine=sglang\nlora_sync=adapter", "lora_sync"),
-    ("lora_rank=8\nengine=vllm\nweight_sync=native", "weight_sync"),
+    ("lora_rank=8\nzero_stage=3", "lora_rank"),     ("lora_rank=8\nengine=vllm\nweight_sync=native", "weight_sync"),
     ("lora_rank=8\nlora_dropout=0.1", "lora_dropout"),
     ("top_entropy_quantile=0", "top_entropy_quantile"), ("top_entropy_quantile=1.5", "top_entropy_quantile"), ("tis_cap=0", "tis_cap"), ("strict_on_policy=1", "strict_on_policy"),
     ("num_updates_per_batch=4", "num_updates_per_batch"), ("num_updates_per_batch=0", "num_updates_per_batch"),
@@ -104,6 +103,19 @@ def test_streaming_refuses_what_it_cannot_keep_on_one_step(other):
 def test_stream_backward_refuses_what_needs_the_whole_batch(other):
     data = apply_overrides(load_run_config([TINY]), ["pipeline=streaming", "stream_backward=true", other])
     with pytest.raises(ConfigError, match="config field 'stream_backward'"):
+        build_algo_config(data)
+
+
+def test_hf_engine_kwargs_are_those_of_its_constructor():
+    import inspect
+
+    from opefo_rllib.config.sections import HF_ENGINE_KWARGS
+    from opefo_rllib.fleet.hf_engine import HFEngine
+
+    from_fields = {"model_path", "eos_token_id", "pad_token_id", "dtype", "lora"}  # fleet_from_config sets these
+    assert set(HF_ENGINE_KWARGS) == set(inspect.signature(HFEngine).parameters) - from_fields
+    data = apply_overrides(load_run_config([TINY]), ["engine_kwargs={max_model_len: 1024}"])
+    with pytest.raises(ConfigError, match="config field 'engine_kwargs'.*max_model_len"):
         build_algo_config(data)
 
 

@@ -58,7 +58,8 @@ def test_sglang_engine_constructor_arguments_exist_in_server_args():
     for source in [root / "server_args.py", *sorted((root / "arg_groups").rglob("*.py"))]:
         for cls in (n for n in ast.walk(ast.parse(source.read_text())) if isinstance(n, ast.ClassDef)):
             fields |= {n.target.id for n in cls.body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)}
-    for field in ("model_path", "skip_tokenizer_init", "dtype", "random_seed"):
+    for field in ("model_path", "skip_tokenizer_init", "dtype", "random_seed", "enable_lora", "max_lora_rank",
+                  "lora_target_modules"):
         assert field in fields, f"sglang ServerArgs has no field {field!r}"
 
 
@@ -96,8 +97,8 @@ def test_sglang_engine_stops_at_every_eos_id_and_stop_token_id():
     from opefo_rllib.fleet.engine import SamplingConfig
 
     class FakeSGLang:  # answers like sglang.Engine.generate: (logprob, token id, text) per output token
-        def generate(self, input_ids, sampling_params, return_logprob):
-            self.params = sampling_params
+        def generate(self, input_ids, sampling_params, return_logprob, lora_path):
+            self.params, self.lora_path = sampling_params, lora_path
             return [{"meta_info": {"output_token_logprobs": [(-0.1, 5, None), (-0.2, 0, None)]}} for _ in input_ids]
 
     engine = object.__new__(sglang_engine.SGLangEngine)
@@ -105,3 +106,39 @@ def test_sglang_engine_stops_at_every_eos_id_and_stop_token_id():
     results = engine.generate([[1, 2]], 2, SamplingConfig(stop_token_ids=(9,)))
     assert engine.engine.params["stop_token_ids"] == [2, 0, 9]  # both EOS ids, then the run's stop ids
     assert all(r.finished and r.response_ids == [5, 0] and r.weight_version == 3 for r in results[0])
+    assert engine.engine.lora_path is None  # no adapter: the base model
+    engine.adapter = "opefo-v3"
+    engine.generate([[1, 2]], 2, SamplingConfig())
+    assert engine.engine.lora_path == ["opefo-v3", "opefo-v3"]  # every row names the version's adapter
+
+
+def test_the_adapter_config_sglang_reads_has_its_keys_and_our_targets():
+    from opefo_rllib.models.tiny import TINY_DEFAULT_PATH
+
+    config = sglang_engine.sglang_lora_config(str(TINY_DEFAULT_PATH), {"rank": 16, "alpha": 32.0})
+    root = Path(importlib.util.find_spec("sglang").submodule_search_locations[0]) / "srt" / "lora" / "lora_config.py"
+    source = root.read_text()
+    for key in ("target_modules", "r", "lora_alpha"):  # what sglang's LoRAConfig reads from config_dict
+        assert f'hf_config["{key}"]' in source, key
+        assert key in config
+    assert config["r"] == 16 and "q_proj" in config["target_modules"] and "down_proj" in config["target_modules"]
+
+
+def test_sglang_adapter_sync_loads_the_new_version_then_unloads_the_old():
+    """Our side only (no runtime): the calls and their order, against a recording stand-in."""
+    calls = []
+
+    class Recorder:
+        def __getattr__(self, name):
+            return lambda **kw: calls.append((name, kw))
+
+    engine = object.__new__(sglang_engine.SGLangEngine)
+    engine.engine, engine.adapter, engine.lora_config = Recorder(), None, {"r": 4}
+    adapter = {"model.layers.0.self_attn.q_proj.lora_A.default.weight": 1}
+    engine.load_weights(adapter, 1)
+    engine.load_weights(adapter, 2)
+    assert [(n, kw.get("lora_name")) for n, kw in calls] == [
+        ("load_lora_adapter_from_tensors", "opefo-v1"), ("load_lora_adapter_from_tensors", "opefo-v2"),
+        ("unload_lora_adapter", "opefo-v1")]
+    assert list(calls[0][1]["tensors"]) == ["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"]
+    assert engine.adapter == "opefo-v2" and engine.weight_version() == 2
