@@ -7,8 +7,9 @@ Prints one line per figure, each measured in this run, for full fine-tuning and 
   sync     what one weight sync sends to the engines (MB: the whole model, or the adapter) and its
            seconds into an HF engine and a vLLM engine, in-process (``load_weights``), median of 3;
   learner  one ``update_from_rollouts`` of GSM8K chat prompts with random response tokens (rows x
-           response tokens): seconds (median of 3 after one warm-up) and the learner process's
-           peak RSS, each mode in a process of its own;
+           response tokens): seconds (median of 3 after one warm-up), the learner process's RSS
+           once built and its peak during the updates (Linux: VmHWM, reset after building), each
+           mode in a process of its own;
   --cli    the same through ``opefo train`` (configs/smollm2_cpu.yaml: its vLLM engine, 3 iterations,
            evaluation off): medians of time/learn_s and time/weight_sync_s, fleet/weight_sync_mb.
 """
@@ -18,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -75,6 +75,8 @@ def learner_child(args) -> None:
     env = ArithmeticEnv()
     learner = config.build_learner(spaces={DEFAULT_MODULE_ID: (env.observation_space, env.action_space)})
     batch = _batch(load_tokenizer(model_dir), args.rows, args.response_tokens)
+    built_gib = _rss_gib("VmRSS")
+    _reset_peak_rss()  # the peak of the updates, not of loading the model
     times = []
     for step in range(4):
         start = time.perf_counter()
@@ -82,9 +84,22 @@ def learner_child(args) -> None:
         times.append(time.perf_counter() - start)
     trainable = sum(p.numel() for p in learner.trainable_params())
     weights = learner.engine_weights()
-    print(json.dumps({"step_s": statistics.median(times[1:]), "peak_rss_gib": resource.getrusage(
-        resource.RUSAGE_SELF).ru_maxrss / 2**20, "trainable": trainable,
-        "sync_mb": sum(v.nbytes for v in weights.values()) / 2**20}))
+    print(json.dumps({"step_s": statistics.median(times[1:]), "built_rss_gib": built_gib,
+                      "peak_rss_gib": _rss_gib("VmHWM"), "trainable": trainable,
+                      "sync_mb": sum(v.nbytes for v in weights.values()) / 2**20}))
+
+
+def _reset_peak_rss() -> None:
+    """Linux: reset this process's peak RSS (VmHWM) to its current RSS."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _rss_gib(field: str) -> float:
+    """VmRSS (now) or VmHWM (peak since the last reset) of this process, in GiB."""
+    with open("/proc/self/status") as f:
+        kib = next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+    return kib / 2**20
 
 
 def bench_learner(args) -> None:
@@ -95,7 +110,8 @@ def bench_learner(args) -> None:
         r = json.loads(out.stdout.strip().splitlines()[-1])
         tag = f"learner {mode}" + (f" (rank {args.rank})" if mode == "lora" else "")
         line(f"{tag}: one update", r["step_s"], "s", f"{args.rows} rows x {args.response_tokens} response tokens")
-        line(f"{tag}: peak RSS of the process", r["peak_rss_gib"], "GiB")
+        line(f"{tag}: RSS once built (model, learner)", r["built_rss_gib"], "GiB")
+        line(f"{tag}: peak RSS during the 4 updates", r["peak_rss_gib"], "GiB")
         line(f"{tag}: trainable parameters", r["trainable"] / 1e6, "M")
         line(f"{tag}: what a sync sends", r["sync_mb"], "MB")
 
