@@ -50,7 +50,7 @@ from opefo_rllib.core.balance import BalanceRule, OptimizerAwareInputs, lambda_s
 from opefo_rllib.core.entropy_control import AdaptiveEntropyCoef
 from opefo_rllib.core.entropy_flow import flow_diagnostics
 from opefo_rllib.learner.deepspeed_learner import DeepSpeedTorchLearner
-from opefo_rllib.learner.reference import ReferencePolicy
+from opefo_rllib.learner.reference import ReferencePolicy, RemoteReference
 
 __all__ = ["GRPOTorchLearner", "StaleBatchError", "UpdateResult", "FlowPass", "TokenWeights", "pack_by_tokens",
            "high_entropy_tokens", "realized_change_metrics"]
@@ -98,12 +98,16 @@ class GRPOTorchLearner(DeepSpeedTorchLearner):
         """GRPO trains with w = 1 (``OPEFOTorchLearner`` supplies the configured rule)."""
         return make_balance_rule("none")
 
-    def build_reference(self) -> ReferencePolicy:
-        """The KL reference: the policy with its adapter off (LoRA), else a frozen copy of the
-        policy before any step (gathered under ZeRO-3)."""
-        module = self._module[DEFAULT_MODULE_ID]
+    def build_reference(self) -> ReferencePolicy | RemoteReference:
+        """The KL reference: the policy with its adapter off (LoRA), a Ray actor holding the
+        starting model (kl_reference: actor), else a frozen copy of the policy before any step
+        (gathered under ZeRO-3)."""
+        c, module = self.config, self._module[DEFAULT_MODULE_ID]
         if module.peft_model is not None:
-            return ReferencePolicy.adapter_disabled(module.peft_model, module.lm, self.config.logits_chunk_size)
+            return ReferencePolicy.adapter_disabled(module.peft_model, module.lm, c.logits_chunk_size)
+        if c.kl_reference == "actor":  # a Ray actor of its own: the learner holds one model
+            return RemoteReference(c.model_path, c.model_dtype, c.logits_chunk_size, c.kl_reference_num_cpus,
+                                   c.kl_reference_num_gpus)
         with self._gathered_policy() as lm:
             return ReferencePolicy.copy_of(lm, self.config.logits_chunk_size)
 

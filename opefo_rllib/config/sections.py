@@ -298,12 +298,22 @@ class KLSettings:
     kl_in: str = setting("loss", "loss: kl_coef x the aggregated KL is added to the loss (gradient through log pi); "
                          "reward: kl_coef x each answer's summed KL is taken from its reward before the group "
                          "advantages (so also from the entropy flow's A_t)", choices=KL_PLACES)
+    kl_reference: str = setting("learner", "where the reference lives: learner (a frozen copy beside the policy; "
+                                "under LoRA the policy with its adapter off) or actor (a Ray actor of its own per "
+                                "learner, loaded from model_path: for models too large to hold twice on a learner)",
+                                choices=("learner", "actor"))
+    kl_reference_num_cpus: float = setting(0.0, "kl_reference actor: CPUs it reserves (outside the run's placement "
+                                           "group: not counted in the run's resource request)", low=0.0)
+    kl_reference_num_gpus: float = setting(0.0, "kl_reference actor: GPUs it reserves (likewise not counted)", low=0.0)
 
     @staticmethod
     def cross_checks(c) -> Iterator[tuple[str, str]]:
         if c.kl_coef > 0 and c.stream_backward:
             yield "kl_coef", ("the KL penalty needs the reference's log-probs of the whole batch before any backward; "
                               "stream_backward runs them during generation (use stream_backward: false)")
+        if c.kl_reference == "actor" and c.lora_rank:
+            yield "kl_reference", ("under LoRA the reference is the base model inside the policy (adapter off), no "
+                                   "copy to move out: use kl_reference: learner")
 
 
 @dataclasses.dataclass

@@ -6,7 +6,8 @@ It lives beside the policy, outside the RLModule: no optimizer, no checkpoint (i
 never wrapped by DeepSpeed (under ZeRO-3 it is copied from the gathered policy and kept whole on
 every learner: one more model in memory per learner, the price of a frozen copy). Under LoRA the
 reference is the policy itself with its adapter switched off (peft's ``disable_adapter``): the
-frozen base, no extra memory.
+frozen base, no extra memory. With ``kl_reference: actor`` it is a Ray actor of its own per
+learner (``RemoteReference``), loaded from ``model_path``: the learner's memory holds one model.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from opefo_rllib.models.loading import load_policy_weights
 from opefo_rllib.models.rl_module import causal_lm_token_stats
 
-__all__ = ["ReferencePolicy"]
+__all__ = ["ReferencePolicy", "RemoteReference"]
 
 
 class ReferencePolicy:
@@ -55,3 +56,41 @@ class ReferencePolicy:
         (the tempered distribution, as the policy's log-probs are)."""
         with self._switch():
             return causal_lm_token_stats(self.lm, input_ids, attention_mask, temperature, self.logits_chunk_size).logp
+
+
+class RemoteReference:
+    """``kl_reference: actor``: the reference in a Ray actor of its own, loaded from ``model_path``
+    (so the starting model), with ``ReferencePolicy``'s ``token_logp``. The actor is scheduled
+    outside the run's placement group and dies with the learner that made it."""
+
+    def __init__(self, model_path: str, dtype: str = "float32", logits_chunk_size: int = 1024, num_cpus: float = 0.0,
+                 num_gpus: float = 0.0):
+        import ray
+
+        worker = ray.remote(_ReferenceWorker).options(num_cpus=num_cpus, num_gpus=num_gpus,
+                                                      scheduling_strategy="DEFAULT")
+        self.actor = worker.remote(str(model_path), dtype, logits_chunk_size)
+        ray.get(self.actor.ready.remote())  # a model that does not load fails the learner's build, here
+
+    def token_logp(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float) -> torch.Tensor:
+        import ray
+
+        return ray.get(self.actor.token_logp.remote(input_ids, attention_mask, temperature))
+
+
+class _ReferenceWorker:
+    """The actor's side: the starting model, frozen, on the actor's device."""
+
+    def __init__(self, model_path: str, dtype: str, logits_chunk_size: int):
+        from opefo_rllib.models.loading import load_model
+
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.reference = ReferencePolicy(load_model(model_path, dtype=getattr(torch, dtype)).to(self.device),
+                                         logits_chunk_size)
+
+    def ready(self) -> bool:
+        return True
+
+    def token_logp(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float) -> torch.Tensor:
+        logp = self.reference.token_logp(input_ids.to(self.device), attention_mask.to(self.device), temperature)
+        return logp.cpu()

@@ -117,3 +117,21 @@ def test_kl_grows_from_zero_as_the_policy_trains_away(engine):
     second = learner.update_from_rollouts(dict(batch, weight_versions=batch["weight_versions"] + 1)).metrics
     assert second["kl/mean"] > 1e-4
     assert second["time/ref_logp_s"] > 0
+
+
+def test_the_reference_in_an_actor_of_its_own_scores_as_the_copy_does(ray_session, engine):
+    from opefo_rllib.learner.reference import RemoteReference
+
+    kl = {"kl_coef": 0.5, "kl_estimator": "k3", "lr": 1e-2}
+    local, remote = build_learner(**kl), build_learner(kl_reference="actor", **kl)
+    assert isinstance(remote.reference, RemoteReference)
+    batch = rollout_batch(engine)
+    torch.testing.assert_close(remote.reference.token_logp(batch["input_ids"], batch["attention_mask"], 1.0),
+                               local.reference.token_logp(batch["input_ids"], batch["attention_mask"], 1.0),
+                               rtol=0, atol=1e-6)
+    for step in range(2):
+        b = dict(batch, weight_versions=batch["weight_versions"] + step)
+        m_local, m_remote = local.update_from_rollouts(b, step).metrics, remote.update_from_rollouts(b, step).metrics
+    assert m_local["kl/mean"] > 1e-4
+    assert m_remote["kl/mean"] == pytest.approx(m_local["kl/mean"], rel=1e-4)
+    assert m_remote["learner/loss"] == pytest.approx(m_local["learner/loss"], rel=1e-4)

@@ -57,6 +57,8 @@ BAD_VALUES = [
     ("entropy_coef=nan", "entropy_coef"), ("adaptive_entropy=1", "adaptive_entropy"),
     ("entropy_coef_lr=-1", "entropy_coef_lr"), ("entropy_coef_max=-1", "entropy_coef_max"),
     ("kl_coef=-0.1", "kl_coef"), ("kl_estimator=k4", "kl_estimator"), ("kl_in=advantage", "kl_in"),
+    ("kl_reference=engine", "kl_reference"), ("kl_reference_num_cpus=-1", "kl_reference_num_cpus"),
+    ("kl_reference_num_gpus=-1", "kl_reference_num_gpus"), ("kl_reference=actor\nlora_rank=8", "kl_reference"),
     ("lora_rank=-1", "lora_rank"), ("lora_alpha=0", "lora_alpha"), ("lora_dropout=1.0", "lora_dropout"),
     ("lora_target_modules=[]", "lora_target_modules"), ("lora_sync=tensors", "lora_sync"),
     ("lora_rank=8\nzero_stage=3", "lora_rank"),     ("lora_rank=8\nengine=vllm\nweight_sync=native", "weight_sync"),
