@@ -17,7 +17,7 @@ class FakeLearner:
         self.weight_version = 3
         self.pushes, self.fail_next = [], 0
 
-    def policy_weights(self):
+    def engine_weights(self):  # what the engines load (the whole state dict; under LoRA the adapter)
         return {"w": self.weight_version}
 
     def push_weights_native(self, actors, world_sizes, backend, step, timeout_s, rebuild, master_address):
