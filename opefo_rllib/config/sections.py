@@ -79,6 +79,10 @@ class LoraSettings:
     def cross_checks(c) -> Iterator[tuple[str, str]]:
         if not c.lora_rank:
             return
+        import importlib.util
+
+        if importlib.util.find_spec("peft") is None:  # found without importing it
+            yield "lora_rank", "LoRA needs peft: pip install 'opefo-rllib[lora]'"
         if c.zero_stage == 3:
             yield "lora_rank", ("LoRA trains under ZeRO 0-2 here; ZeRO-3 would partition the frozen base weights the "
                                 "merged sync and the reference gather whole (use zero_stage 0, 1 or 2)")

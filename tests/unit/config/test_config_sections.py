@@ -121,6 +121,16 @@ def test_hf_engine_kwargs_are_those_of_its_constructor():
         build_algo_config(data)
 
 
+def test_lora_without_peft_is_one_line_naming_the_extra(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a))
+    data = apply_overrides(load_run_config([TINY]), ["lora_rank=4"])
+    with pytest.raises(ConfigError, match=r"config field 'lora_rank'.*pip install 'opefo-rllib\[lora\]'"):
+        build_algo_config(data)
+
+
 def test_the_kl_penalty_is_refused_with_stream_backward():
     data = apply_overrides(load_run_config([TINY]), ["pipeline=streaming", "stream_backward=true", "kl_coef=0.01"])
     with pytest.raises(ConfigError, match="config field 'kl_coef'.*stream_backward"):
