@@ -124,7 +124,7 @@ def bench_sync(args) -> None:
     from opefo_rllib.fleet.vllm_engine import VLLMEngine
     from opefo_rllib.models.gguf import gguf_model_dir
     from opefo_rllib.models.loading import load_model
-    from opefo_rllib.models.lora import adapter_state, apply_lora
+    from opefo_rllib.models.lora import adapter_state, apply_lora, target_modules_of
 
     model_dir = str(gguf_model_dir(SMOLLM2))
     full = {k: v.clone() for k, v in load_model(model_dir).state_dict().items()}
@@ -135,7 +135,8 @@ def bench_sync(args) -> None:
             if "lora_B" in name:
                 p.normal_(0, 1e-3)
     adapter = adapter_state(lm)
-    lora = {"rank": args.rank, "alpha": 2.0 * args.rank}
+    targets = target_modules_of(lm.config.model_type, None)
+    lora = {"rank": args.rank, "alpha": 2.0 * args.rank, "target_modules": targets}
     for kind, make in (("hf", lambda **kw: HFEngine(model_dir, eos_token_id=2, num_threads=os.cpu_count(), **kw)),
                        ("vllm", lambda **kw: VLLMEngine(model_dir, eos_token_id=2, max_model_len=1024,
                                                         num_threads=os.cpu_count(), **kw))):

@@ -1,6 +1,7 @@
 """The training pass: per mini-batch, the backward of the weighted policy loss (plus the entropy
 bonus and, ``kl_in: loss``, the KL penalty) micro-batch by micro-batch (aggregated with the global
-token / sequence counts, so the gradient does not depend on the micro-batch size), then ONE optimizer step. Strict on-policy: one mini-batch; approximate
+token / sequence counts, so the gradient does not depend on the micro-batch size), then ONE
+optimizer step. Strict on-policy: one mini-batch; approximate
 on-policy (``num_updates_per_batch`` > 1) takes that many. A non-finite loss or gradient norm
 skips the step (the finite-step guard, ``DeepSpeedTorchLearner.optimizer_step``)."""
 

@@ -37,8 +37,8 @@ def reference_logp(learner, batch: dict[str, Any]) -> torch.Tensor:
     """log pi_ref of every target position of ``batch`` [N, T-1] (0 past each row's end)."""
     n, width = batch["input_ids"].shape
     out = torch.zeros(n, width - 1)
-    for rows, filler in learner.planner.plan(batch, torch.arange(n), collective=False):
-        if filler or not len(rows):
+    for rows, _ in learner.planner.plan(batch, torch.arange(n), collective=False):  # no fillers: no collectives
+        if not len(rows):
             continue
         w = int(batch["attention_mask"][rows].sum(-1).max())
         out[rows, :w - 1] = learner.reference.token_logp(batch["input_ids"][rows, :w],
@@ -59,7 +59,8 @@ def kl_to_reference(learner, batch: dict[str, Any], flow: FlowPass) -> KLStep:
     if c.kl_in == "reward":
         seq_kl = (kl * mask).sum(-1)
         shaped = batch["rewards"] - c.kl_coef * seq_kl
-        excluded = batch.get("verify_masked", torch.zeros(len(shaped), dtype=torch.bool))  # collate-only batches lack it
+        # masked answers stay out of the baseline, as in learner_batch (a collate-only batch has none)
+        excluded = batch.get("verify_masked", torch.zeros(len(shaped), dtype=torch.bool))
         advantages = batch_advantages(shaped, batch["group_ids"], excluded, c.adv_estimator)
         batch["advantages"] = advantages
         flow = flow.with_advantages(advantages, mask, c.entropy_flow_estimator)

@@ -23,7 +23,8 @@ from opefo_rllib.core.entropy_flow import ESTIMATORS
 from opefo_rllib.core.kl import KL_ESTIMATORS, KL_PLACES
 from opefo_rllib.config.fields import Section, register_section, setting, SECTIONS
 
-__all__ = ["RunSettings", "RLlibSettings", "PolicyModelSettings", "LoraSettings", "lora_syncs_adapter", "GenerationSettings", "RolloutPipelineSettings",
+__all__ = ["RunSettings", "RLlibSettings", "PolicyModelSettings", "LoraSettings", "lora_syncs_adapter",
+           "GenerationSettings", "RolloutPipelineSettings",
            "FleetSettings",
            "ObjectiveSettings", "KLSettings", "EntropyFlowSettings", "OptimizationSettings", "DeepSpeedSettings",
            "LoggingSettings", "EvaluationSettings", "RUN_SECTION", "RLLIB_SECTION", "run_fields", "rllib_fields"]
@@ -69,9 +70,9 @@ class LoraSettings:
                                                "architecture's attention and MLP projections, models/lora.py)",
                                                check=lambda v: None if v and all(isinstance(m, str) and m for m in v)
                                                else "must be a non-empty list of module names")
-    lora_sync: str = setting("auto", "what the engines get after a step: adapter (the adapter tensors only; HF, "
-                             "vLLM and SGLang engines), merged (base + B A as whole weights, through the full-weight path), or auto "
-                             "(adapter where the engine takes it, else merged)", choices=("auto", "adapter", "merged"))
+    lora_sync: str = setting("auto", "what the engines get after a step: adapter (the adapter tensors only; every "
+                             "engine kind takes them), merged (base + B A as whole weights, through the full-weight "
+                             "path), or auto (adapter)", choices=("auto", "adapter", "merged"))
     export_adapter: bool = setting(False, "exports (hf_policy/ beside each checkpoint) write the adapter alone, in "
                                    "peft's format, instead of the merged model")
 
@@ -94,12 +95,10 @@ class LoraSettings:
             yield "balance_mode", "optimizer_aware reads Adam's state of every parameter; with LoRA use another rule"
 
 
-ADAPTER_ENGINES = ("hf", "vllm", "sglang")  # engines that serve a LoRA adapter (SGLang's: not run, CUDA only)
-
-
 def lora_syncs_adapter(c) -> bool:
-    """The engines get the adapter alone (else merged weights): LoRA on, and an engine that takes it."""
-    return bool(c.lora_rank) and c.lora_sync in ("auto", "adapter") and c.engine in ADAPTER_ENGINES
+    """The engines get the adapter alone (else merged weights): LoRA on, and not lora_sync merged
+    (every engine kind takes an adapter; SGLang's path is not run, CUDA only)."""
+    return bool(c.lora_rank) and c.lora_sync != "merged"
 
 
 @dataclasses.dataclass

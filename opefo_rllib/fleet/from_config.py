@@ -20,7 +20,8 @@ def fleet_from_config(c: Any, tokenizer: Any,
     engine_kwargs = {"model_path": str(resolve_model_path(c.model_path)), "eos_token_id": list(tokenizer.eos_token_ids),
                      "pad_token_id": tokenizer.pad_token_id, "dtype": c.engine_dtype}
     if lora_syncs_adapter(c):  # the engines carry the adapter and get it alone after each step
-        engine_kwargs["lora"] = {"rank": c.lora_rank, "alpha": c.lora_alpha, "target_modules": c.lora_target_modules}
+        engine_kwargs["lora"] = {"rank": c.lora_rank, "alpha": c.lora_alpha,
+                                 "target_modules": _lora_targets(c, engine_kwargs["model_path"])}
     if c.engine == "vllm":
         engine_kwargs["colocated"] = c.colocate_engines
         if c.weight_sync != "object_store" and not lora_syncs_adapter(c):  # an adapter goes the object-store way
@@ -36,3 +37,13 @@ def fleet_from_config(c: Any, tokenizer: Any,
         raise ValueError("config field 'weight_sync' = 'native': the installed vLLM has no weight-transfer API "
                          "(LLM.init_weight_transfer_engine); use 'auto' or 'object_store'")
     return fleet
+
+
+def _lora_targets(c: Any, model_dir: str) -> list[str]:
+    """The adapted modules, resolved once here: ``lora_target_modules``, or the architecture's default."""
+    from transformers import AutoConfig
+
+    from opefo_rllib.models.lora import target_modules_of
+
+    model_type = AutoConfig.from_pretrained(model_dir, local_files_only=True).model_type
+    return target_modules_of(model_type, c.lora_target_modules)

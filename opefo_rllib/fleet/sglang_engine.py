@@ -21,7 +21,7 @@ from typing import Any, Mapping, Sequence
 
 from opefo_rllib.fleet.engine import GenerationResult, NoNativeTransfer, SamplingConfig, as_token_ids
 
-__all__ = ["SGLangEngine", "SGLANG_CALLS", "sglang_lora_config", "sglang_sampling_params"]
+__all__ = ["SGLangEngine", "SGLANG_CALLS", "sglang_sampling_params"]
 
 # method of sglang.Engine -> keyword arguments this module passes to it.
 SGLANG_CALLS: dict[str, tuple[str, ...]] = {
@@ -43,18 +43,6 @@ def sglang_sampling_params(sampling: SamplingConfig, stop_token_ids: Sequence[in
             "top_k": -1, "stop_token_ids": list(stop_token_ids)}
 
 
-def sglang_lora_config(model_path: str, lora: dict) -> dict[str, Any]:
-    """The adapter config SGLang reads (peft's keys: r, lora_alpha, target_modules, ...)."""
-    from transformers import AutoConfig
-
-    from opefo_rllib.models.lora import target_modules_of
-
-    model_type = AutoConfig.from_pretrained(model_path, local_files_only=True).model_type
-    return {"peft_type": "LORA", "r": int(lora["rank"]), "lora_alpha": float(lora["alpha"]), "lora_dropout": 0.0,
-            "bias": "none", "target_modules": target_modules_of(model_type, lora.get("target_modules")),
-            "task_type": "CAUSAL_LM", "base_model_name_or_path": model_path}
-
-
 class SGLangEngine(NoNativeTransfer):
     """Generate with SGLang from token ids (``skip_tokenizer_init``: the driver tokenizes).
 
@@ -74,7 +62,11 @@ class SGLangEngine(NoNativeTransfer):
         self.eos_ids = as_token_ids(eos_token_id, "SGLangEngine eos_token_id")
         self.pad = int(pad_token_id)
         path = str(resolve_model_path(model_path))
-        self.lora_config = sglang_lora_config(path, lora) if lora else None
+        self.lora_config = None  # with lora: the adapter config SGLang reads (peft's keys)
+        if lora:
+            from opefo_rllib.models.lora import adapter_config
+
+            self.lora_config = adapter_config(lora["rank"], lora["alpha"], lora["target_modules"], path)
         if self.lora_config:
             engine_kwargs.update(enable_lora=True, max_lora_rank=self.lora_config["r"],
                                  lora_target_modules=self.lora_config["target_modules"])

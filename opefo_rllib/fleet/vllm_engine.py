@@ -71,7 +71,7 @@ class VLLMEngine:
             vLLM's weight-transfer API ("auto": ipc when colocated on a GPU, nccl on GPUs, opefo_gloo on
             CPU; nothing when the installed vLLM lacks the API); None: the ``load_weights`` path only.
         colocated: the engine shares the learner's GPU (enables vLLM's sleep mode on CUDA).
-        lora: ``{"rank", "alpha", "target_modules"}``: the engine serves the learner's LoRA adapter
+        lora: ``{"rank", "alpha", "target_modules"}`` (the modules named): the engine serves the learner's LoRA adapter
             through vLLM's LoRA API (``enable_lora``), one adapter per weight version
             (vllm_lora.py); ``load_weights`` then takes the adapter tensors alone.
     """
@@ -126,8 +126,7 @@ class VLLMEngine:
             from opefo_rllib.fleet.vllm_lora import VLLMAdapterSlot
 
             path = str(resolve_model_path(model_path))
-            self.adapter = VLLMAdapterSlot(self.llm, lora["rank"], lora["alpha"], lora.get("target_modules"), path,
-                                           self.llm.llm_engine.vllm_config.model_config.hf_config.model_type)
+            self.adapter = VLLMAdapterSlot(self.llm, lora["rank"], lora["alpha"], lora["target_modules"], path)
         self._set_version(0)
 
     def _set_version(self, version: int) -> None:

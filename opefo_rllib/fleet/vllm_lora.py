@@ -10,6 +10,7 @@ is the base model: the learner's adapter starts with B = 0.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -31,12 +32,10 @@ def vllm_max_lora_rank(rank: int) -> int:
 class VLLMAdapterSlot:
     """The adapter of one engine: ``load`` a version's tensors, ``request`` names it for generate."""
 
-    def __init__(self, llm: Any, rank: int, alpha: float, target_modules: Sequence[str] | None, model_path: str,
-                 model_type: str):
-        from opefo_rllib.models.lora import target_modules_of
+    def __init__(self, llm: Any, rank: int, alpha: float, target_modules: Sequence[str], model_path: str):
+        from opefo_rllib.models.lora import adapter_config
 
-        self.llm, self.rank, self.alpha, self.model_path = llm, int(rank), float(alpha), model_path
-        self.targets = target_modules_of(model_type, target_modules)
+        self.llm, self.config = llm, adapter_config(rank, alpha, target_modules, model_path)
         root = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
         self.root = tempfile.mkdtemp(prefix="opefo-vllm-lora-", dir=root)
         self.request = None  # the LoRARequest of the version served (None: the base model, version 0)
@@ -44,7 +43,6 @@ class VLLMAdapterSlot:
     def load(self, adapter: Mapping[str, Any], version: int) -> None:
         """Serve ``adapter`` (the learner's tensors, by their names in the learner's model) as ``version``."""
         import torch
-        from peft import LoraConfig
         from safetensors.torch import save_file
         from vllm.lora.request import LoRARequest
 
@@ -54,8 +52,8 @@ class VLLMAdapterSlot:
         os.makedirs(directory, exist_ok=True)
         save_file({k: torch.as_tensor(v).detach().cpu().contiguous() for k, v in peft_format(adapter).items()},
                   os.path.join(directory, "adapter_model.safetensors"))
-        LoraConfig(r=self.rank, lora_alpha=self.alpha, target_modules=self.targets, bias="none",
-                   task_type="CAUSAL_LM", base_model_name_or_path=self.model_path).save_pretrained(directory)
+        with open(os.path.join(directory, "adapter_config.json"), "w") as f:
+            json.dump(self.config, f)
         request = LoRARequest(f"opefo-v{version}", int(version) + 1, directory)  # ids start at 1
         old, self.request = self.request, None
         if old is not None and old.lora_int_id == request.lora_int_id:  # the same version again: replace it

@@ -10,7 +10,7 @@ the engines:
   restarts the engines that are dead or left mid-update, then is retried once.
 * ``"object_store"`` (HF and SGLang engines, vLLM without the API): the learner's CPU state dict
   goes into Ray's object store once and every engine loads it. Under LoRA that is the adapter
-  alone for HF engines, the merged weights for the others (``learner.engine_weights``).
+  alone (or, ``lora_sync: merged``, the merged weights: ``learner.engine_weights``).
 
 Either way a restarted engine gets its weights the object-store way (the fleet's own
 ``weights_source``, given when it is built). WeightSync uses only the fleet's public methods

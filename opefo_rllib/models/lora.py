@@ -18,8 +18,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-__all__ = ["DEFAULT_TARGETS", "LORA_KEY", "apply_lora", "adapter_state", "load_adapter_state", "merged_state_dict",
-           "peft_format", "target_modules_of"]
+__all__ = ["DEFAULT_TARGETS", "LORA_KEY", "adapter_config", "apply_lora", "adapter_state", "load_adapter_state",
+           "merged_state_dict", "peft_format", "target_modules_of"]
 
 LORA_KEY = ".lora_"  # in every adapter parameter's name (peft: ...q_proj.lora_A.default.weight)
 _BASE_LAYER = ".base_layer"  # peft keeps the wrapped Linear as <module>.base_layer
@@ -42,6 +42,13 @@ def target_modules_of(model_type: str, targets: Sequence[str] | None) -> list[st
         raise ValueError(f"config field 'lora_target_modules': no default for model type {model_type!r} (known: "
                          f"{sorted(DEFAULT_TARGETS)}); name the Linear modules to adapt, e.g. [q_proj, v_proj]")
     return list(DEFAULT_TARGETS[model_type])
+
+
+def adapter_config(rank: int, alpha: float, targets: Sequence[str], base_model: str | None = None) -> dict[str, Any]:
+    """peft's adapter_config.json of an adapter (dropout 0: what an engine serves), the keys vLLM
+    and SGLang read (r, lora_alpha, target_modules, ...)."""
+    return {"peft_type": "LORA", "r": int(rank), "lora_alpha": float(alpha), "lora_dropout": 0.0, "bias": "none",
+            "target_modules": list(targets), "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model}
 
 
 def apply_lora(lm: torch.nn.Module, rank: int, alpha: float, dropout: float = 0.0,

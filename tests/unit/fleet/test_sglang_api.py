@@ -113,9 +113,9 @@ def test_sglang_engine_stops_at_every_eos_id_and_stop_token_id():
 
 
 def test_the_adapter_config_sglang_reads_has_its_keys_and_our_targets():
-    from opefo_rllib.models.tiny import TINY_DEFAULT_PATH
+    from opefo_rllib.models.lora import adapter_config, target_modules_of
 
-    config = sglang_engine.sglang_lora_config(str(TINY_DEFAULT_PATH), {"rank": 16, "alpha": 32.0})
+    config = adapter_config(16, 32.0, target_modules_of("qwen2", None))  # what SGLangEngine(lora=...) passes
     root = Path(importlib.util.find_spec("sglang").submodule_search_locations[0]) / "srt" / "lora" / "lora_config.py"
     source = root.read_text()
     for key in ("target_modules", "r", "lora_alpha"):  # what sglang's LoRAConfig reads from config_dict
