@@ -7,8 +7,12 @@ how to draw a problem and how to score a response:
         def sample_problem(self, rng): return Problem(id=..., prompt=..., answer=...)
         def score(self, problem, response): return VerifyResult(reward=..., correct=...)
 
-Single-turn tasks terminate after one step. Multi-turn tasks override ``step`` (see
-``RetryWithFeedback``) and return a new observation with ``terminated=False``.
+Single-turn tasks terminate after one step. Multi-turn tasks set ``max_turns`` above 1, override
+``step`` (see ``RetryWithFeedback``, ``MathToolEnv``) and return the next observation with
+``terminated=False``: only the new text (feedback, a tool's output), which the trainer appends
+to the conversation as tokens; the model's next turn sees every earlier turn. The trainer steps
+each multi-turn episode in an env of its own (``new_episode``: a shallow copy sharing the data,
+verifier and tools, with its own episode state), many at once.
 
 A finite problem space (single-digit sums, a small dataset) is split in two by ``split`` /
 ``heldout_fraction``: a problem belongs to the held-out part when a hash of its id falls below the
@@ -22,6 +26,7 @@ subclasses with a slow verifier (math-verify) override to verify in parallel wor
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import string
@@ -80,6 +85,7 @@ class TextEnv(gym.Env):
     metadata = {"render_modes": ["ansi"], "render_fps": 1}
     skipped_rows = 0  # dataset rows dropped at load (``on_bad_row="skip"``); datasets set it
     split, heldout_fraction = "all", 0.2  # also for subclasses that skip TextEnv.__init__
+    max_turns = 1  # model turns an episode may take (above 1: a multi-turn env, stepped turn by turn)
 
     def __init__(self, max_prompt_chars: int = 8192, max_response_chars: int = 65536, render_mode: str | None = None,
                  split: str = "all", heldout_fraction: float = 0.2):
@@ -134,6 +140,13 @@ class TextEnv(gym.Env):
         raise ValueError(f"{type(self).__name__}: no problem of split {self.split!r} (heldout_fraction "
                          f"{self.heldout_fraction}) in {SPLIT_DRAWS} draws")
 
+    def new_episode(self, problem: Problem) -> "TextEnv":
+        """An env for one episode of ``problem``, reset on it: a shallow copy of this one (its data,
+        verifier and tools shared, its episode state its own), so many episodes run at once."""
+        episode = copy.copy(self)
+        episode.reset(options={"problem": problem})
+        return episode
+
     def seed_problems(self, seed: int) -> None:
         """Seed the problem stream without drawing a problem (the trainer's start)."""
         self._np_random, self._np_random_seed = seeding.np_random(seed)
@@ -187,9 +200,10 @@ def in_heldout_split(problem_id: str, fraction: float) -> bool:
 class RetryWithFeedback(TextEnv):
     """Multi-turn wrapper: a wrong answer gets ``max_retries`` more tries, with feedback.
 
-    The observation after a wrong answer is the whole conversation so far plus the feedback;
-    the episode ends on a correct answer or when the retries run out. Reward: the verifier's
-    reward of the final answer, times ``retry_discount`` per retry used.
+    The observation after a wrong answer is the feedback (the new text only: the conversation so
+    far is the trainer's, or ``render()``'s); the episode ends on a correct answer or when the
+    retries run out. Reward: the verifier's reward of the final answer, times ``retry_discount``
+    per retry used.
     """
 
     def __init__(
@@ -206,6 +220,10 @@ class RetryWithFeedback(TextEnv):
             raise ValueError(f"max_retries must be >= 0, got {max_retries}")
         self.env, self.max_retries, self.feedback, self.retry_discount = env, max_retries, feedback, retry_discount
         self._transcript = ""
+
+    @property
+    def max_turns(self) -> int:
+        return self.max_retries + 1
 
     def sample_problem(self, rng: np.random.Generator) -> Problem:
         return self.env.sample_problem(rng)
@@ -245,4 +263,4 @@ class RetryWithFeedback(TextEnv):
             return "", reward, True, False, info
         self._transcript += self.feedback
         self._last_text = self._transcript
-        return self._transcript[-self.observation_space.max_length:], 0.0, False, False, info
+        return self.feedback, 0.0, False, False, info

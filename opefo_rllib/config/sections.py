@@ -24,7 +24,7 @@ from opefo_rllib.core.kl import KL_ESTIMATORS, KL_PLACES
 from opefo_rllib.config.fields import Section, register_section, setting, SECTIONS
 
 __all__ = ["RunSettings", "RLlibSettings", "PolicyModelSettings", "LoraSettings", "lora_syncs_adapter",
-           "GenerationSettings", "RolloutPipelineSettings",
+           "GenerationSettings", "RolloutPipelineSettings", "EpisodeSettings",
            "FleetSettings",
            "ObjectiveSettings", "KLSettings", "EntropyFlowSettings", "OptimizationSettings", "DeepSpeedSettings",
            "LoggingSettings", "EvaluationSettings", "RUN_SECTION", "RLLIB_SECTION", "run_fields", "rllib_fields"]
@@ -207,6 +207,22 @@ class RolloutPipelineSettings:
             yield "offpolicy_mask", "offpolicy_mask needs tis_cap (its band is [1/tis_cap, tis_cap])"
         if c.overlong_buffer_len is not None and c.overlong_buffer_len >= c.max_new_tokens:
             yield "overlong_buffer_len", f"must be below max_new_tokens ({c.max_new_tokens})"
+
+
+@dataclasses.dataclass
+class EpisodeSettings:
+    """Multi-turn episodes: how many turns, how many tokens, which reward (docs/multi_turn.md)."""
+
+    max_turns: int | None = setting(None, "multi-turn envs: model turns per episode at most (None: the env's own "
+                                    "max_turns); an episode still going after them is cut", low=1)
+    max_episode_tokens: int | None = setting(None, "multi-turn envs: tokens after the prompt per episode at most, the "
+                                             "model's and the env's (None: no bound but max_turns); a turn that "
+                                             "reaches it is cut there and ends the episode (rollout/episodes_cut)",
+                                             low=1)
+    episode_reward: str = setting("final", "multi-turn envs: an episode's reward is its final step's (final) or the "
+                                  "sum of every step's (sum)", choices=("final", "sum"))
+    env_step_workers: int = setting(8, "multi-turn envs: episodes whose env steps (tool programs, verifiers) run "
+                                    "at once", low=1)
 
 
 # HFEngine's keyword arguments a config may set through engine_kwargs (the rest come from fields;
@@ -503,6 +519,7 @@ register_section("lora", LoraSettings, setter="policy_model")
 register_section("prompts", PromptSettings, setter="generation")
 register_section("generation", GenerationSettings)
 register_section("rollout", RolloutPipelineSettings)
+register_section("episodes", EpisodeSettings, setter="generation")
 register_section("fleet", FleetSettings)
 register_section("objective", ObjectiveSettings, setter="training")
 SECTIONS["loss_settings"] = RegistrySection("loss_settings", object, "training",

@@ -3,7 +3,9 @@
 Per chunk of problems: a greedy call (n = 1) and a sampled call (n = K) go to the fleet at once
 (each prompt group whole on one engine); as each engine's share comes back it is decoded and
 handed to ``env.score_batch_async``, so verification (math-verify worker processes for
-opefo/Math-v0) overlaps the generation of the rest. The fleet serves whatever weights it holds:
+opefo/Math-v0) overlaps the generation of the rest. A multi-turn env's answers are episodes,
+played turn by turn as in training (each with its env's own ``max_turns``); an episode's outcome
+is its final reward, its length its model tokens. The fleet serves whatever weights it holds:
 the trainer's current policy during training, the model under test in ``opefo eval``.
 """
 
@@ -11,19 +13,26 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from concurrent.futures import Future
+from types import SimpleNamespace
 from typing import Any, Callable
 
 import numpy as np
 
 from opefo_rllib.envs.pool import wait_all
+from opefo_rllib.envs.verifier import VerifyResult
 from opefo_rllib.evaluation.codec import Codec
 from opefo_rllib.evaluation.metrics import summarize
 from opefo_rllib.config.eval_spec import GREEDY_TEMPERATURE, EvalSpec
 from opefo_rllib.evaluation.tasks import EvalTask
-from opefo_rllib.fleet.engine import SamplingConfig
+from opefo_rllib.fleet.engine import GenerationResult, SamplingConfig
+from opefo_rllib.rollout.episodes import Episode, EpisodeStepper, episode_limits, is_multi_turn
 
 __all__ = ["TaskReport", "GenerationProgress", "evaluate_task", "eval_fleet"]
 
+# Multi-turn tasks are evaluated with their env's own turn limit and no token budget, rewarded by
+# their final step, eight episodes' env steps at once.
+EVAL_EPISODES = SimpleNamespace(max_turns=None, max_episode_tokens=None, episode_reward="final", env_step_workers=8)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +114,8 @@ def _generate(fleet, codec: Codec, task: EvalTask, spec: EvalSpec, step: int, pr
     problems = task.problems
     prompts = [codec.encode(p.prompt, p.id) for p in problems]
     tally = _Tally(task.name, len(problems) * (int(spec.greedy) + spec.samples), spec.max_new_tokens, progress)
+    if is_multi_turn(task.env):
+        return _generate_episodes(fleet, codec, task, spec, step, prompts, tally)
     scoring = []
     for chunk_no, first in enumerate(range(0, len(problems), spec.chunk_problems)):
         chunk = range(first, min(first + spec.chunk_problems, len(problems)))
@@ -117,6 +128,75 @@ def _generate(fleet, codec: Codec, task: EvalTask, spec: EvalSpec, step: int, pr
                 asked = [problems[k] for k, group in zip(rows, results) for _ in group]
                 scoring.append((kind, rows, results, task.env.score_batch_async(asked, texts)))
     return scoring
+
+
+@dataclasses.dataclass
+class _EvalUnit:
+    """One first call's multi-turn episodes (its rows, n each) and the ones still running."""
+
+    rows: list[int]
+    episodes: list[Episode]
+    running: list[Episode]
+    turn: int
+    args: tuple  # the first call's (prompts, n, sampling, seed)
+
+
+def _generate_episodes(fleet, codec: Codec, task: EvalTask, spec: EvalSpec, step: int, prompts: list,
+                       tally: "_Tally") -> list:
+    """``_generate`` for a multi-turn env: every answer is an episode, played turn by turn on the
+    engine of its first turn (as in training, with the env's own max_turns); each episode's
+    outcome is its final reward and its model tokens."""
+    problems, scoring = task.problems, []
+    stepper = EpisodeStepper(codec.builder, episode_limits(task.env, EVAL_EPISODES), EVAL_EPISODES.env_step_workers)
+    try:
+        for chunk_no, first in enumerate(range(0, len(problems), spec.chunk_problems)):
+            chunk = range(first, min(first + spec.chunk_problems, len(problems)))
+            for kind, pending in _submit_chunk(fleet, prompts, chunk, spec, chunk_no):
+                submitted = list(pending)
+                while pending:
+                    idx, results, _, pending, engine = fleet.wait_any(pending, step, on_progress=tally.running)
+                    tally.finished(engine, [len(r.response_ids) for group in results for r in group],
+                                   answers=not isinstance(idx, _EvalUnit))  # an answer counts at its first turn
+                    if isinstance(idx, _EvalUnit):
+                        unit, turns = idx, [group[0] for group in results]
+                    else:
+                        args = next(entry[3] for entry in submitted if entry[0] is idx)
+                        rows = [chunk[i] for i in idx]
+                        started = stepper.start(task.env, [problems[k] for k in rows], [0] * len(rows),
+                                                [prompts[k] for k in rows], [""] * len(rows), args[1])
+                        unit, turns = _EvalUnit(rows, started, started, 1, args), [r for g in results for r in g]
+                    stepper.advance(unit.running, turns)
+                    still = [ep for ep in unit.episodes if not ep.done]
+                    if still:
+                        nxt = dataclasses.replace(unit, running=still, turn=unit.turn + 1)
+                        _, _, sampling, seed = unit.args
+                        pending.append(fleet.submit_to(engine, [ep.context() for ep in still], 1, sampling,
+                                                       seed + 15_485_863 * unit.turn, nxt))
+                    else:
+                        scoring.append((kind, unit.rows, *_episode_outcomes(unit.episodes, len(unit.rows))))
+    finally:
+        stepper.close()
+    return scoring
+
+
+def _episode_outcomes(episodes: list[Episode], rows: int) -> tuple[list, list]:
+    """Finished episodes as the (results, verdict futures) a single-turn call's answers give: per
+    row, its episodes as GenerationResults (their model tokens) and done futures of their rewards."""
+    n = len(episodes) // rows
+    results, futures = [], []
+    for r in range(rows):
+        group = []
+        for s, ep in enumerate(episodes[r * n:(r + 1) * n]):
+            model_ids = [t for t, m in zip(ep.ids, ep.action_mask) if m]
+            group.append(GenerationResult(r, s, model_ids, [], min(ep.versions), ep.finished and not ep.cut))
+            rollout = ep.to_rollout("final")
+            verdict = VerifyResult(reward=rollout.reward, correct=rollout.correct,
+                                   extracted=ep.last_info.get("extracted"), format_ok=rollout.info["format_ok"])
+            done: Future = Future()
+            done.set_result(verdict)
+            futures.append(done)
+        results.append(group)
+    return results, futures
 
 
 class _Tally:
@@ -140,10 +220,10 @@ class _Tally:
                 self.in_flight[engine] = max(self.in_flight.get(engine, 0), r.call_tokens)
         self._report()
 
-    def finished(self, engine: int, lengths: list[int]) -> None:
-        """A call on ``engine`` returned answers of these lengths."""
+    def finished(self, engine: int, lengths: list[int], answers: bool = True) -> None:
+        """A call on ``engine`` returned answers (or, ``answers`` False, later turns) of these lengths."""
         self.in_flight.pop(engine, None)
-        self.done += len(lengths)
+        self.done += len(lengths) if answers else 0
         self.done_tokens += sum(lengths)
         self._report()
 

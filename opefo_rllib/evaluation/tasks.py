@@ -107,8 +107,6 @@ def env_task(env_name: str, env_config: dict | None = None, num_problems: int | 
     except Exception as e:  # noqa: BLE001 - a bad env_config is the user's input
         raise ConfigError(f"task {env_name!r} with env_config {dict(env_config or {})}: {type(e).__name__}: {e}") \
             from None
-    if getattr(env, "max_turns", 1) > 1:
-        raise ConfigError(f"task {env_name!r} is multi-turn; evaluation covers single-turn envs")
     if isinstance(getattr(env, "dataset", None), ProblemDataset):
         return EvalTask(name or env_name, env, _in_file_order(env, num_problems))
     problems, excluded = heldout_problems(env, num_problems or DEFAULT_GENERATED_PROBLEMS, train_seed=train_seed,

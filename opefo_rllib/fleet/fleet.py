@@ -266,6 +266,14 @@ class EngineFleet:
                     pending.append((idx, actor.generate.remote(*args), e, args, actor))
         return pending
 
+    def submit_to(self, engine: int, prompts: Sequence[Sequence[int]], n: int, sampling: SamplingConfig,
+                  seed: int, tag: Any) -> tuple:
+        """One call on engine ``engine`` (a multi-turn unit's next turn stays on the engine of its
+        first), as a pending entry like ``submit``'s whose indices are ``tag`` (``wait_any`` returns it)."""
+        args = ([list(p) for p in prompts], n, sampling, seed)
+        actor = self.actors[engine]
+        return (tag, actor.generate.remote(*args), engine, args, actor)
+
     def _wait(self, refs: list, engines: Sequence[int], num_returns: int, what: str,
               on_progress: OnProgress | None) -> list:
         """``num_returns`` of ``refs`` done, under the progress-based deadline (EngineStalled /

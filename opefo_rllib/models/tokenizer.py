@@ -109,6 +109,11 @@ class ModelTokenizer:
         """Token ids of ``text`` as a base model reads it (the tokenizer's own BOS, if any, first)."""
         raise NotImplementedError
 
+    def encode_plain(self, text: str) -> list[int]:
+        """Token ids of ``text`` continuing a sequence: no BOS or other added special token (a
+        multi-turn episode's env observation; chat markers written in ``text`` still map to theirs)."""
+        raise NotImplementedError
+
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of ``messages`` through the chat template, ending with the assistant's turn."""
         raise TokenizerError(f"model dir {self.source}: its tokenizer has no chat template")
@@ -131,6 +136,9 @@ class CharModelTokenizer(ModelTokenizer):
     def encode(self, text: str) -> list[int]:
         return self.char.encode(text)
 
+    def encode_plain(self, text: str) -> list[int]:
+        return self.char.encode(text, add_bos=False)
+
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.char.decode(ids, skip_special=skip_special_tokens)
 
@@ -147,6 +155,13 @@ class HFModelTokenizer(ModelTokenizer):
 
     def encode(self, text: str) -> list[int]:
         return list(self.hf.encode(text, add_special_tokens=True))
+
+    def encode_plain(self, text: str) -> list[int]:
+        return list(self.hf.encode(text, add_special_tokens=False))
+
+    def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        """``messages`` through the chat template, as text."""
+        return self.hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         if not self.chat_template:

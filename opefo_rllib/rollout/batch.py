@@ -1,7 +1,11 @@
 """Rollout samples and their tensor form for the learner.
 
 A ``Rollout`` is one response to one prompt: token ids, the engine's sampling log-probs, the
-verifier's reward, the prompt group it belongs to, and the weight version that produced it.
+verifier's reward, the prompt group it belongs to, and the weight version that produced it. A
+multi-turn episode is one ``Rollout`` too: its ``response_ids`` are every token after the prompt,
+the model's turns and the env's observations in order, and ``action_mask`` says which are the
+model's (1) and which the env's (0): env tokens are context only, left out of the loss, the
+entropy flow and the log-prob gap through the response mask.
 ``collate`` right-pads prompt + response into [N, L] and aligns the response mask and the
 sampling log-probs with the targets (token t is predicted at position t - 1); ``learner_batch``
 adds the group advantages (computed per prompt group, so a batch of whole groups gets the ones
@@ -36,6 +40,13 @@ class Rollout:
     prompt_text: str = ""
     response_text: str = ""
     info: dict = dataclasses.field(default_factory=dict)
+    # Multi-turn: 1 for each model token of response_ids, 0 for each env token (None: all model's).
+    action_mask: list[int] | None = None
+
+    @property
+    def model_tokens(self) -> int:
+        """The tokens the model sampled (a multi-turn episode's env tokens excluded)."""
+        return len(self.response_ids) if self.action_mask is None else int(sum(self.action_mask))
 
 
 def collate(rollouts: Sequence[Rollout], pad_id: int = 0) -> dict[str, Any]:
@@ -53,7 +64,8 @@ def collate(rollouts: Sequence[Rollout], pad_id: int = 0) -> dict[str, Any]:
         input_ids[i, : len(s)] = torch.tensor(s)
         attention_mask[i, : len(s)] = 1
         start, length = len(r.prompt_ids) - 1, len(r.response_ids)
-        response_mask[i, start: start + length] = 1
+        response_mask[i, start: start + length] = 1 if r.action_mask is None else \
+            torch.tensor(r.action_mask, dtype=torch.float32)
         sampling_logp[i, start: start + length] = torch.tensor(r.sampling_logp, dtype=torch.float32)
     return {
         "input_ids": input_ids,
@@ -132,7 +144,7 @@ def _group_frac(rollouts: Sequence[Rollout], test) -> float:
 def rollout_metrics(rollouts: Sequence[Rollout], batch: dict[str, Any]) -> dict[str, float]:
     """The ``rollout/...`` metrics of one batch (rewards, lengths, truncation, verifier failures)."""
     n = len(rollouts)
-    lengths = torch.tensor([len(r.response_ids) for r in rollouts], dtype=torch.float32)
+    lengths = torch.tensor([r.model_tokens for r in rollouts], dtype=torch.float32)
     return {
         "rollout/reward_mean": float(batch["rewards"].mean()),
         "rollout/num_samples": float(n),

@@ -16,6 +16,13 @@ k calls). The async pipeline starts the next batch before the update and finishe
 (``start_ahead`` / ``finish_ahead`` / ``next_batch``). ``filter_groups: zero_variance`` (DAPO's
 dynamic sampling) drops groups whose rewards are all equal and refills them with new prompts;
 the soft overlong penalty is applied to the reward here, before advantages.
+
+Multi-turn envs (``max_turns`` above 1: ``opefo/ArithmeticRetry-v0``, ``opefo/MathTool-v0``) are
+sampled as episodes (:mod:`opefo_rllib.rollout.episodes`): each engine call's groups go on as a
+unit on that engine, one call per turn for the episodes still running (seeded from the call's
+seed and the turn, so a run repeats), and the unit is handed on when its last episode ends. Every
+turn of a batch is sampled before the next weight sync, so an episode's turns share one weight
+version under every pipeline (async: the version before the update, as a single-turn sample).
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from opefo_rllib.envs.pool import wait_all
 from opefo_rllib.fleet.engine import SamplingConfig
 from opefo_rllib.fleet.fleet import EngineFleet
 from opefo_rllib.rollout.batch import Rollout
+from opefo_rllib.rollout.episodes import Episode, EpisodeStepper, episode_limits, episode_metrics, is_multi_turn
 from opefo_rllib.rollout.prompts import PromptBuilder, draw_prompts, response_text
 
 __all__ = ["LLMEnvRunner", "Sampled", "overlong_penalty"]
@@ -53,12 +61,13 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
         c = self.config
         import_env_modules(c.imports)  # the run's own env modules, in whichever process builds the env
         self.env: TextEnv = make_env(c.env, **dict(c.env_config or {}))
-        if getattr(self.env, "max_turns", 1) > 1:
-            raise ValueError(f"env {c.env!r} is multi-turn; the trainer samples single-turn envs only for now")
         self.env.seed_problems(c.seed if c.seed is not None else 0)  # draws nothing: no item is skipped
         model_dir = resolve_model_path(c.model_path)
         self.tokenizer = _load_tokenizer(c.model_path, model_dir)
         self.prompts = PromptBuilder(self.tokenizer, c)
+        # Multi-turn envs: their episodes are stepped turn by turn (None: single-turn, scored in batches).
+        self.episodes = EpisodeStepper(self.prompts, episode_limits(self.env, c), c.env_step_workers) \
+            if is_multi_turn(self.env) else None
         self.sampling = SamplingConfig(temperature=c.temperature, max_new_tokens=c.max_new_tokens,
                                        top_p=c.top_p, top_k=c.top_k, seed=c.seed or 0,
                                        stop_token_ids=tuple(c.stop_token_ids or ()))
@@ -142,11 +151,16 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
                    "rollout/prompts_skipped_too_long": float(skipped_long),
                    "rollout/groups_filtered": float(filtered), "rollout/refill_rounds": float(rounds),
                    "rollout/batch_shortfall": float(max(shortfall, 0))}
+        if self.episodes is not None:
+            metrics.update(episode_metrics(rollouts))
         return Sampled(rollouts, metrics, timings)
 
     def _collect(self, started: "_Started", busy: dict[int, float]):
         """Each engine call's rollouts, verified, as the calls finish, with its (generate_s,
         verify_s) share of the batch's timings; ``busy`` sums each engine's own generation time."""
+        if self.episodes is not None:
+            yield from self._collect_episodes(started, busy)
+            return
         c = self.config
         step, problems, prompts = started.step, started.draw.problems, started.draw.prompt_ids
         # What the model saw, special tokens (chat markers) included: for the TensorBoard samples.
@@ -185,6 +199,39 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
             timing = {"generate_s": gen_done - last, "verify_s": end - gen_done}
             last = end
             yield rollouts, timing
+
+    def _collect_episodes(self, started: "_Started", busy: dict[int, float]):
+        """Multi-turn: each engine call's episodes, turn by turn on that engine, handed on (with
+        their timings: ``verify_s`` is the env steps') when the last of them has ended."""
+        c, step, draw = self.config, started.step, started.draw
+        prompt_texts = [self.tokenizer.decode(ids, skip_special_tokens=False) for ids in draw.prompt_ids]
+        pending, last = list(started.pending), started.at
+        while pending:
+            idx, results, seconds, pending, engine = self.fleet.wait_any(pending, step)
+            gen_done = time.perf_counter()
+            busy[engine] = busy.get(engine, 0.0) + seconds
+            if isinstance(idx, _NextTurn):  # a later turn of a unit's running episodes: one sample each
+                unit, running, turns = idx, idx.running, [group[0] for group in results]
+            else:  # a unit's first turn: group_size samples of each of its problems
+                pick = list(idx)
+                running = self.episodes.start(self.env, [draw.problems[k] for k in pick],
+                                              [started.group_ids[k] for k in pick], [draw.prompt_ids[k] for k in pick],
+                                              [prompt_texts[k] for k in pick], c.group_size)
+                unit = _NextTurn(running, running, 1, pending_seed(started.pending, idx))
+                turns = [res for group in results for res in group]
+            self.episodes.advance(running, turns)
+            still = [ep for ep in unit.episodes if not ep.done]
+            end = time.perf_counter()
+            timing = {"generate_s": gen_done - last, "verify_s": end - gen_done}
+            last = end
+            if still:
+                nxt = _NextTurn(unit.episodes, still, unit.turn + 1, unit.seed)
+                seed = unit.seed + 15_485_863 * unit.turn  # this unit's next turn: its own seed
+                pending.append(self.fleet.submit_to(engine, [ep.context() for ep in still], 1, self.sampling,
+                                                    seed, nxt))
+                yield [], timing
+            else:
+                yield [ep.to_rollout(c.episode_reward) for ep in unit.episodes], timing
 
     # ------------------------------------------------------------------ the async pipeline's batch ahead
     def next_batch(self) -> "Sampled":
@@ -247,6 +294,8 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
     def stop(self) -> None:
         """Close the env (its verifier's worker processes); idempotent. RLlib calls it from
         ``algo.stop()``; the fleet is the Algorithm's to shut down."""
+        if getattr(self, "episodes", None) is not None:
+            self.episodes.close()
         if getattr(self, "env", None) is not None:
             self.env.close()
 
@@ -272,6 +321,22 @@ class _Started:
     pending: list
     at: float
     chunks: int = 1
+
+
+@dataclasses.dataclass
+class _NextTurn:
+    """A multi-turn unit (one first engine call's episodes) waiting for a turn: all its episodes,
+    the ones still running (this call's prompts, in order), the turn number and the unit's seed."""
+
+    episodes: list[Episode]
+    running: list[Episode]
+    turn: int
+    seed: int
+
+
+def pending_seed(pending: list, idx) -> int:
+    """The seed of the submitted call whose indices are ``idx`` (its args' last element)."""
+    return next(entry[3][3] for entry in pending if entry[0] is idx)
 
 
 def overlong_penalty(n_tokens: int, c: Any) -> float:

@@ -5,6 +5,10 @@ ids become the text the verifier reads. Training (``LLMEnvRunner``) and evaluati
   "chat" wraps it in the tokenizer's chat template as the user's turn (after ``system_prompt``)
   and opens the assistant's turn. A prompt over ``max_prompt_tokens`` is never cut: it is skipped
   (``None``) or, with ``on_long_prompt`` "error", refused naming its problem id.
+* ``PromptBuilder.encode_observation``: a multi-turn env's observation as the tokens appended
+  after a model turn: the text itself ("raw"), or ("chat") a user turn of the chat template: what
+  the template writes after an assistant message (less the stop token the model already wrote),
+  then the user message, then the opening of the next assistant turn.
 * ``draw_prompts``: a whole batch of prompts from an env, drawing replacements for skipped ones.
 * ``response_text``: a response decoded without its stop token and without special tokens.
 """
@@ -46,6 +50,7 @@ class PromptBuilder:
         self.max_prompt_tokens = config.max_prompt_tokens
         self.on_long_prompt = config.on_long_prompt
         self.skipped_too_long = 0
+        self._chat_turn: tuple[str, str, str] | None = None  # (after assistant, before / after user text)
         if self.prompt_format not in ("raw", "chat"):
             raise ConfigError(f"config field 'prompt_format' = {self.prompt_format!r}: must be 'raw' or 'chat'")
         if self.on_long_prompt not in ("skip", "error"):
@@ -78,6 +83,39 @@ class PromptBuilder:
                                      "max_prompt_tokens, or set on_long_prompt to 'skip' to leave such prompts out")
         self.skipped_too_long += 1
         return None
+
+
+    def encode_observation(self, text: str, stop_id: int | None) -> list[int]:
+        """The token ids a multi-turn env's observation ``text`` adds after a model turn that ended
+        with ``stop_id`` (None: cut at max_new_tokens): ``text`` itself ("raw"), or a user turn of the
+        chat template closing the model's turn and opening the next one ("chat")."""
+        if self.prompt_format == "raw":
+            return self.tokenizer.encode_plain(text)
+        after_assistant, before, after = self._chat_turn_parts()
+        if stop_id is not None:
+            stop_text = self.tokenizer.decode([stop_id], skip_special_tokens=False)
+            if stop_text and after_assistant.startswith(stop_text):  # the model wrote it already
+                after_assistant = after_assistant[len(stop_text):]
+        return self.tokenizer.encode_plain(after_assistant + before + text + after)
+
+    def _chat_turn_parts(self) -> tuple[str, str, str]:
+        """What the chat template writes between an assistant message and the next one, found by
+        rendering a probe conversation with one user message more (the difference is the turn)."""
+        if self._chat_turn is None:
+            marks = ("\u2063OPEFO_A\u2063", "\u2063OPEFO_O\u2063")
+            system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+            probe = system + [{"role": "user", "content": "q"}, {"role": "assistant", "content": marks[0]}]
+            closed = self.tokenizer.render_chat(probe, add_generation_prompt=False)
+            opened = self.tokenizer.render_chat(probe + [{"role": "user", "content": marks[1]}],
+                                                add_generation_prompt=True)
+            if marks[0] not in closed or not opened.startswith(closed) or marks[1] not in opened:
+                raise ConfigError(f"config field 'prompt_format' = 'chat': the chat template of model dir "
+                                  f"{self.tokenizer.source} does not render a conversation by appending turns, so "
+                                  "a multi-turn env's observation cannot be added as tokens; use prompt_format 'raw'")
+            after_assistant = closed[closed.rindex(marks[0]) + len(marks[0]):]
+            before, _, after = opened[len(closed):].partition(marks[1])
+            self._chat_turn = (after_assistant, before, after)
+        return self._chat_turn
 
 
 @dataclasses.dataclass

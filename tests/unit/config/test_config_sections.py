@@ -36,6 +36,8 @@ BAD_VALUES = [
     ("filter_groups=std", "filter_groups"), ("max_refill_rounds=-1", "max_refill_rounds"),
     ("mask_truncated=2", "mask_truncated"), ("overlong_buffer_len=0", "overlong_buffer_len"),
     ("overlong_buffer_len=8", "overlong_buffer_len"), ("overlong_penalty=-1", "overlong_penalty"),
+    ("max_turns=0", "max_turns"), ("max_episode_tokens=0", "max_episode_tokens"),
+    ("episode_reward=mean", "episode_reward"), ("env_step_workers=0", "env_step_workers"),
     ("fuse_flow_pass=maybe", "fuse_flow_pass"), ("offload_optimizer=true", "offload_optimizer"), ("env_config=[1]", "env_config"),
     ("imports=[1]", "imports"), ("imports=mymod", "imports"), ("model_path=5", "model_path"), ("model_dtype=float16", "model_dtype"),
     ("gradient_checkpointing=maybe", "gradient_checkpointing"), ("logits_chunk_size=0", "logits_chunk_size"),

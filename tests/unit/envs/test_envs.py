@@ -26,7 +26,8 @@ from opefo_rllib.envs.countdown import CountdownError
 from paths import SHARED_BENCHMARKS
 
 BENCHMARKS = SHARED_BENCHMARKS
-ENV_KWARGS = {"opefo/Math-v0": {"data_files": str(BENCHMARKS / "gsm8k_test.jsonl")}}
+ENV_KWARGS = {"opefo/Math-v0": {"data_files": str(BENCHMARKS / "gsm8k_test.jsonl")},
+              "opefo/MathTool-v0": {"data_files": str(BENCHMARKS / "gsm8k_test.jsonl")}}
 
 
 @pytest.mark.parametrize("name", list_envs())
@@ -104,8 +105,12 @@ def test_step_returns_verification_details():
 def test_multi_turn_retry_gives_one_retry_with_feedback():
     env = make_env("opefo/ArithmeticRetry-v0")
     prompt, _ = env.reset(seed=1)
+    assert env.max_turns == 2
     obs, reward, terminated, _, info = env.step("wrong")
-    assert not terminated and reward == 0.0 and obs.startswith(prompt + "wrong") and "not correct" in obs
+    # The observation is the new text only (the trainer keeps the conversation); render() has it all.
+    assert not terminated and reward == 0.0 and "not correct" in obs and "wrong" not in obs
+    env.render_mode = "ansi"
+    assert env.render() == prompt + "wrong" + obs
     obs, reward, terminated, _, _ = env.step(env.problem.answer)
     assert terminated and reward == 1.0 and obs == ""
     env.reset(seed=1)
@@ -115,6 +120,18 @@ def test_multi_turn_retry_gives_one_retry_with_feedback():
     env.reset(seed=2)
     _, reward, terminated, _, _ = env.step(env.problem.answer)  # right the first time
     assert terminated and reward == 1.0
+
+
+def test_new_episode_is_an_own_env_reset_on_the_problem():
+    env = make_env("opefo/ArithmeticRetry-v0")
+    env.seed_problems(0)
+    first, second = env.sample_problems(2)
+    a, b = env.new_episode(first), env.new_episode(second)
+    assert a.problem == first and b.problem == second and a.turn == b.turn == 0
+    a.step("wrong")  # one episode's state moves, the other's does not
+    assert (a.turn, b.turn) == (1, 0)
+    assert b.step(second.answer)[1:3] == (1.0, True)
+    assert a.step(first.answer)[1:3] == (1.0, True)
 
 
 def test_retry_discount_scales_late_rewards():
