@@ -217,7 +217,7 @@ class EpisodeSettings:
                                     "max_turns); an episode still going after them is cut", low=1)
     max_episode_tokens: int | None = setting(None, "multi-turn envs: tokens after the prompt per episode at most, the "
                                              "model's and the env's (None: no bound but max_turns); a turn that "
-                                             "reaches it is cut there and ends the episode (rollout/episodes_cut)",
+                                             "reaches it is cut there and ends the episode (episode/cut_frac)",
                                              low=1)
     episode_reward: str = setting("final", "multi-turn envs: an episode's reward is its final step's (final) or the "
                                   "sum of every step's (sum)", choices=("final", "sum"))
