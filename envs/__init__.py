@@ -6,6 +6,7 @@ Importing this package registers the built-in environments with Gymnasium and Ra
     opefo/ArithmeticRetry-v0   the same, multi-turn: a wrong answer gets one retry with feedback
     opefo/Countdown-v0         reach a target from given numbers (safe AST evaluation)
     opefo/Math-v0              any dataset with reference answers, verified with math-verify
+    opefo/MathTool-v0          the same, multi-turn, with a sandboxed Python tool (envs/sandbox.py)
 """
 
 from opefo_rllib.envs.arithmetic import ArithmeticEnv, score_integer_answer
@@ -14,6 +15,7 @@ from opefo_rllib.envs.countdown import CountdownEnv, evaluate_countdown, score_c
 from opefo_rllib.envs.datasets import BadRow, DatasetError, LoadedProblems, ProblemDataset, load_problems
 from opefo_rllib.envs.extract import extract_answer
 from opefo_rllib.envs.math_env import DEFAULT_MATH_TEMPLATE, MathEnv
+from opefo_rllib.envs.math_tool import DEFAULT_TOOL_TEMPLATE, MathToolEnv
 from opefo_rllib.envs.registry import list_envs, make_env, register_env
 from opefo_rllib.envs.verifier import MathVerifier, VerifyResult, math_equal, shared_math_verifier
 
@@ -26,15 +28,18 @@ register_env("opefo/Arithmetic-v0", ArithmeticEnv)
 register_env("opefo/ArithmeticRetry-v0", _arithmetic_retry)
 register_env("opefo/Countdown-v0", CountdownEnv)
 register_env("opefo/Math-v0", MathEnv)
+register_env("opefo/MathTool-v0", MathToolEnv)
 
 __all__ = [
     "ArithmeticEnv",
     "BadRow",
     "CountdownEnv",
     "DEFAULT_MATH_TEMPLATE",
+    "DEFAULT_TOOL_TEMPLATE",
     "DatasetError",
     "LoadedProblems",
     "MathEnv",
+    "MathToolEnv",
     "MathVerifier",
     "Problem",
     "ProblemDataset",

@@ -140,6 +140,13 @@ class TextEnv(gym.Env):
         raise ValueError(f"{type(self).__name__}: no problem of split {self.split!r} (heldout_fraction "
                          f"{self.heldout_fraction}) in {SPLIT_DRAWS} draws")
 
+    def turn_end(self, text: str) -> int | None:
+        """Where the model's turn ends, if the env ends it before the model does: the length of
+        the turn's text up to its turn-end marker (e.g. the closing fence of a code block), or
+        None. The trainer keeps the turn's tokens up to there and drops the rest (a prefix of a
+        sample is a sample of it: still on-policy)."""
+        return None
+
     def new_episode(self, problem: Problem) -> "TextEnv":
         """An env for one episode of ``problem``, reset on it: a shallow copy of this one (its data,
         verifier and tools shared, its episode state its own), so many episodes run at once."""

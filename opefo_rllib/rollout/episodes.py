@@ -6,7 +6,9 @@ env's ``step(turn text)`` returns the observation (a tool's output, feedback), t
 whether the episode is over; the observation's tokens are appended (``PromptBuilder.
 encode_observation``) and the next turn is sampled. An episode ends when the env terminates or
 truncates it, or is cut by ``max_turns`` or ``max_episode_tokens`` (a turn that reaches the
-budget is cut there: a prefix of a sample is a sample of that prefix, so it stays on-policy).
+budget is cut there: a prefix of a sample is a sample of that prefix, so it stays on-policy). An
+env may end a turn early too, at its turn-end marker (``TextEnv.turn_end``, e.g. the closing fence
+of a code block): the tokens after it are dropped the same way, whichever engine sampled them.
 
 The finished episode is one :class:`~opefo_rllib.rollout.batch.Rollout`: ``response_ids`` all its
 tokens after the prompt, ``action_mask`` 1 on the model's and 0 on the env's (context only: no
@@ -70,6 +72,7 @@ class Episode:
     tool_calls: int = 0
     tool_errors: int = 0
     tool_timeouts: int = 0
+    ended_by_marker: int = 0  # turns the env's turn-end marker ended (turn_end)
     done: bool = False
     cut: bool = False  # ended by max_turns / max_episode_tokens, not by the env
     finished: bool = True  # the last model turn ended with a stop id
@@ -94,6 +97,7 @@ class Episode:
             info={"format_ok": bool(info.get("format_ok", False)), "timed_out": bool(info.get("timed_out", False)),
                   "error": info.get("error") is not None, "turns": self.turns, "tool_calls": self.tool_calls,
                   "tool_errors": self.tool_errors, "tool_timeouts": self.tool_timeouts, "cut": self.cut,
+                  "ended_by_marker": self.ended_by_marker,
                   "turn_versions": list(self.versions)},
             action_mask=list(self.action_mask))
 
@@ -127,6 +131,10 @@ class EpisodeStepper:
 
     def _append_turn(self, ep: Episode, res: GenerationResult) -> str:
         ids, logp, finished = list(res.response_ids), list(res.sampling_logp), res.finished
+        keep = self._turn_end(ep, ids, finished)
+        if keep is not None:  # the env's turn-end marker: the rest of the sample is dropped
+            ids, logp, finished = ids[:keep], logp[:keep], False
+            ep.ended_by_marker += 1
         budget = self.limits.max_tokens
         if budget is not None and len(ep.ids) + len(ids) >= budget:
             keep = budget - len(ep.ids)
@@ -141,6 +149,22 @@ class EpisodeStepper:
         text = response_text(self.tokenizer, ids, finished)
         ep.texts.append(self.tokenizer.decode(ids, skip_special_tokens=False))
         return text
+
+    def _turn_end(self, ep: Episode, ids: list[int], finished: bool) -> int | None:
+        """Tokens of the turn up to the env's turn-end marker, when the env has one inside it (the
+        fewest tokens whose text reaches the marker), else None."""
+        text = response_text(self.tokenizer, ids, finished)
+        end = ep.env.turn_end(text)
+        if end is None or end >= len(text):
+            return None
+        low, high = 1, len(ids)  # the fewest tokens whose text holds the first ``end`` characters
+        while low < high:
+            mid = (low + high) // 2
+            if len(self.tokenizer.decode(ids[:mid], skip_special_tokens=True)) >= end:
+                high = mid
+            else:
+                low = mid + 1
+        return low if low < len(ids) else None
 
     def _after_step(self, ep: Episode, text: str, observation: str, reward: float, terminated: bool,
                     truncated: bool, info: dict) -> None:
@@ -180,4 +204,5 @@ def episode_metrics(rollouts: Sequence[Rollout]) -> dict[str, float]:
         "episode/tool_timeouts": float(sum(r.info.get("tool_timeouts", 0) for r in rollouts)),
         "episode/env_token_frac": env_tokens / max(tokens, 1),
         "episode/cut_frac": sum(bool(r.info.get("cut")) for r in rollouts) / n,
+        "episode/turns_ended_by_marker": float(sum(r.info.get("ended_by_marker", 0) for r in rollouts)),
     }

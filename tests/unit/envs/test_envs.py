@@ -49,7 +49,8 @@ import gymnasium as gym
 import opefo_rllib.envs
 assert "ray" not in sys.modules
 from ray.tune.registry import ENV_CREATOR, _global_registry
-for name in ("opefo/Arithmetic-v0", "opefo/Countdown-v0", "opefo/Math-v0", "opefo/ArithmeticRetry-v0"):
+for name in ("opefo/Arithmetic-v0", "opefo/Countdown-v0", "opefo/Math-v0", "opefo/ArithmeticRetry-v0",
+             "opefo/MathTool-v0"):
     assert name in gym.registry, name
     assert _global_registry.contains(ENV_CREATOR, name), name
 env = _global_registry.get(ENV_CREATOR, "opefo/Arithmetic-v0")({"max_digits": 1, "ops": ["+"]})

@@ -149,3 +149,24 @@ def test_chat_observations_make_the_conversation_the_chat_template_renders(smoll
     # A turn cut at max_new_tokens (no stop id) gets the template's end of turn from the env.
     cut = builder.encode_observation("x", None)
     assert tok.decode(cut, skip_special_tokens=False).startswith("<|im_end|>")
+
+
+class _StopAtBar(RetryWithFeedback):
+    """The retry env with a turn-end marker: a turn ends right after its first "|"."""
+
+    def turn_end(self, text):
+        return text.index("|") + 1 if "|" in text else None
+
+
+def test_the_envs_turn_end_marker_drops_the_rest_of_the_turn():
+    env = _StopAtBar(ArithmeticEnv(), max_retries=2)
+    stepper, (ep,), _ = _episodes(env, _settings())
+    stepper.advance([ep], [_turn("12|345")])
+    kept = TOK.encode_plain("12|")
+    assert ep.ids[:len(kept)] == kept and ep.action_mask[:len(kept)] == [1] * len(kept)
+    assert ep.ids[len(kept):] == TOK.encode_plain(env.feedback)  # "345" and the stop id are gone
+    assert len(ep.logp) == len(ep.ids) and not ep.done and ep.ended_by_marker == 1
+    stepper.advance([ep], [_turn("7")])  # no marker: the turn is kept whole
+    assert ep.ended_by_marker == 1
+    assert episode_metrics([ep.to_rollout("final")])["episode/turns_ended_by_marker"] == 1.0
+    stepper.close()
