@@ -161,3 +161,47 @@ def test_the_retry_env_trains_with_the_streaming_and_async_pipelines(tmp_path, p
     assert max(s["rollout/staleness_max"].values()) <= expected
     if pipeline == "streaming":
         assert max(s["rollout/logprob_gap_max"].values()) < 1e-4
+
+
+@pytest.mark.parametrize("engine", ["hf", "vllm"])
+def test_the_tool_env_trains_smollm2_two_iterations(ray_session, smollm2_dir, tmp_path, engine):
+    """The shipped tool recipe's task (configs/smollm2_tool_cpu.yaml) on SmolLM2 with its chat
+    template: episodes call the sandboxed tool, its output comes back as a user turn, every model
+    token of every turn is on-policy (the log-prob gap after each weight sync), env tokens masked."""
+    import yaml
+
+    from opefo_rllib.algorithms.opefo import OPEFOConfig
+    import opefo_rllib.configs
+
+    recipe = yaml.safe_load((Path(opefo_rllib.configs.__file__).parent / "smollm2_tool_cpu.yaml").read_text())
+    config = (OPEFOConfig()
+              .environment("opefo/MathTool-v0", env_config=recipe["env_config"])
+              .policy_model(model_path=str(smollm2_dir))
+              .generation(prompts_per_batch=2, group_size=2, max_new_tokens=64, prompt_format="chat",
+                          temperature=recipe["temperature"], max_episode_tokens=400)
+              .fleet(engine=engine, engine_kwargs={"max_model_len": 1024} if engine == "vllm" else None)
+              .training(lr=1e-5, max_tokens_per_micro_batch=2048, micro_batch_size=None)
+              .logging(tensorboard_dir=str(tmp_path / "tb")))
+    algo = config.build_algo()
+    try:
+        results = [algo.train() for _ in range(2)]
+        tokenizer = algo.env_runner.tokenizer
+        called = []
+        for _ in range(3):  # a batch of iteration 2's weights with a tool call (~3 in 4 episodes call it)
+            called = [r for r in algo.env_runner.sample().rollouts if r.info["tool_calls"]]
+            if called:
+                break
+    finally:
+        algo.stop()
+    tolerance = {"hf": 1e-4, "vllm": 1e-3}[engine]  # fp32 both sides; vLLM's own CPU kernels
+    for r in results:
+        assert r["rollout/num_samples"] == 4 and 1 <= r["episode/turns_mean"] <= 3
+        assert r["rollout/logprob_gap_max"] < tolerance, r["rollout/logprob_gap_max"]
+    assert sum(r["episode/tool_calls_mean"] for r in results) > 0  # the model calls the tool (~1.5 a episode)
+    assert called
+    for r in called:
+        text = tokenizer.decode(r.response_ids, skip_special_tokens=False)
+        assert "<|im_start|>user\n" in text and "```output" in text  # the tool's answer, as a user turn
+        assert 0 in r.action_mask and len(r.action_mask) == len(r.response_ids) == len(r.sampling_logp)
+        env_tokens = [t for t, m in zip(r.response_ids, r.action_mask) if not m]
+        assert "```output" in tokenizer.decode(env_tokens, skip_special_tokens=False)
