@@ -42,11 +42,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 def _run_failures() -> tuple[type[BaseException], ...]:
     """Failures of a run on its way, each reported as one line and exit status 1: every deadline
     (engine stall, generate cap, weight sync, verifier: TimeoutError), a failed learner and a
-    run stopped by non-finite updates."""
+    run stopped by non-finite updates, an engine serving other weights than the learner's."""
     from opefo_rllib.algorithms.grpo.grpo import LearnerFailedError
+    from opefo_rllib.fleet.weight_sync import WeightsMismatchError
     from opefo_rllib.training import TrainingStopped
 
-    return TimeoutError, LearnerFailedError, TrainingStopped
+    return TimeoutError, LearnerFailedError, TrainingStopped, WeightsMismatchError
 
 
 def _causes(error: BaseException):

@@ -223,7 +223,7 @@ class GRPO(Algorithm):
         self.learners_ready_at = time.monotonic()  # the CLI's "learners up" line
         from opefo_rllib.algorithms.grpo.pipelines import make_pipeline
         from opefo_rllib.fleet.from_config import fleet_from_config
-        from opefo_rllib.fleet.weight_sync import WeightSync, weights_and_version
+        from opefo_rllib.fleet.weight_sync import CHECK_TOLERANCE, WeightsCheck, WeightSync, weights_and_version
         from opefo_rllib.logging_tb import TensorBoardLogger
 
         c = self.config
@@ -233,7 +233,11 @@ class GRPO(Algorithm):
                                        lambda: self.run_on_learner(weights_and_version, what="the policy weights"))
         self.env_runner.use_fleet(self.fleet)
         # Learner -> engines weights (native or object store).
-        self.weight_sync = WeightSync(self.fleet, self.run_on_learner, master_address=c.weight_transfer_address)
+        # ... and a check that they serve them: the coarser dtype of the two sets the tolerance.
+        check = WeightsCheck(c.weights_check, c.weights_check_every,
+                             max(CHECK_TOLERANCE[c.engine_dtype], CHECK_TOLERANCE[c.model_dtype]))
+        self.weight_sync = WeightSync(self.fleet, self.run_on_learner, master_address=c.weight_transfer_address,
+                                      check=check)
         if c.lora_rank:
             from opefo_rllib.config.sections import lora_syncs_adapter
 

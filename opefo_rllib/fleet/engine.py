@@ -103,6 +103,11 @@ class Engine(Protocol):
     def weight_version(self) -> int:
         """The version of the weights currently loaded."""
 
+    def probe_logprobs(self, token_ids: Sequence[int]) -> list[float]:
+        """The log-probability of each token of ``token_ids`` after the ones before it (temperature
+        1, ``len - 1`` values) under the weights this engine serves: their fingerprint, compared
+        with the learner's after a weight sync (``weights_check``)."""
+
     def generated_tokens(self) -> int:
         """Tokens sampled over the engine's life. Read while ``generate`` runs (from another
         thread of the actor), so the fleet's stall deadline sees a long call progress: count them

@@ -98,6 +98,9 @@ class EngineActor:
     def weight_version(self) -> int:
         return self.engine.weight_version()
 
+    def probe_logprobs(self, token_ids) -> list[float]:
+        return self._run("probe_logprobs", self.engine.probe_logprobs, token_ids)
+
     def release_memory(self) -> None:
         self.engine.release_memory()
 
@@ -239,6 +242,12 @@ class EngineFleet:
         versions = ray.get([a.weight_version.remote() for a in self.actors])
         if any(v != version for v in versions):
             raise RuntimeError(f"weight sync at step {step}: engines report versions {versions}, expected {version}")
+
+    def probe_logprobs(self, token_ids: Sequence[int], step: int) -> list[list[float]]:
+        """Every engine's log-probs of ``token_ids`` (the served weights' fingerprint), in engine order."""
+        calls = [a.probe_logprobs.remote(list(token_ids)) for a in self.actors]
+        wait_all(calls, self.sync_timeout_s, f"the weights check at step {step}")
+        return ray.get(calls)
 
     def metrics(self) -> dict[str, float]:
         """The fleet's counters, as logged every iteration."""

@@ -98,6 +98,13 @@ class HFEngine(NoNativeTransfer):
         self._version = int(version)
 
     @torch.no_grad()
+    def probe_logprobs(self, token_ids: Sequence[int]) -> list[float]:
+        """Log-probs of a fixed sequence under the served weights (the weights check's fingerprint)."""
+        ids = torch.tensor([list(token_ids)], device=self.device)
+        logp = torch.log_softmax(self.model(input_ids=ids).logits[0, :-1].float(), -1)
+        return logp.gather(-1, ids[0, 1:, None]).squeeze(-1).tolist()
+
+    @torch.no_grad()
     def response_entropy(self, sequences: Sequence[tuple[Sequence[int], Sequence[int]]],
                          temperature: float = 1.0) -> tuple[float, int]:
         """The sum of the policy entropy H_t (logits / ``temperature``) over every response token of

@@ -25,7 +25,7 @@ __all__ = ["SGLangEngine", "SGLANG_CALLS", "sglang_sampling_params"]
 
 # method of sglang.Engine -> keyword arguments this module passes to it.
 SGLANG_CALLS: dict[str, tuple[str, ...]] = {
-    "generate": ("input_ids", "sampling_params", "return_logprob", "lora_path"),
+    "generate": ("input_ids", "sampling_params", "return_logprob", "logprob_start_len", "lora_path"),
     "update_weights_from_tensor": ("named_tensors", "flush_cache"),
     "load_lora_adapter_from_tensors": ("lora_name", "tensors", "config_dict"),
     "unload_lora_adapter": ("lora_name",),
@@ -101,6 +101,16 @@ class SGLangEngine(NoNativeTransfer):
                 weight_version=self._version, finished=bool(ids) and ids[-1] in stops))
             self._tokens += len(ids)
         return results
+
+    def probe_logprobs(self, token_ids: Sequence[int]) -> list[float]:
+        """Log-probs of a fixed sequence under the served weights (SGLang's input-token log-probs;
+        the weights check's fingerprint); the adapter too, with lora."""
+        (out,) = self.engine.generate(input_ids=[list(token_ids)], sampling_params={"max_new_tokens": 1,
+                                                                                   "temperature": 1.0},
+                                      return_logprob=True, logprob_start_len=0,
+                                      lora_path=[self.adapter] if self.adapter else None)
+        logprobs = out["meta_info"]["input_token_logprobs"]  # [(logprob, token_id, text)]; the first has none
+        return [float(lp) for lp, _, _ in logprobs[1:]]
 
     def load_weights(self, weights: Mapping[str, Any], version: int) -> None:
         """Update from a state dict of tensors (the cache is flushed with it); with ``lora`` from

@@ -218,6 +218,16 @@ class VLLMEngine:
             results.append(group)
         return results
 
+    def probe_logprobs(self, token_ids: Sequence[int]) -> list[float]:
+        """Log-probs of a fixed sequence under the served weights (vLLM's prompt log-probs; the
+        weights check's fingerprint); the adapter too, with lora."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False)
+        (out,) = self._run([TokensPrompt(prompt_token_ids=list(token_ids))], [params])
+        return [float(step[tok].logprob) for step, tok in zip(out.prompt_logprobs[1:], token_ids[1:])]
+
     def generated_tokens(self) -> int:
         """Tokens sampled so far over the engine's life: those of finished calls plus those of the
         requests in flight (read mid-call by the fleet's stall deadline, from another thread)."""

@@ -34,6 +34,23 @@ class WeightAccess:
             return self.policy_weights()
         return adapter_state(self._module[DEFAULT_MODULE_ID].lm) if self.dp_rank == 0 else None
 
+    def probe_logprobs(self, token_ids: list[int]) -> list[float] | None:
+        """The log-prob of each token of ``token_ids`` after the ones before it, under the policy
+        (temperature 1): what the engines' ``probe_logprobs`` must return after a sync; from rank 0.
+        Every learner runs the forward (under ZeRO-3 its layers are gathered as in training)."""
+        lm = self._module[DEFAULT_MODULE_ID].lm
+        with torch.no_grad():
+            ids = torch.tensor([list(token_ids)], device=next(lm.parameters()).device)
+            logp = torch.log_softmax(lm(input_ids=ids).logits[0, :-1].float(), -1)
+        if self.dp_rank != 0:
+            return None
+        return logp.gather(-1, ids[0, 1:, None]).squeeze(-1).cpu().tolist()
+
+    def probe_ids(self, length: int = 64) -> list[int]:
+        """A fixed sequence of the policy's vocabulary (spread over it, the same every call)."""
+        vocab = int(self._module[DEFAULT_MODULE_ID].lm.config.vocab_size)
+        return [(17 + 7919 * i) % vocab for i in range(length)]
+
     def adapter_export(self) -> tuple[dict[str, torch.Tensor], Any] | None:
         """LoRA: the adapter in peft's own format (its state dict and ``LoraConfig``), from rank 0."""
         from peft import get_peft_model_state_dict

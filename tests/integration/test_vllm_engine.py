@@ -38,6 +38,15 @@ def test_vllm_logprobs_match_the_learner_before_and_after_a_weight_update():
     assert proc.returncode == 0 and "vllm engine checks passed" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
 
 
+def _probe_gap(model, probe, served):
+    """The largest difference between ``served`` and the model's log-probs of the probe sequence."""
+    ids = torch.tensor([probe])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1).gather(-1, ids[0, 1:, None])[:, 0]
+    assert len(served) == len(probe) - 1
+    return float((logp - torch.tensor(served)).abs().max())
+
+
 def _same_as_llm_generate(engine, prompts, results, seed):
     """VLLMEngine drives vLLM's engine step by step (to count tokens as they come): the samples
     are still those of vLLM's own LLM.generate for the same seeds, and the count is theirs."""
@@ -86,10 +95,15 @@ def _engine_checks():
     assert sum(map(len, many)) > 4096 and max(map(len, many)) < 128  # the tiny model's 128 positions
     assert [len(g) for g in engine.generate(many, 2, SamplingConfig(max_new_tokens=4), seed=4)] == [2] * 64
     assert _max_gap(model, prompts, results) < LOGPROB_TOLERANCE
+    probe = [(17 + 7919 * i) % model.config.vocab_size for i in range(64)]  # the weights check's probe
+    before = engine.probe_logprobs(probe)
+    assert _probe_gap(model, probe, before) < LOGPROB_TOLERANCE
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
+    assert _probe_gap(model, probe, before) > 1e-2  # other weights: a probe tells them apart
     engine.load_weights(model.state_dict(), version=1)
+    assert _probe_gap(model, probe, engine.probe_logprobs(probe)) < LOGPROB_TOLERANCE
     results = engine.generate(prompts, 4, SamplingConfig(max_new_tokens=6), seed=2)
     assert {r.weight_version for g in results for r in g} == {1}
     assert _max_gap(model, prompts, results) < LOGPROB_TOLERANCE  # the new weights are the ones sampled

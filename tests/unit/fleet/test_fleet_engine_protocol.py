@@ -34,7 +34,8 @@ def _engine_classes():
 
 def test_the_protocol_lists_every_call_the_fleet_makes():
     assert set(_protocol_methods()) == {
-        "generate", "generated_tokens", "load_weights", "weight_version", "release_memory", "resume_memory",
+        "generate", "generated_tokens", "load_weights", "weight_version", "probe_logprobs", "release_memory",
+        "resume_memory",
         "shutdown", "world_size",
         "init_weight_transfer", "shutdown_weight_transfer", "start_weight_update", "update_weights",
         "finish_weight_update", "abort_weight_update"}

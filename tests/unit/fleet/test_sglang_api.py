@@ -112,6 +112,21 @@ def test_sglang_engine_stops_at_every_eos_id_and_stop_token_id():
     assert engine.engine.lora_path == ["opefo-v3", "opefo-v3"]  # every row names the version's adapter
 
 
+def test_the_sglang_probe_reads_the_input_token_logprobs_after_the_first():
+    class FakeSGLang:  # answers like sglang.Engine.generate with logprob_start_len=0: one per input token
+        def generate(self, input_ids, sampling_params, return_logprob, logprob_start_len, lora_path):
+            self.args = (sampling_params, logprob_start_len, lora_path)
+            ids = input_ids[0]
+            return [{"meta_info": {"input_token_logprobs": [(None, ids[0], None)]
+                                   + [(-0.5 * t, t, None) for t in ids[1:]]}}]
+
+    engine = object.__new__(sglang_engine.SGLangEngine)
+    engine.engine, engine.adapter = FakeSGLang(), "opefo-v2"
+    assert engine.probe_logprobs([4, 6, 8]) == [-3.0, -4.0]  # the first token has no log-prob
+    params, start, lora = engine.engine.args
+    assert start == 0 and params["temperature"] == 1.0 and lora == ["opefo-v2"]  # the served adapter too
+
+
 def test_the_adapter_config_sglang_reads_has_its_keys_and_our_targets():
     from opefo_rllib.models.lora import adapter_config, target_modules_of
 
