@@ -255,10 +255,12 @@ class FleetSettings:
     weight_transfer_backend: str = setting("auto", "native backend: nccl, ipc (colocated), opefo_gloo (CPU), or auto",
                                            choices=("auto", "nccl", "ipc", "opefo_gloo"))
     weight_transfer_address: str = setting("127.0.0.1", "address the learner's weight-transfer store listens on")
-    weights_check: str = setting("every_sync", "after a weight sync every engine's log-probs of a fixed probe "
-                                 "sequence must equal the learner's (tolerance by dtype: 1e-3 fp32, 0.1 bf16), "
-                                 "or the run stops naming the engine and the version: every_sync, every_n "
-                                 "(weights_check_every), or off", choices=("every_sync", "every_n", "off"))
+    weights_check: str | bool = setting("every_sync", "after a weight sync every engine's log-probs of a fixed probe "
+                                        "sequence must equal the learner's (tolerance by dtype: 1e-3 fp32, 0.1 bf16), "
+                                        "or the run stops naming the engine and the version: every_sync, every_n "
+                                        "(weights_check_every), or off (YAML's off, false, is taken as off)",
+                                        check=lambda v: None if v in ("every_sync", "every_n", "off", False)
+                                        else "must be every_sync, every_n or off")
     weights_check_every: int = setting(10, "weights_check every_n: check every this many syncs", low=1)
     engine_kwargs: dict | None = setting(None, "extra keyword arguments of each engine (vLLM: LLM(...) arguments such "
                                          "as gpu_memory_utilization, max_model_len, tensor_parallel_size)")

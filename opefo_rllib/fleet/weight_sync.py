@@ -53,7 +53,8 @@ class WeightsCheck:
         tolerance: the largest |log-prob difference| on the probe still counted as the same weights.
     """
 
-    def __init__(self, mode: str = "every_sync", every: int = 1, tolerance: float = CHECK_TOLERANCE["float32"]):
+    def __init__(self, mode: str | bool = "every_sync", every: int = 1, tolerance: float = CHECK_TOLERANCE["float32"]):
+        mode = "off" if mode is False else mode  # YAML reads an unquoted off as false
         if mode not in ("every_sync", "every_n", "off"):
             raise ValueError(f"weights_check must be every_sync, every_n or off, got {mode!r}")
         self.mode, self.every, self.tolerance = mode, max(1, int(every)), float(tolerance)

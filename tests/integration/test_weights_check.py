@@ -14,6 +14,7 @@ def test_when_the_check_runs():
     assert [WeightsCheck("every_sync").due(n) for n in (1, 2, 3)] == [True, True, True]
     assert [WeightsCheck("every_n", every=3).due(n) for n in range(1, 7)] == [False, False, True, False, False, True]
     assert not any(WeightsCheck("off").due(n) for n in range(1, 5))
+    assert not WeightsCheck(False).due(1)  # `--set weights_check=off`: YAML reads false
     with pytest.raises(ValueError, match="every_sync, every_n or off"):
         WeightsCheck("sometimes")
 
