@@ -160,6 +160,9 @@ def _source_env(source: str | None, config: dict | None, data_files, problems) -
     if source is None:
         if config:
             raise ValueError("MathToolEnv source_config is set without source")
+        if data_files is None and problems is None:
+            raise ValueError("MathToolEnv needs data_files= (JSONL / Parquet / CSV / HF dataset), problems= or source= "
+                             "(another env's problems, e.g. source: opefo/Arithmetic-v0; configs/smollm2_tool_cpu.yaml)")
         return None
     if data_files is not None or problems is not None:
         raise ValueError("MathToolEnv takes source= or data_files= / problems=, not both")

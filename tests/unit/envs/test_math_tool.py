@@ -216,6 +216,8 @@ def test_a_source_env_poses_its_problems_through_the_tool_template(verifier):
     assert episode.step(f"\\boxed{{{int(a) * int(b)}}}")[1:3] == (1.0, True)
     with pytest.raises(ValueError, match="not both"):
         MathToolEnv(source="opefo/Arithmetic-v0", problems=[_problem()], verifier=verifier)
+    with pytest.raises(ValueError, match="data_files=.*problems= or source="):  # nothing to pose
+        MathToolEnv(verifier=verifier)
 
 
 def test_a_code_turn_ends_at_the_closing_fence(env):
