@@ -26,7 +26,7 @@ from opefo_rllib.evaluation.metrics import summarize
 from opefo_rllib.config.eval_spec import GREEDY_TEMPERATURE, EvalSpec
 from opefo_rllib.evaluation.tasks import EvalTask
 from opefo_rllib.fleet.engine import GenerationResult, SamplingConfig
-from opefo_rllib.rollout.episodes import Episode, EpisodeStepper, episode_limits, is_multi_turn
+from opefo_rllib.rollout.episodes import Episode, EpisodeStepper, EpisodeUnit, call_args, episode_limits, is_multi_turn
 
 __all__ = ["TaskReport", "GenerationProgress", "evaluate_task", "eval_fleet"]
 
@@ -130,17 +130,6 @@ def _generate(fleet, codec: Codec, task: EvalTask, spec: EvalSpec, step: int, pr
     return scoring
 
 
-@dataclasses.dataclass
-class _EvalUnit:
-    """One first call's multi-turn episodes (its rows, n each) and the ones still running."""
-
-    rows: list[int]
-    episodes: list[Episode]
-    running: list[Episode]
-    turn: int
-    args: tuple  # the first call's (prompts, n, sampling, seed)
-
-
 def _generate_episodes(fleet, codec: Codec, task: EvalTask, spec: EvalSpec, step: int, prompts: list,
                        tally: "_Tally") -> list:
     """``_generate`` for a multi-turn env: every answer is an episode, played turn by turn on the
@@ -155,23 +144,19 @@ def _generate_episodes(fleet, codec: Codec, task: EvalTask, spec: EvalSpec, step
                 submitted = list(pending)
                 while pending:
                     idx, results, _, pending, engine = fleet.wait_any(pending, step, on_progress=tally.running)
+                    later = isinstance(idx, EpisodeUnit)
                     tally.finished(engine, [len(r.response_ids) for group in results for r in group],
-                                   answers=not isinstance(idx, _EvalUnit))  # an answer counts at its first turn
-                    if isinstance(idx, _EvalUnit):
-                        unit, turns = idx, [group[0] for group in results]
+                                   answers=not later)  # an answer counts at its first turn
+                    if later:
+                        unit = idx
                     else:
-                        args = next(entry[3] for entry in submitted if entry[0] is idx)
-                        rows = [chunk[i] for i in idx]
-                        started = stepper.start(task.env, [problems[k] for k in rows], [0] * len(rows),
-                                                [prompts[k] for k in rows], [""] * len(rows), args[1])
-                        unit, turns = _EvalUnit(rows, started, started, 1, args), [r for g in results for r in g]
-                    stepper.advance(unit.running, turns)
-                    still = [ep for ep in unit.episodes if not ep.done]
-                    if still:
-                        nxt = dataclasses.replace(unit, running=still, turn=unit.turn + 1)
-                        _, _, sampling, seed = unit.args
-                        pending.append(fleet.submit_to(engine, [ep.context() for ep in still], 1, sampling,
-                                                       seed + 15_485_863 * unit.turn, nxt))
+                        args, rows = call_args(submitted, idx), [chunk[i] for i in idx]
+                        episodes = stepper.start(task.env, [problems[k] for k in rows], [0] * len(rows),
+                                                 [prompts[k] for k in rows], [""] * len(rows), args[1])
+                        unit = EpisodeUnit(episodes, episodes, 1, args, rows)
+                    next_turn = stepper.play(unit, results, fleet, engine)
+                    if next_turn is not None:
+                        pending.append(next_turn)
                     else:
                         scoring.append((kind, unit.rows, *_episode_outcomes(unit.episodes, len(unit.rows))))
     finally:

@@ -43,7 +43,8 @@ from opefo_rllib.envs.pool import wait_all
 from opefo_rllib.fleet.engine import SamplingConfig
 from opefo_rllib.fleet.fleet import EngineFleet
 from opefo_rllib.rollout.batch import Rollout
-from opefo_rllib.rollout.episodes import Episode, EpisodeStepper, episode_limits, episode_metrics, is_multi_turn
+from opefo_rllib.rollout.episodes import (EpisodeStepper, EpisodeUnit, call_args, episode_limits, episode_metrics,
+                                          is_multi_turn)
 from opefo_rllib.rollout.prompts import PromptBuilder, draw_prompts, response_text
 
 __all__ = ["LLMEnvRunner", "Sampled", "overlong_penalty"]
@@ -210,25 +211,21 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
             idx, results, seconds, pending, engine = self.fleet.wait_any(pending, step)
             gen_done = time.perf_counter()
             busy[engine] = busy.get(engine, 0.0) + seconds
-            if isinstance(idx, _NextTurn):  # a later turn of a unit's running episodes: one sample each
-                unit, running, turns = idx, idx.running, [group[0] for group in results]
+            if isinstance(idx, EpisodeUnit):  # a later turn of a unit's running episodes
+                unit = idx
             else:  # a unit's first turn: group_size samples of each of its problems
                 pick = list(idx)
-                running = self.episodes.start(self.env, [draw.problems[k] for k in pick],
-                                              [started.group_ids[k] for k in pick], [draw.prompt_ids[k] for k in pick],
-                                              [prompt_texts[k] for k in pick], c.group_size)
-                unit = _NextTurn(running, running, 1, pending_seed(started.pending, idx))
-                turns = [res for group in results for res in group]
-            self.episodes.advance(running, turns)
-            still = [ep for ep in unit.episodes if not ep.done]
+                episodes = self.episodes.start(self.env, [draw.problems[k] for k in pick],
+                                               [started.group_ids[k] for k in pick],
+                                               [draw.prompt_ids[k] for k in pick], [prompt_texts[k] for k in pick],
+                                               c.group_size)
+                unit = EpisodeUnit(episodes, episodes, 1, call_args(started.pending, idx))
+            next_turn = self.episodes.play(unit, results, self.fleet, engine)
             end = time.perf_counter()
             timing = {"generate_s": gen_done - last, "verify_s": end - gen_done}
             last = end
-            if still:
-                nxt = _NextTurn(unit.episodes, still, unit.turn + 1, unit.seed)
-                seed = unit.seed + 15_485_863 * unit.turn  # this unit's next turn: its own seed
-                pending.append(self.fleet.submit_to(engine, [ep.context() for ep in still], 1, self.sampling,
-                                                    seed, nxt))
+            if next_turn is not None:
+                pending.append(next_turn)
                 yield [], timing
             else:
                 yield [ep.to_rollout(c.episode_reward) for ep in unit.episodes], timing
@@ -321,22 +318,6 @@ class _Started:
     pending: list
     at: float
     chunks: int = 1
-
-
-@dataclasses.dataclass
-class _NextTurn:
-    """A multi-turn unit (one first engine call's episodes) waiting for a turn: all its episodes,
-    the ones still running (this call's prompts, in order), the turn number and the unit's seed."""
-
-    episodes: list[Episode]
-    running: list[Episode]
-    turn: int
-    seed: int
-
-
-def pending_seed(pending: list, idx) -> int:
-    """The seed of the submitted call whose indices are ``idx`` (its args' last element)."""
-    return next(entry[3][3] for entry in pending if entry[0] is idx)
 
 
 def overlong_penalty(n_tokens: int, c: Any) -> float:

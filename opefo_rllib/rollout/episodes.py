@@ -28,7 +28,10 @@ from opefo_rllib.fleet.engine import GenerationResult
 from opefo_rllib.rollout.batch import Rollout
 from opefo_rllib.rollout.prompts import PromptBuilder, response_text
 
-__all__ = ["Episode", "EpisodeLimits", "EpisodeStepper", "episode_limits", "episode_metrics", "is_multi_turn"]
+__all__ = ["Episode", "EpisodeLimits", "EpisodeStepper", "EpisodeUnit", "call_args", "episode_limits",
+           "episode_metrics", "is_multi_turn"]
+
+TURN_SEED_STRIDE = 15_485_863  # turn t of a unit is sampled with its first call's seed + t * this
 
 
 def is_multi_turn(env) -> bool:
@@ -102,6 +105,24 @@ class Episode:
             action_mask=list(self.action_mask))
 
 
+@dataclasses.dataclass
+class EpisodeUnit:
+    """One first engine call's episodes, played turn by turn on that call's engine: all of them,
+    the ones in the call now waiting (in its prompt order), the turn and the first call's args
+    ``(prompts, n, sampling, seed)``; ``rows``: the problems' indices, for whoever needs them."""
+
+    episodes: list[Episode]
+    running: list[Episode]
+    turn: int
+    args: tuple
+    rows: list[int] = dataclasses.field(default_factory=list)
+
+
+def call_args(pending: list, idx) -> tuple:
+    """The args of the submitted call (a fleet pending entry) whose indices are ``idx``."""
+    return next(entry[3] for entry in pending if entry[0] is idx)
+
+
 class EpisodeStepper:
     """Advances episodes by one turn: appends each sampled turn, steps its env (many at once, in
     ``workers`` threads: tool programs and verifiers wait on other processes), appends the
@@ -125,6 +146,20 @@ class EpisodeStepper:
         steps = list(self._pool.map(lambda pair: pair[0].env.step(pair[1]), zip(episodes, texts)))
         for ep, text, step in zip(episodes, texts, steps):
             self._after_step(ep, text, *step)
+
+    def play(self, unit: EpisodeUnit, results: list, fleet, engine: int) -> tuple | None:
+        """Advance ``unit`` by its call's ``results`` (turn 1: ``n`` samples per problem; later
+        turns: one per running episode) and send its next turn to ``engine``: the fleet's pending
+        entry for it (its indices are the unit), or None when every episode has ended."""
+        turns = [r for group in results for r in group] if unit.turn == 1 else [group[0] for group in results]
+        self.advance(unit.running, turns)
+        still = [ep for ep in unit.episodes if not ep.done]
+        if not still:
+            return None
+        _, _, sampling, seed = unit.args
+        nxt = dataclasses.replace(unit, running=still, turn=unit.turn + 1)
+        return fleet.submit_to(engine, [ep.context() for ep in still], 1, sampling,
+                               seed + TURN_SEED_STRIDE * unit.turn, nxt)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
