@@ -46,7 +46,7 @@ def main() -> None:
     from opefo_rllib.evaluation.tasks import env_task
     from opefo_rllib.models.tiny import TINY_DEFAULT_PATH
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     codec = Codec(model_tokenizer(TINY_DEFAULT_PATH))
     task = env_task("opefo/Arithmetic-v0", num_problems=args.problems)
     rows = {}

@@ -49,7 +49,7 @@ def main() -> None:
     data = apply_overrides(load_run_config(configs), ["eval_before_train=false", "eval_every=0", "pipeline=sync",
                                                       *args.set])
     config = build_algo_config(data)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     algo = config.build_algo()
     learner = algo.learner_group._learner  # the local learner (num_learners = 0)
     times: dict[str, list[float]] = defaultdict(list)

@@ -119,7 +119,7 @@ def main() -> None:
     tokens = int(batch["attention_mask"].sum())
     print(f"model: Qwen2 {args.layers} layers x {args.hidden}, {params / 1e6:.1f}M parameters; batch: {args.rows} rows, "
           f"{tokens} tokens ({int(batch['response_mask'].sum())} response tokens); {torch.get_num_threads()} CPU threads here")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     rows = []
     try:
         for stage in [int(s) for s in args.stages.split(",")]:

@@ -124,7 +124,7 @@ def main_cli(args, base: list[Path]) -> None:
     rows = {}
     for name in CLI_PIPELINES:
         load = os.getloadavg()[0]
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
         try:
             inside = run_variant(base, VARIANTS[name], args.iterations, args.warmup)["step_s"]
         finally:
@@ -163,7 +163,7 @@ def main() -> None:
     import ray
 
     base = [ROOT / "configs" / "tiny_cpu.yaml", Path(args.overlay)]
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     rows = {}
     try:
         for name, overrides in variants.items():

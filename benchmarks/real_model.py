@@ -251,7 +251,7 @@ def main() -> None:
     if parts & {"gen", "sync"}:
         import ray
 
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
         for kind in ("vllm", "hf"):
             rate, sync_s = bench_fleet(kind, model_dir, prompts, args)
             if "gen" in parts:

@@ -32,7 +32,7 @@ def main() -> None:
     config = build_algo_config(data)
     config.tensorboard_dir = "/tmp/opefo_bench_train_step"
     t0 = time.perf_counter()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     algo = config.build_algo()
     build_s = time.perf_counter() - t0
     try:

@@ -54,7 +54,7 @@ def main() -> None:
     from opefo_rllib.fleet.vllm_transfer import NativeWeightSender
 
     torch.set_num_threads(1)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     print(f"median of {args.repeat} syncs (first native round, which builds the group, excluded)")
     with tempfile.TemporaryDirectory() as tmp:
         for hidden in args.hidden:

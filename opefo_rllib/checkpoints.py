@@ -34,7 +34,7 @@ FORMAT = 2
 # evaluates, which sets it evaluates, and timeouts. Anything else (model, env, batch shape, objective, optimiser) would make the resumed
 # run a different experiment, so it is refused naming the field.
 SAFE_ON_RESUME = frozenset({
-    "iterations", "checkpoint_every", "logdir", "ray", "base", "tensorboard_dir", "log_text_every",
+    "iterations", "checkpoint_every", "max_failures", "logdir", "ray", "base", "tensorboard_dir", "log_text_every",
     "num_text_samples", "export_hf_on_checkpoint", "stall_timeout_s", "generate_timeout_s", "weight_sync_timeout_s",
     "resource_wait_timeout_s", "learner_timeout_s", "eval_every", "eval_before_train", "eval_tasks",
 })

@@ -11,7 +11,9 @@ the library (``opefo train`` is ``opefo_rllib.training.train``) and exit statuse
 
 Bad input (a config value, a missing file or directory, a bad dataset row) ends in one line
 naming what is wrong and where, and exit status 2. A run that fails on its way (a stalled engine,
-a weight sync, verifier or learner past its deadline) ends in one line too, exit status 1.
+a weight sync, verifier or learner past its deadline) ends in one line too, exit status 1;
+``opefo train`` first restarts a run whose driver or learner died, or that missed a deadline,
+from its latest checkpoint, up to ``max_failures`` times (opefo_rllib/supervisor.py).
 ``--debug`` shows the traceback instead; ``--verbose`` shows the libraries' start-up notices
 (both go before or after the command).
 """
@@ -109,11 +111,29 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """``opefo train``: the library's train() with the command's config, values, run directory
-    and checkpoint."""
-    from opefo_rllib.training import train
+    and checkpoint. With ``max_failures`` > 0 (the default) it runs in a driver process under a
+    supervisor that restarts it from the latest checkpoint when it dies (opefo_rllib/supervisor.py);
+    with 0, in this process."""
+    from opefo_rllib.training import max_failures_of, train
 
     config, overrides = _run_config_args(args)
-    train(config, overrides, logdir=args.logdir, resume=args.resume, verbose=args.verbose)
+    if args.supervisor_state is None and max_failures_of(config, overrides, args.resume) > 0:
+        from opefo_rllib.supervisor import supervise
+
+        prefix = [flag for flag, on in (("--debug", args.debug), ("--verbose", args.verbose)) if on]
+        train_args = [a for c in args.config or [] for a in ("--config", c)]
+        train_args += [a for v in args.set or [] for a in ("--set", v)]
+        return supervise(prefix, train_args, args.resume, args.logdir)
+
+    report = None
+    if args.supervisor_state is not None:  # a driver: tell the supervisor where the run lives
+        from opefo_rllib.supervisor import write_driver_state
+
+        def report(run_dir: Path, data: dict) -> None:
+            write_driver_state(args.supervisor_state, run_dir, int(data["max_failures"]), int(data["iterations"]))
+
+    train(config, overrides, logdir=args.logdir, resume=args.resume, verbose=args.verbose, on_setup=report,
+          recoveries=args.recoveries)
     return 0
 
 
@@ -197,7 +217,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     started = not ray.is_initialized()  # called from Python inside a Ray session: use that one
     stages = Stages(sys.stderr)
     if started:
-        ray.init(**ray_env_vars({"num_cpus": cpus, "include_dashboard": False, "log_to_driver": False,
+        ray.init(**ray_env_vars({"address": "local", "num_cpus": cpus, "include_dashboard": False, "log_to_driver": False,
                                  "configure_logging": False, "_node_ip_address": "127.0.0.1"}, args.verbose))
     fleet, reports, bar = None, [], EvalProgressBar()
     try:
@@ -345,6 +365,9 @@ def _parser() -> argparse.ArgumentParser:
                            help="train (default: configs/tiny_cpu.yaml, OPEFO on arithmetic, CPU)")
     train.add_argument("--resume", metavar="DIR", help="checkpoint directory to resume from")
     train.add_argument("--logdir", help="where logs, TensorBoard files and checkpoints go")
+    # The supervisor's driver (opefo_rllib/supervisor.py): not for users.
+    train.add_argument("--supervisor-state", help=argparse.SUPPRESS)
+    train.add_argument("--recoveries", type=int, default=0, help=argparse.SUPPRESS)
     train.set_defaults(func=cmd_train)
     config = sub.add_parser("config", parents=[shared, run_config],
                             help="print the resolved config with each field's doc (and check it)")
@@ -388,8 +411,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"opefo {args.command}: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001 - only run failures become one line; the rest re-raise
-        line = None if args.debug else failure_line(e)
-        if line is None:
+        line = failure_line(e)
+        state = getattr(args, "supervisor_state", None)
+        if state and line is not None:
+            from opefo_rllib.supervisor import RECOVERABLE_EXIT, record_failure, recoverable
+
+            if recoverable(e, _causes):  # the supervisor says it: once, with what it does next
+                record_failure(state, line)
+                if args.debug:
+                    import traceback
+
+                    traceback.print_exc()
+                return RECOVERABLE_EXIT
+        if line is None or args.debug:
             raise
         print(f"opefo {args.command}: {line}", file=sys.stderr)
         return 1

@@ -177,6 +177,15 @@ def check_run_keys(data: dict) -> None:
             check_value(spec, data[name])
 
 
+def check_fields(data: dict) -> None:
+    """Check every value of a merged run config against its field's type and checks (no RLlib:
+    the rules that span fields are checked when the Algorithm config is built)."""
+    known = _known()
+    for key, value in data.items():
+        if key in known:
+            check_value(known[key], value)
+
+
 def build_algo_config(data: dict):
     """The GRPOConfig / OPEFOConfig of a merged run config (validated; ConfigError names the field)."""
     from opefo_rllib.algorithms.grpo.grpo import GRPOConfig

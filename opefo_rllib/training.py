@@ -23,13 +23,13 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from opefo_rllib.checkpoints import CheckpointError, latest_checkpoint, plan_resume, save_checkpoint
 from opefo_rllib.config import ConfigError
-from opefo_rllib.run_config import RunConfigSource, build_algo_config, run_config_of, set_values
+from opefo_rllib.run_config import RunConfigSource, build_algo_config, check_fields, run_config_of, set_values
 
-__all__ = ["train", "TrainResult", "TrainingStopped", "prepare", "preflight"]
+__all__ = ["train", "TrainResult", "TrainingStopped", "prepare", "preflight", "max_failures_of"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,11 +88,15 @@ def preflight(config) -> None:
 def prepare(config: RunConfigSource | None = None, overrides: Mapping[str, Any] | None = None):
     """(merged run config, validated GRPOConfig / OPEFOConfig) of ``config`` with ``overrides``,
     after ``preflight``; what ``opefo config`` prints and a fresh ``train()`` runs."""
-    logging.getLogger("ray.rllib.algorithms.algorithm_config").setLevel(logging.ERROR)  # "new API stack" notice
+    _quiet_api_stack_notice()
     data = set_values(run_config_of(config), overrides)
     algo_config = build_algo_config(data)
     preflight(algo_config)
     return data, algo_config
+
+
+def _quiet_api_stack_notice() -> None:
+    logging.getLogger("ray.rllib.algorithms.algorithm_config").setLevel(logging.ERROR)  # "new API stack" notice
 
 
 def _run_name(data: dict, config) -> str:
@@ -114,8 +118,24 @@ class _Setup:
     resume: Any  # checkpoints.ResumePlan | None
 
 
+def max_failures_of(config: RunConfigSource | None, overrides: Mapping[str, Any] | None,
+                    resume: str | os.PathLike | None) -> int:
+    """The ``max_failures`` a run would have: from its config files and ``overrides``, or on
+    resume from the checkpoint's config (read as ``_setup`` reads it). A bad key, value or
+    checkpoint raises here as it would in ``train()``; the checks that span fields, and opening
+    the model and env, are left to ``train()``."""
+    if resume is not None:
+        data = plan_resume(resume, None if config is None else run_config_of(config), set_values({}, overrides),
+                           None).config
+    else:
+        data = set_values(run_config_of(config), overrides)
+    check_fields(data)
+    return int(data.get("max_failures", 0))
+
+
 def _setup(config, overrides, logdir, resume) -> _Setup:
     if resume is not None:
+        _quiet_api_stack_notice()
         plan = plan_resume(resume, None if config is None else run_config_of(config), set_values({}, overrides),
                            None if logdir is None else str(logdir))
         algo_config = build_algo_config(plan.config)
@@ -147,6 +167,9 @@ def _start_ray(data: dict, verbose: bool) -> bool:
     ray_kwargs = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False,
                   **(data.get("ray") or {})}
     if "address" not in ray_kwargs:
+        # A Ray of its own: without an address, ray.init joins the cluster a `ray start` (or a
+        # cluster_utils.Cluster) left in /tmp/ray/ray_current_cluster, and refuses num_cpus there.
+        ray_kwargs["address"] = "local"
         ray_kwargs.setdefault("_node_ip_address", "127.0.0.1")
     ray.init(**ray_env_vars(ray_kwargs, verbose))
     return True
@@ -197,12 +220,15 @@ def _print_header(setup: _Setup, iterations: int, tb_run: Path) -> None:
             "lambda and held-out accuracy")
 
 
-def _loop(algo, setup: _Setup, iterations: int, every: int) -> tuple[Path | None, dict]:
+def _loop(algo, setup: _Setup, iterations: int, every: int, recoveries: int) -> tuple[Path | None, dict]:
     """Train to ``iterations``; (the last checkpoint written, the last result)."""
     if setup.resume is not None:
         algo.restore_from_path(str(setup.resume.checkpoint))
         print(f"  resumed from {setup.resume.checkpoint} at iteration {algo.iteration}"
               + (" (an older checkpoint: this run continues in a new branch)" if setup.resume.branched else ""))
+    # The supervisor's restarts before this driver (opefo_rllib/supervisor.py), at the first step it
+    # trains: a later recovery from the same checkpoint hides it with the rest of that step.
+    algo.log_scalars({"fault/recoveries": recoveries}, algo.iteration + 1)
     checkpoint, result = None, {}
     first_iter, start = algo.iteration, time.time()
     while algo.iteration < iterations:
@@ -220,7 +246,8 @@ def _loop(algo, setup: _Setup, iterations: int, every: int) -> tuple[Path | None
 
 def train(config: RunConfigSource | None = None, overrides: Mapping[str, Any] | None = None,
           logdir: str | os.PathLike | None = None, resume: str | os.PathLike | None = None,
-          verbose: bool = False) -> TrainResult:
+          verbose: bool = False, on_setup: Callable[[Path, dict], None] | None = None,
+          recoveries: int = 0) -> TrainResult:
     """Train a run config to its ``iterations`` and return where it ended.
 
     Args:
@@ -232,6 +259,12 @@ def train(config: RunConfigSource | None = None, overrides: Mapping[str, Any] | 
             ``opefo_runs/<run name>-<time>``); one that holds checkpoints already is refused.
         resume: a checkpoint directory to continue from (its run directory, unless ``logdir``).
         verbose: keep the libraries' start-up notices.
+        on_setup: called with (run directory, merged run config) once the run is set up, before
+            Ray starts (``opefo train``'s driver reports to its supervisor here).
+        recoveries: restarts of this run before this call (``fault/recoveries`` in TensorBoard).
+
+    ``train()`` itself does not recover from failures: ``opefo train`` does, by restarting it
+    (``max_failures``, opefo_rllib/supervisor.py).
     """
     from opefo_rllib.quiet import silence_known_notices
 
@@ -239,6 +272,8 @@ def train(config: RunConfigSource | None = None, overrides: Mapping[str, Any] | 
     setup = _setup(config, overrides, logdir, resume)
     iterations, every = int(setup.data["iterations"]), int(setup.data.get("checkpoint_every") or 0)
     setup.run_dir.mkdir(parents=True, exist_ok=True)
+    if on_setup is not None:
+        on_setup(setup.run_dir, setup.data)
 
     from opefo_rllib.logging_tb import TB_DIR, tensorboard_run_dir
 
@@ -264,7 +299,7 @@ def train(config: RunConfigSource | None = None, overrides: Mapping[str, Any] | 
         _print_build_stages(stages, algo, setup.config)
         start = time.time()
         try:
-            checkpoint, metrics = _loop(algo, setup, iterations, every)
+            checkpoint, metrics = _loop(algo, setup, iterations, every, recoveries)
         except NonFiniteTrainingError as e:
             raise TrainingStopped(str(e), latest_checkpoint(setup.run_dir)) from e
         print(f"done in {fmt_duration(time.time() - start)}; view: tensorboard --logdir {setup.run_dir / TB_DIR}")

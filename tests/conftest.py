@@ -43,7 +43,7 @@ def ray_session():
     """A local Ray of 2 CPUs for one test module (the project's algorithms registered with it)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     import opefo_rllib  # noqa: F401
 
     yield

@@ -244,7 +244,7 @@ class GRPO(Algorithm):
             logger.warning("LoRA rank %d: the %s engines get %s after each step", c.lora_rank, c.engine,
                            "the adapter alone" if lora_syncs_adapter(c) else
                            "the merged weights (base + B A)")
-        self.pipeline = make_pipeline(c.pipeline, c, self.env_runner, self.run_on_learner, self._log_at)
+        self.pipeline = make_pipeline(c.pipeline, c, self.env_runner, self.run_on_learner, self.log_scalars)
         self.evaluator = None  # validation on the training fleet (eval_tasks), when scheduled
         if c.eval_tasks and (c.eval_every or c.eval_before_train):
             from opefo_rllib.evaluation.validation import TrainingEvaluator, eval_dir
@@ -255,7 +255,7 @@ class GRPO(Algorithm):
     def training_step(self) -> None:
         step = self.training_iteration
         if step == 0 and self.evaluator is not None and self.evaluator.due(0):
-            self._log_at(self.validate(0), 0)  # the starting policy, at TensorBoard step 0
+            self.log_scalars(self.validate(0), 0)  # the starting policy, at TensorBoard step 0
         t0 = time.perf_counter()
         sample = self.pipeline.sample(step)
         t1 = time.perf_counter()
@@ -330,7 +330,7 @@ class GRPO(Algorithm):
                 f"skipped and the weights are those of version {int(metrics['learner/weight_version'])} "
                 f"(max_nonfinite_steps = {c.max_nonfinite_steps}; lower lr or raise grad_clip)")
 
-    def _log_at(self, metrics: dict[str, float], step: int) -> None:
+    def log_scalars(self, metrics: dict[str, float], step: int) -> None:
         """Scalars into TensorBoard at ``step`` now (validation at 0, measurements of an earlier step)."""
         self.tb.scalars(metrics, step)
         self.tb.flush()

@@ -14,8 +14,8 @@ from typing import Sequence
 
 from opefo_rllib.config.fields import ConfigError
 
-__all__ = ["TRAINING_TAGS", "EVAL_METRICS", "event_dir", "read_scalars", "compare_runs", "plot_runs",
-           "first_last_table", "eval_metric_rank"]
+__all__ = ["TRAINING_TAGS", "EVAL_METRICS", "RUN_CURVES", "event_dir", "read_scalars", "repeated_steps",
+           "curve_gaps", "compare_runs", "plot_runs", "first_last_table", "eval_metric_rank"]
 
 TRAINING_TAGS = ("rollout/reward_mean", "policy/entropy", "entropy_flow/lambda")
 Series = dict[str, tuple[list[int], list[float]]]  # tag -> (steps, values)
@@ -42,6 +42,48 @@ def read_scalars(run_dir: str | Path) -> Series:
         points = {e.step: e.value for e in acc.Scalars(tag)}  # a repeated step keeps its last value
         series[tag] = (sorted(points), [points[s] for s in sorted(points)])
     return series
+
+
+# The curves of the training itself; time/, throughput/ and fleet/ measure the machine and the
+# engines' lives, fault/ the faults, eval/ the evaluations.
+RUN_CURVES = ("rollout/", "learner/", "policy/", "entropy_flow/", "predicted_entropy_change/", "quadrant/")
+
+
+def _scalar_events(run_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """tag -> [(step, value)] of every scalar event as written, a repeated step included (after
+    TensorBoard's purge of a resumed run's later steps)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(event_dir(run_dir)), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags().get("scalars", [])}
+
+
+def repeated_steps(run_dir: str | Path) -> dict[str, list[int]]:
+    """tag -> the steps a run's TensorBoard shows more than once (a recovery that re-ran an
+    iteration without hiding its first events); empty when each step appears once."""
+    out = {}
+    for tag, events in _scalar_events(run_dir).items():
+        steps = [step for step, _ in events]
+        twice = sorted({step for step in steps if steps.count(step) > 1})
+        if twice:
+            out[tag] = twice
+    return out
+
+
+def curve_gaps(run_dir: str | Path, reference_dir: str | Path, prefixes: Sequence[str] = RUN_CURVES) -> dict[str, float]:
+    """tag -> the largest |difference| between two runs' curves at the same steps, for the tags of
+    ``prefixes`` either run has (inf: a tag or a step only one run has; a NaN equals a NaN)."""
+    got, want = read_scalars(run_dir), read_scalars(reference_dir)
+    gaps = {}
+    for tag in sorted(t for t in set(got) | set(want) if t.startswith(tuple(prefixes))):
+        (steps_a, values_a), (steps_b, values_b) = got.get(tag, ([], [])), want.get(tag, ([], []))
+        if steps_a != steps_b:
+            gaps[tag] = math.inf
+            continue
+        gaps[tag] = max((0.0 if (math.isnan(a) and math.isnan(b)) else abs(a - b)
+                         for a, b in zip(values_a, values_b)), default=0.0)
+    return gaps
 
 
 EVAL_METRICS = ("greedy_acc", "avg@", "pass@", "maj@")  # the eval/NAME/<metric> curves worth a panel

@@ -79,7 +79,9 @@ def test_a_run_whose_loss_turns_non_finite_skips_the_step_then_stops_cleanly(tmp
     script.write_text(NAN_LOSS)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     # the default run streams 2 chunks, one loss call each: 2 finite calls = the first update
-    proc = subprocess.run([sys.executable, str(script), "2", "train", *SMALL, "--set", "iterations=12",
+    # max_failures 0: the training runs in the wrapper's own process (no supervisor's driver), patch and all.
+    proc = subprocess.run([sys.executable, str(script), "2", "train", *SMALL, "--set", "max_failures=0",
+                           "--set", "iterations=12",
                            "--set", "max_nonfinite_steps=1", "--set", "checkpoint_every=1", "--logdir", str(run)],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -119,7 +121,9 @@ def test_sigkill_during_a_checkpoint_then_resume_loses_nothing(tmp_path):
     script.write_text(KILL_IN_SAVE)
     marker = tmp_path / "saving"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "KILL_MARKER": str(marker)}
-    proc = subprocess.Popen([sys.executable, str(script), "train", *SMALL, "--set", "iterations=4",
+    # max_failures 0: the save is slowed (and the run killed) in the wrapper's own process.
+    proc = subprocess.Popen([sys.executable, str(script), "train", *SMALL, "--set", "max_failures=0",
+                             "--set", "iterations=4",
                              "--set", "checkpoint_every=1", "--logdir", str(run)], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.time() + 600

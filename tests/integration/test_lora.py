@@ -177,7 +177,7 @@ def test_a_restarted_engine_gets_the_current_adapter(engine):
     learner = build_learner(lr=3e-2, **LORA)
     for step in range(3):
         learner.update_from_rollouts(_next(rollout_batch(engine, seed=step), step), step)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         kwargs = {"model_path": str(TINY_DEFAULT_PATH), "eos_token_id": TOK.eos_token_id,
                   "lora": {"rank": 4, "alpha": 8.0}}

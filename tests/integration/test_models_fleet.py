@@ -84,7 +84,7 @@ def test_fleet_of_two_engines_keeps_every_group_on_one_engine():
 
     assert [list(r) for r in _split(5, 2)] == [[0, 1, 2], [3, 4]]
     assert [len(r) for r in _split(1, 3)] == [1, 0, 0]
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         fleet = EngineFleet("hf", num_engines=2, engine_kwargs={"model_path": str(TINY_DEFAULT_PATH),
                                                                   "eos_token_id": TOK.eos_token_id})
@@ -128,7 +128,7 @@ def test_a_killed_engine_is_restarted_and_its_groups_generated_again():
 
     from opefo_rllib.fleet.fleet import EngineFleet
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         kwargs = {"model_path": str(TINY_DEFAULT_PATH), "eos_token_id": TOK.eos_token_id}
         fleet = EngineFleet("hf", num_engines=2, engine_kwargs=kwargs, sync_timeout_s=60)

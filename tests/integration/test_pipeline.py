@@ -218,7 +218,7 @@ SMALL = {"prompts_per_batch": 4, "group_size": 4, "max_new_tokens": 6}
 def ray_session():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 

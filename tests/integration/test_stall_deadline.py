@@ -109,7 +109,7 @@ def test_hf_engine_counts_its_tokens_as_it_samples():
 def ray_session():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         yield ray
     finally:
@@ -237,14 +237,24 @@ def test_eval_stall_with_debug_shows_the_traceback(tmp_path):
 
 
 @pytest.mark.slow
-def test_train_stall_is_one_line_and_exit_1(tmp_path):
+def test_train_stall_is_recovered_once_then_one_line_and_exit_1(tmp_path):
+    """A stall is a failure a restart may not meet again: the supervisor restarts the run
+    (max_failures 1, no checkpoint yet: from the start), the engine stalls again, and the run ends
+    in one line naming the stall and that recovery was spent."""
     proc = _cli("train", *SMALL, "--set", "engine_kwargs={token_delay_s: 600}", "--set", "stall_timeout_s=1",
-                "--logdir", str(tmp_path / "run"), cwd=tmp_path)
-    _assert_one_error_line(proc, "train", "engine 0", "step 0", "produced no token for 1 s")
+                "--set", "max_failures=1", "--logdir", str(tmp_path / "run"), cwd=tmp_path)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-4000:]
+    ours = [ln for ln in proc.stderr.splitlines() if ln.startswith("opefo train: ")]
+    assert len(ours) == 2, proc.stderr[-4000:]
+    assert "produced no token for 1 s" in ours[0] and "recovery 1 of 1: no checkpoint yet, starting over" in ours[0]
+    assert "engine 0" in ours[1] and "step 0" in ours[1] and "produced no token for 1 s" in ours[1]
+    assert "not recovered: max_failures = 1 recovery used" in ours[1]
+    assert len((tmp_path / "run" / "recoveries.jsonl").read_text().splitlines()) == 1
 
 
 @pytest.mark.slow
 def test_weight_sync_timeout_is_one_line_and_exit_1(tmp_path):
-    proc = _cli("train", *SMALL, "--set", "weight_sync_timeout_s=1e-9", "--logdir", str(tmp_path / "run"),
-                cwd=tmp_path)
+    proc = _cli("train", *SMALL, "--set", "weight_sync_timeout_s=1e-9", "--set", "max_failures=0",
+                "--logdir", str(tmp_path / "run"), cwd=tmp_path)
     _assert_one_error_line(proc, "train", "weight sync", "timed out")

@@ -46,7 +46,7 @@ def _assert_all_tags(scalars: set[str]) -> None:
 def ray_session():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     import opefo_rllib  # noqa: F401
 
     yield

@@ -123,7 +123,7 @@ def test_three_iterations_with_two_vllm_engines_survive_a_killed_engine(tmp_path
     """native: vLLM's weight-transfer API (opefo_gloo backend on CPU); object_store: the fallback."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         import opefo_rllib  # noqa: F401
         from opefo_rllib.algorithms.opefo import OPEFOConfig

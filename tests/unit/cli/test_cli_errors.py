@@ -12,9 +12,9 @@ from paths import REPO_ROOT
 TINY = REPO_ROOT / "configs" / "tiny_cpu.yaml"
 
 
-def _run(capsys, *argv):
+def _run(capfd, *argv):
     code = main(list(argv))
-    out, err = capsys.readouterr()
+    out, err = capfd.readouterr()
     return code, out, err
 
 
@@ -38,55 +38,55 @@ def math_rows(tmp_path):
 
 
 @pytest.mark.parametrize("cmd", ["train", "config"])
-def test_math_env_without_data_files(capsys, cmd):
-    code, _, err = _run(capsys, cmd, "--set", "env=opefo/Math-v0")
+def test_math_env_without_data_files(capfd, cmd):
+    code, _, err = _run(capfd, cmd, "--set", "env=opefo/Math-v0")
     _assert_one_line_error(code, err, f"opefo {cmd}:", "'env'", "data_files")
 
 
-def test_data_files_naming_a_missing_file(capsys, tmp_path):
+def test_data_files_naming_a_missing_file(capfd, tmp_path):
     missing = tmp_path / "nowhere.jsonl"
-    code, _, err = _run(capsys, "train", "--set", "env=opefo/Math-v0", "--set", f"env_config={{data_files: {missing}}}")
+    code, _, err = _run(capfd, "train", "--set", "env=opefo/Math-v0", "--set", f"env_config={{data_files: {missing}}}")
     _assert_one_line_error(code, err, "'env'", str(missing))
 
 
-def test_a_bad_dataset_row_names_file_line_and_field(capsys, math_rows):
+def test_a_bad_dataset_row_names_file_line_and_field(capfd, math_rows):
     _, bad = math_rows
-    code, _, err = _run(capsys, "train", "--set", "env=opefo/Math-v0", "--set", f"env_config={{data_files: {bad}}}")
+    code, _, err = _run(capfd, "train", "--set", "env=opefo/Math-v0", "--set", f"env_config={{data_files: {bad}}}")
     _assert_one_line_error(code, err, f"{bad}:2", "'answer'")
 
 
-def test_model_path_naming_a_missing_directory(capsys, tmp_path):
-    code, _, err = _run(capsys, "train", "--set", f"model_path={tmp_path / 'no_model'}")
+def test_model_path_naming_a_missing_directory(capfd, tmp_path):
+    code, _, err = _run(capfd, "train", "--set", f"model_path={tmp_path / 'no_model'}")
     _assert_one_line_error(code, err, "'model_path'", "no_model")
 
 
-def test_resume_naming_a_missing_checkpoint(capsys, tmp_path):
-    code, _, err = _run(capsys, "train", "--resume", str(tmp_path / "iter_000009"))
+def test_resume_naming_a_missing_checkpoint(capfd, tmp_path):
+    code, _, err = _run(capfd, "train", "--resume", str(tmp_path / "iter_000009"))
     _assert_one_line_error(code, err, "--resume", "iter_000009")
 
 
 @pytest.mark.parametrize("override, field", [("iterations=-1", "iterations"), ("lr=abc", "lr"),
                                              ("grup_size=4", "grup_size"), ("group_size", "group_size")])
-def test_bad_values_and_keys(capsys, override, field):
-    code, _, err = _run(capsys, "train", "--set", override)
+def test_bad_values_and_keys(capfd, override, field):
+    code, _, err = _run(capfd, "train", "--set", override)
     _assert_one_line_error(code, err, field)
 
 
-def test_unknown_config_file(capsys, tmp_path):
-    code, _, err = _run(capsys, "config", "--config", str(tmp_path / "none.yaml"))
+def test_unknown_config_file(capfd, tmp_path):
+    code, _, err = _run(capfd, "config", "--config", str(tmp_path / "none.yaml"))
     _assert_one_line_error(code, err, "none.yaml")
 
 
-def test_debug_shows_the_traceback(capsys):
+def test_debug_shows_the_traceback(capfd):
     from opefo_rllib.run_config import ConfigError
 
     with pytest.raises(ConfigError, match="'lr'"):
         main(["--debug", "train", "--set", "lr=abc"])
 
 
-def test_config_prints_sections_values_and_docs(capsys, math_rows):
+def test_config_prints_sections_values_and_docs(capfd, math_rows):
     good, _ = math_rows
-    code, out, _ = _run(capsys, "config", "--config", str(TINY), "--set", "group_size=4",
+    code, out, _ = _run(capfd, "config", "--config", str(TINY), "--set", "group_size=4",
                         "--set", "env=opefo/Math-v0", "--set", f"env_config={{data_files: {good}}}")
     assert code == 0
     for header in ("[run]", "[rllib]", "[policy_model]", "[generation]", "[fleet]", "[objective]",
