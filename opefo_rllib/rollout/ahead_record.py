@@ -22,7 +22,7 @@ __all__ = ["AHEAD_FILE", "RecordError", "to_record", "from_record", "write_recor
 
 AHEAD_FILE = "batch_ahead.json"
 FORMAT = 1
-_FIELDS = frozenset(f.name for f in dataclasses.fields(Rollout))
+_FIELDS = tuple(f.name for f in dataclasses.fields(Rollout))
 
 
 class RecordError(ValueError):
@@ -31,7 +31,8 @@ class RecordError(ValueError):
 
 def to_record(rollouts: list[Rollout], metrics: dict[str, float], timings: dict[str, float]) -> dict[str, Any]:
     """A finished batch as plain JSON data."""
-    return {"format": FORMAT, "rollouts": [dataclasses.asdict(r) for r in rollouts],
+    # a shallow dict per rollout: dataclasses.asdict deep-copies every token list (10x slower)
+    return {"format": FORMAT, "rollouts": [{name: getattr(r, name) for name in _FIELDS} for r in rollouts],
             "metrics": {k: float(v) for k, v in metrics.items()},
             "timings": {k: float(v) for k, v in timings.items()}}
 
@@ -43,7 +44,7 @@ def from_record(record: dict[str, Any], where: str = AHEAD_FILE) -> tuple[list[R
         raise RecordError(f"{where}: not a batch-ahead record of format {FORMAT} (format {got!r})")
     rollouts = []
     for i, row in enumerate(record["rollouts"]):
-        unknown = sorted(set(row) - _FIELDS)
+        unknown = sorted(set(row) - set(_FIELDS))
         if unknown:
             raise RecordError(f"{where}: rollout {i} has fields {unknown} that a Rollout does not")
         rollouts.append(Rollout(**row))
