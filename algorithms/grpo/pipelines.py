@@ -19,6 +19,8 @@ and ``flush(step)`` before a checkpoint (a measurement still pending is logged f
 * :class:`AsyncPipeline` - train on the batch generated during the last update and start the next
   one first (one batch ahead, one version old: ``max_staleness`` bounds it in the learner); with
   fp32 HF engines the realized-change re-score runs on the engines behind the next generation.
+  A checkpoint records the batch ahead in the runner's state (``env_runner/batch_ahead.json``):
+  a resumed run trains on it first, as the uninterrupted run would have.
 """
 
 from __future__ import annotations

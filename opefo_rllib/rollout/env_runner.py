@@ -13,7 +13,9 @@ the fleet it is given (``use_fleet``). A batch is ``start``-ed (drawn and submit
 metrics and timings); ``finish(..., on_chunk=f)`` hands each engine call's verified groups to
 ``f`` as they are done (the streaming pipeline: ``start(chunks=k)`` sends each engine's share as
 k calls). The async pipeline starts the next batch before the update and finishes it after
-(``start_ahead`` / ``finish_ahead`` / ``next_batch``). ``filter_groups: zero_variance`` (DAPO's
+(``start_ahead`` / ``finish_ahead`` / ``next_batch``); a checkpoint records that batch, finished,
+beside the runner's counters (``env_runner/batch_ahead.json``, :mod:`opefo_rllib.rollout.ahead_record`),
+so a resumed run trains on it once. ``filter_groups: zero_variance`` (DAPO's
 dynamic sampling) drops groups whose rewards are all equal and refills them with new prompts;
 the soft overlong penalty is applied to the reward here, before advantages.
 
@@ -42,6 +44,7 @@ from opefo_rllib.envs.registry import import_env_modules
 from opefo_rllib.envs.pool import wait_all
 from opefo_rllib.fleet.engine import SamplingConfig
 from opefo_rllib.fleet.fleet import EngineFleet
+from opefo_rllib.rollout.ahead_record import AHEAD_FILE, from_record, read_record, to_record, write_record
 from opefo_rllib.rollout.batch import Rollout
 from opefo_rllib.rollout.episodes import (EpisodeStepper, EpisodeUnit, call_args, episode_limits, episode_metrics,
                                           is_multi_turn)
@@ -76,7 +79,7 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
         self._next_group_id = 0
         self._sample_calls = 0
         self._ahead: _Started | Sampled | None = None  # async: the batch generated during the update
-        self._state_before_ahead: dict | None = None
+        self._ahead_in_file = False  # the restored state's batch ahead is in its batch_ahead.json
 
     def use_fleet(self, fleet: EngineFleet) -> None:
         """Sample through ``fleet`` from now on (the Algorithm owns it: builds, syncs, stops it)."""
@@ -232,20 +235,17 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
 
     # ------------------------------------------------------------------ the async pipeline's batch ahead
     def next_batch(self) -> "Sampled":
-        """async: the batch generated during the last update (with the weights before it), or, when
-        none is ahead (the first step, a resumed run), one sampled now."""
+        """async: the batch generated during the last update (with the weights before it; after a
+        resume, the checkpoint's), or, when none is ahead (the first step, a resumed run of a
+        checkpoint without the record), one sampled now."""
         ahead, self._ahead = self._ahead, None
-        self._state_before_ahead = None
         if isinstance(ahead, Sampled):
             return ahead
         return self.finish(ahead) if ahead is not None else self.sample()
 
     def start_ahead(self) -> None:
         """async: start the next batch now, with the engines' current weights, so it is generated
-        while the learner trains on this one. A checkpoint taken while a batch is ahead saves the
-        runner as it was before that batch's draw: on resume the batch is drawn again and generated
-        with the restored weights (in-flight samples are discarded, none is lost or duplicated)."""
-        self._state_before_ahead = self.get_state()
+        while the learner trains on this one."""
         self._ahead = self.start()
 
     def finish_ahead(self) -> "Sampled":
@@ -267,14 +267,17 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
 
     @override(Checkpointable)
     def get_state(self, components=None, *, not_components=None, **kwargs) -> dict[str, Any]:
-        if self._state_before_ahead is not None:  # a batch is ahead (async): it is regenerated on resume
-            return dict(self._state_before_ahead)
+        """The counters, env RNG and dataset position; under async also the batch ahead (finished
+        first if still in flight), drawn with these counters and trained on next (``batch_ahead``)."""
         state: dict[str, Any] = {"sample_calls": self._sample_calls,
                                  "next_group_id": self._next_group_id,
                                  "env_rng": self.env.np_random.bit_generator.state}
         dataset = getattr(self.env, "dataset", None)
         if dataset is not None:
             state["dataset"] = dataset.state_dict()
+        if self._ahead is not None:
+            ahead = self.finish_ahead()
+            state["batch_ahead"] = to_record(ahead.rollouts, ahead.metrics, ahead.timings)
         return state
 
     @override(Checkpointable)
@@ -286,6 +289,44 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
         self.env.np_random.bit_generator.state = state["env_rng"]
         if "dataset" in state and getattr(self.env, "dataset", None) is not None:
             self.env.dataset.load_state_dict(state["dataset"])
+        # A checkpoint of a run without a batch ahead (sync, streaming; or written before the record
+        # existed, when its runner state was that before the batch's draw: it is drawn again) has none.
+        self._ahead = self._restored_ahead(state.get("batch_ahead"))
+        self._ahead_in_file = state.get("batch_ahead_file") == AHEAD_FILE
+
+    @override(Checkpointable)
+    def save_to_path(self, path=None, *, state=None, filesystem=None, use_msgpack=False) -> str:
+        """RLlib's, with the batch ahead as JSON (``batch_ahead.json``) beside the pickled counters."""
+        state = dict(state if state is not None else self.get_state())
+        record = state.pop("batch_ahead", None)
+        if record is not None:
+            state["batch_ahead_file"] = AHEAD_FILE
+        out = super().save_to_path(path, state=state, filesystem=filesystem, use_msgpack=use_msgpack)
+        if record is not None:
+            write_record(out, record, filesystem)
+        return out
+
+    @override(Checkpointable)
+    def restore_from_path(self, path, *, component=None, filesystem=None, **kwargs) -> None:
+        super().restore_from_path(path, component=component, filesystem=filesystem, **kwargs)
+        if component is None and self._ahead_in_file:
+            record = read_record(path, filesystem)
+            if record is None:  # the counters are past that batch: resuming without it would skip it
+                from opefo_rllib.checkpoints import CheckpointError
+
+                raise CheckpointError(f"{path}: the runner state says the batch ahead is in {AHEAD_FILE}, "
+                                      "which is missing; this checkpoint cannot be resumed")
+            self._ahead = self._restored_ahead(record, where=f"{path}/{AHEAD_FILE}")
+
+    def _restored_ahead(self, record: dict | None, where: str = "the runner state") -> "Sampled | None":
+        """The checkpoint's batch ahead, to train on next (async only)."""
+        if record is None:
+            return None
+        if self.config.pipeline != "async":
+            logger.warning("the checkpoint's batch ahead (%d samples) is dropped: pipeline is %r, not async",
+                           len(record.get("rollouts", ())), self.config.pipeline)
+            return None
+        return Sampled(*from_record(record, where))
 
     @override(EnvRunner)
     def stop(self) -> None:

@@ -321,11 +321,37 @@ def _runner_state(ckpt) -> dict:
         return pickle.load(f)
 
 
+def _batch_ahead(ckpt) -> list[dict]:
+    import json
+
+    return json.loads((ckpt / "env_runner" / "batch_ahead.json").read_text())["rollouts"]
+
+
+def _trained_samples(run_dir) -> dict[int, list[str]]:
+    """Every iteration's trained batch, as the TensorBoard text samples show it (prompt, response,
+    reward: one table row per sample), by step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from opefo_rllib.evaluation.compare import event_dir
+
+    acc = EventAccumulator(str(event_dir(run_dir)), size_guidance={"tensors": 0})
+    acc.Reload()
+    return {e.step: e.tensor_proto.string_val[0].decode().splitlines()[2:]
+            for e in acc.Tensors("samples/text_summary")}
+
+
 @pytest.mark.slow
-def test_async_resume_regenerates_the_batch_ahead_losing_and_duplicating_nothing(tmp_path):
+def test_async_resume_trains_the_recorded_batch_ahead_once(tmp_path):
+    """Stopped after iteration 2 and resumed, an async run trains at iteration 3 on the batch the
+    checkpoint recorded (generated with version 1's weights before the stop), then goes on: every
+    iteration's problems and samples, and its reward and loss, are those of the uninterrupted run;
+    none lost, none trained twice."""
+    import html
     import os
     import subprocess
     import sys
+
+    from opefo_rllib.evaluation.compare import read_scalars
 
     def cli(*args):
         proc = subprocess.run([sys.executable, "-m", "opefo_rllib.cli", "train", *args], cwd=tmp_path, text=True,
@@ -333,20 +359,49 @@ def test_async_resume_regenerates_the_batch_ahead_losing_and_duplicating_nothing
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
         return proc.stdout
 
+    batch = SMALL["prompts_per_batch"] * SMALL["group_size"]
     common = ["--set", "prompts_per_batch=4", "--set", "group_size=4", "--set", "max_new_tokens=6", "--set",
-              "ray={num_cpus: 2}", "--set", "log_text_every=0", "--set", "eval_every=0", "--set", "pipeline=async",
-              "--set", "strict_on_policy=false", "--set", "checkpoint_every=2", "--set", "iterations=4"]
+              "ray={num_cpus: 2}", "--set", "log_text_every=1", "--set", f"num_text_samples={batch}", "--set",
+              "eval_every=0", "--set", "pipeline=async", "--set", "strict_on_policy=false", "--set",
+              "checkpoint_every=2", "--set", "iterations=4"]
     cli(*common, "--set", f"logdir={tmp_path / 'run'}")
     ckpts = tmp_path / "run" / "checkpoints"
-    # At a checkpoint the batch ahead is not in the runner's state: it is drawn again on resume.
-    assert _runner_state(ckpts / "iter_000002")["sample_calls"] == 2
+    # The checkpoint holds the runner past the batch ahead's draw, and that batch: iteration 3's
+    # 4 problems (groups 8-11), generated with the weights of version 1.
+    assert _runner_state(ckpts / "iter_000002")["next_group_id"] == 12
+    recorded = _batch_ahead(ckpts / "iter_000002")
+    assert len(recorded) == batch and {r["group_id"] for r in recorded} == {8, 9, 10, 11}
+    assert {r["weight_version"] for r in recorded} == {1}
     resumed = cli("--resume", str(ckpts / "iter_000002"))
     assert "at iteration 2" in resumed
     branch = next((tmp_path / "run" / "branches").iterdir())
-    straight, again = _runner_state(ckpts / "iter_000004"), _runner_state(branch / "checkpoints" / "iter_000004")
-    # The same problems were drawn, in the same order, as in the uninterrupted run: none lost or repeated.
-    assert (again["sample_calls"], again["next_group_id"]) == (straight["sample_calls"], straight["next_group_id"])
-    assert again["env_rng"] == straight["env_rng"]
+
+    straight, again = _trained_samples(tmp_path / "run"), _trained_samples(branch)
+    assert sorted(straight) == [1, 2, 3, 4] and sorted(again) == [3, 4]
+    assert all(len(straight[s]) == batch for s in straight)
+    for step in (3, 4):  # the same problems and the same samples of them, in the same order
+        assert again[step] == straight[step], step
+    # iteration 3 trained exactly the recorded batch (each sample's prompt, response and reward, as
+    # TensorBoard's table writes them)
+    def row(r):
+        cells = [html.escape(x).replace("|", "\\|").replace("\n", " ")[:500] for x in (r["prompt_text"],
+                                                                                   r["response_text"])]
+        return f"| {cells[0]} | {cells[1]} | {r['reward']:g} |"
+
+    assert again[3] == [row(r) for r in recorded]
+    ran, rerun = read_scalars(tmp_path / "run"), read_scalars(branch)
+    # (the loss may be 0 on this tiny model, every group's rewards equal; the entropy never is)
+    for tag in ("rollout/reward_mean", "learner/loss", "policy/entropy", "rollout/staleness_mean"):
+        assert rerun[tag][0] == [3, 4], tag
+        assert rerun[tag][1] == pytest.approx(ran[tag][1][2:], rel=1e-6, abs=1e-9), tag
+    assert rerun["rollout/staleness_mean"][1] == [1.0, 1.0]  # trained one version behind, as without the stop
+    # ... and the runs end in the same place: the same batch ahead after iteration 4, the same counters.
+    end_straight, end_again = ckpts / "iter_000004", branch / "checkpoints" / "iter_000004"
+    assert _batch_ahead(end_again) == _batch_ahead(end_straight)
+    assert {r["group_id"] for r in _batch_ahead(end_again)} == {16, 17, 18, 19}
+    state, state_again = _runner_state(end_straight), _runner_state(end_again)
+    assert (state_again["sample_calls"], state_again["next_group_id"]) == (state["sample_calls"], 20)
+    assert state_again["env_rng"] == state["env_rng"]
 
 
 def _streaming_config(tmp_path, **rollout):

@@ -192,7 +192,7 @@ def _runner(env):
     runner.env, runner.fleet, runner.tokenizer, runner.sampling = env, _FakeFleet(), _FakeTokenizer(), None
     runner.prompts = PromptBuilder(runner.tokenizer, PromptSettings())  # raw prompts, no length limit
     runner._next_group_id, runner._sample_calls = 0, 0
-    runner._ahead = runner._state_before_ahead = None
+    runner._ahead, runner._ahead_in_file = None, False
     runner.episodes = None  # a single-turn env
     runner.num_env_steps_sampled_lifetime = 0
     return runner
