@@ -98,6 +98,7 @@ def test_engines_on_a_second_node_survive_its_loss(tmp_path):
                 "engine=vllm", "num_engines=2", "weight_sync=native",
                 f"ray={{address: '{address}'}}", f"weight_transfer_address={node_ip}",
                 "engine_node_labels={opefo-role: engines}", "engine_node_fallback=true"]
+        # --debug: a failure shows its traceback in the assertion message (the run itself is the same)
         cmd = [sys.executable, "-m", "opefo_rllib.cli", "train", "--debug", "--logdir", str(tmp_path / "run")]
         for a in args:
             cmd += ["--set", a]
