@@ -178,3 +178,50 @@ def test_engines_that_only_a_lost_node_could_run_end_the_run_in_one_line():
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def _measure_recovery(fast_health_check: bool) -> None:
+    """Seconds from node 2's loss to a whole batch again, two HF engines (the CLI test's engines
+    are vLLM's; this isolates detection + restart), with Ray's default or the shortened check."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from opefo_rllib.fleet.engine import SamplingConfig
+    from opefo_rllib.fleet.fleet import EngineFleet
+    from opefo_rllib.models.tiny import TINY_DEFAULT_PATH
+    from opefo_rllib.models.tokenizer import CharTokenizer
+
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 2, "include_dashboard": False, **({"_system_config": HEALTH_CHECK} if fast_health_check else {})})
+    node2 = cluster.add_node(num_cpus=1, labels=LABEL)
+    ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
+    try:
+        tok = CharTokenizer.load(TINY_DEFAULT_PATH)
+        start = time.monotonic()
+        fleet = EngineFleet("hf", num_engines=2, engine_kwargs={"model_path": str(TINY_DEFAULT_PATH),
+                                                               "eos_token_id": tok.eos_token_id},
+                            node_labels=LABEL, node_fallback=True)
+        up = time.monotonic() - start
+
+        def batch() -> float:
+            start = time.monotonic()
+            pending = fleet.submit([tok.encode(f"{i}+1=") for i in range(4)], 2, SamplingConfig(max_new_tokens=4), 1)
+            while pending:
+                *_, pending, _ = fleet.wait_any(pending, step=1)
+            return time.monotonic() - start
+
+        clean = batch()
+        _kill_node(cluster, node2)
+        lost = batch()
+        head = len(_engines_under(cluster.head_node.all_processes["raylet"][0].process.pid))
+        print(f"health check {'shortened' if fast_health_check else 'default'}: engines up {up:.1f} s, batch "
+              f"{clean:.2f} s, batch after the loss {lost:.1f} s ({fleet.restarts} restarts, {head} engines on node 1)")
+        fleet.shutdown()
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+if __name__ == "__main__":  # python tests/integration/test_two_nodes.py: the recovery figures of docs/scaling.md
+    _measure_recovery(fast_health_check=False)
+    _measure_recovery(fast_health_check=True)
