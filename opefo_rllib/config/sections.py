@@ -241,9 +241,9 @@ class FleetSettings:
     engine_node_labels: dict | None = setting(None, "Ray node labels an engine actor must run on (Ray's "
                                               "label_selector, e.g. {opefo-role: engines}; a node gets its labels "
                                               "from ray start --labels); None: any node. A restarted engine waits "
-                                              "up to resource_wait_timeout_s for such a node",
-                                              check=lambda v: None if all(isinstance(k, str) and k and isinstance(x, str)
-                                                                          for k, x in v.items())
+                                              "up to resource_wait_timeout_s + weight_sync_timeout_s for such a node",
+                                              check=lambda v: None if all(isinstance(k, str) and k and
+                                                                          isinstance(x, str) for k, x in v.items())
                                               else "must map label names to string values")
     engine_node_fallback: bool = setting(False, "with engine_node_labels: an engine that no labelled node can take "
                                          "(none has room, or its node died) runs on any node with room instead of "

@@ -216,7 +216,7 @@ class EngineFleet:
         return EngineActor.options(num_cpus=self.num_cpus_per_engine, num_gpus=self.num_gpus_per_engine,
                                    **placement).remote(self.kind, self.engine_kwargs)
 
-    def _dead_engines(self, step: int) -> list[int]:
+    def _dead_engines(self) -> list[int]:
         """The engines whose actor is gone. A lost node takes every engine on it at once; asking
         all of them (``progress`` answers even during a generation) restarts them together."""
         calls = [a.progress.remote() for a in self.actors]
@@ -276,7 +276,7 @@ class EngineFleet:
     def _restart(self, engine: int, step: int) -> None:
         """Replace a dead engine, and every other engine found dead with it, and load the current
         weights and version into the replacements."""
-        engines = [engine] + [e for e in self._dead_engines(step) if e != engine]
+        engines = [engine] + [e for e in self._dead_engines() if e != engine]
         for e in engines:
             try:
                 ray.kill(self.actors[e])

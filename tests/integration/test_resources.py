@@ -72,8 +72,9 @@ def _node(cpus, alive=True, **labels):
 def test_engines_with_node_labels_must_fit_on_the_labelled_nodes():
     config = _config("num_engines=2", "engine_node_labels={opefo-role: engines}")
     head, dead = _node(8), _node(4, alive=False, **{"opefo-role": "engines"})
-    assert labelled_shortfall(config, [head, dead]) == ("2 engines x 0.5 CPU = 1 CPUs on nodes labelled "
-                                                        "{'opefo-role': 'engines'} (engine_node_labels); those nodes have 0")
+    assert labelled_shortfall(config, [head, dead]) == (
+        "2 engines x 0.5 CPU = 1 CPUs on nodes labelled {'opefo-role': 'engines'} (engine_node_labels); "
+        "those nodes have 0")
     assert labelled_shortfall(config, [head, _node(1, **{"opefo-role": "engines"})]) is None
     # with the fallback any node will do: the cluster's totals are the whole check
     assert labelled_shortfall(_config("num_engines=2", "engine_node_labels={opefo-role: engines}",
