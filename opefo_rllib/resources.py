@@ -7,6 +7,11 @@ cluster's totals, waits up to ``resource_wait_timeout_s`` for an autoscaling clu
 then raises ``InsufficientResources`` with the arithmetic:
 
     8 engines x 0.5 CPU + 1 driver/learner CPU = 5 CPUs; the cluster has 2
+
+With ``engine_node_labels`` (and no ``engine_node_fallback``) the engines must also fit on the
+nodes that carry those labels:
+
+    2 engines x 0.5 CPU = 1 CPUs on nodes labelled {'opefo-role': 'engines'}; those nodes have 0
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
-__all__ = ["InsufficientResources", "requested_resources", "shortfall", "wait_for_resources"]
+__all__ = ["InsufficientResources", "requested_resources", "shortfall", "labelled_shortfall", "wait_for_resources"]
 
 
 class InsufficientResources(RuntimeError):
@@ -56,16 +61,33 @@ def shortfall(config: Any, cluster: dict[str, float]) -> str | None:
     return "; ".join(lines) or None
 
 
-def wait_for_resources(config: Any, timeout_s: float, cluster_resources: Callable[[], dict] | None = None,
-                       poll_s: float = 2.0) -> None:
-    """Return once the cluster covers the request; raise InsufficientResources after ``timeout_s``."""
-    if cluster_resources is None:
-        import ray
+def labelled_shortfall(config: Any, nodes: list[dict]) -> str | None:
+    """None if the alive ``nodes`` (``ray.nodes()``) carrying ``engine_node_labels`` hold the
+    engines' CPUs and GPUs (or engines may run anywhere), else the explanation."""
+    labels = config.engine_node_labels
+    if not labels or config.engine_node_fallback:
+        return None
+    ours = [n for n in nodes if n.get("Alive") and all((n.get("Labels") or {}).get(k) == v for k, v in labels.items())]
+    lines = []
+    for kind, per_engine in (("CPU", config.num_cpus_per_engine), ("GPU", config.num_gpus_per_engine)):
+        need, have = config.num_engines * per_engine, sum(float(n["Resources"].get(kind, 0.0)) for n in ours)
+        if need > have + 1e-9:
+            lines.append(f"{config.num_engines} engines x {_fmt(per_engine)} {kind} = {_fmt(need)} {kind}s on nodes "
+                         f"labelled {labels} (engine_node_labels); those nodes have {_fmt(have)}")
+    return "; ".join(lines) or None
 
-        cluster_resources = ray.cluster_resources
+
+def wait_for_resources(config: Any, timeout_s: float, cluster_resources: Callable[[], dict] | None = None,
+                       poll_s: float = 2.0, nodes: Callable[[], list[dict]] | None = None) -> None:
+    """Return once the cluster covers the request (and its labelled nodes the engines'); raise
+    InsufficientResources after ``timeout_s``."""
+    import ray
+
+    cluster_resources = cluster_resources or ray.cluster_resources
+    nodes = nodes or (ray.nodes if config.engine_node_labels else list)
     deadline = time.monotonic() + timeout_s
     while True:
-        missing = shortfall(config, cluster_resources())
+        missing = shortfall(config, cluster_resources()) or labelled_shortfall(config, nodes())
         if missing is None:
             return
         if time.monotonic() >= deadline:

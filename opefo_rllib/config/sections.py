@@ -238,6 +238,16 @@ class FleetSettings:
     num_engines: int = setting(1, "engine actors (each prompt group is generated whole on one)", low=1)
     num_cpus_per_engine: float = setting(0.5, "CPUs reserved per engine actor", low=0.0)
     num_gpus_per_engine: float = setting(0.0, "GPUs reserved per engine actor", low=0.0)
+    engine_node_labels: dict | None = setting(None, "Ray node labels an engine actor must run on (Ray's "
+                                              "label_selector, e.g. {opefo-role: engines}; a node gets its labels "
+                                              "from ray start --labels); None: any node. A restarted engine waits "
+                                              "up to resource_wait_timeout_s + weight_sync_timeout_s for such a node",
+                                              check=lambda v: None if all(isinstance(k, str) and k and
+                                                                          isinstance(x, str) for k, x in v.items())
+                                              else "must map label names to string values")
+    engine_node_fallback: bool = setting(False, "with engine_node_labels: an engine that no labelled node can take "
+                                         "(none has room, or its node died) runs on any node with room instead of "
+                                         "waiting for one")
     colocate_engines: bool = setting(False, "engines share the learners' devices and release memory during updates")
     engine_dtype: str = setting("float32", "the engines' dtype", choices=DTYPES)
     stall_timeout_s: float = setting(180.0, "a generation whose engine produced no new token for this long ends "
@@ -271,6 +281,8 @@ class FleetSettings:
         if unknown:  # vLLM and SGLang take any keyword of their own engines
             yield "engine_kwargs", (f"the hf engine takes no {unknown} (a vLLM setting?); its own: "
                                     f"{list(HF_ENGINE_KWARGS)}")
+        if c.engine_node_fallback and not c.engine_node_labels:
+            yield "engine_node_fallback", "falls back from engine_node_labels, which is not set"
         if c.weight_sync == "native" and c.engine != "vllm":
             yield "weight_sync", (f"native weight transfer is vLLM's API; engine is {c.engine!r} "
                                   "(use 'auto' or 'object_store')")

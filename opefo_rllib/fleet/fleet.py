@@ -17,7 +17,12 @@ import ray
 from opefo_rllib.fleet.deadlines import EngineProgress, OnProgress, wait_progressing
 from opefo_rllib.fleet.engine import Engine, SamplingConfig
 
-__all__ = ["EngineFleet", "EngineActor", "TransferTargets", "make_engine", "wait_all"]
+__all__ = ["EngineFleet", "EngineActor", "EngineUnplaceable", "TransferTargets", "make_engine", "wait_all"]
+
+
+class EngineUnplaceable(TimeoutError):
+    """A replacement engine was not placed and started in time (a deadline, reported as one line
+    like the others); the message says what it needs."""
 
 
 def make_engine(kind: str, **kwargs) -> Engine:
@@ -156,6 +161,15 @@ class EngineFleet:
         weights_source: ``() -> (state dict, version)``, the learner's current weights; a restarted
             engine loads them when the fleet holds no copy (after a native sync). None: such a
             restart is an error.
+        node_labels: Ray node labels every engine actor must run on (Ray's ``label_selector``);
+            None: any node.
+        node_fallback: with ``node_labels``, an engine no labelled node can take runs on any node
+            with room instead (Ray's ``fallback_strategy``).
+        restart_timeout_s: a replacement engine not placed and answering within this long ends
+            in ``EngineUnplaceable`` naming what it needs (no node with the labels and room).
+
+    A dead engine is restarted with every other engine found dead at that moment (a lost node
+    takes all of its engines), their replacements started together.
 
     Weights: :meth:`sync_weights` pushes a state dict through Ray's object store; engines with a
     native weight-transfer backend (``native_backend``, e.g. vLLM's) can instead be updated by the
@@ -168,7 +182,9 @@ class EngineFleet:
     def __init__(self, kind: str = "hf", num_engines: int = 1, engine_kwargs: dict | None = None,
                  num_cpus_per_engine: float = 0.5, generate_timeout_s: float | None = None,
                  sync_timeout_s: float = 120.0, num_gpus_per_engine: float = 0.0, stall_timeout_s: float = 180.0,
-                 weights_source: Callable[[], tuple[Mapping[str, Any], int]] | None = None):
+                 weights_source: Callable[[], tuple[Mapping[str, Any], int]] | None = None,
+                 node_labels: Mapping[str, str] | None = None, node_fallback: bool = False,
+                 restart_timeout_s: float = 130.0):
         if num_engines < 1:
             raise ValueError(f"num_engines must be >= 1, got {num_engines}")
         self.kind, self.engine_kwargs = kind, dict(engine_kwargs or {})
@@ -176,6 +192,8 @@ class EngineFleet:
         self.stall_timeout_s = stall_timeout_s
         self.num_cpus_per_engine, self.num_gpus_per_engine = num_cpus_per_engine, num_gpus_per_engine
         self.memory_releases = 0
+        self.node_labels, self.node_fallback = dict(node_labels or {}), node_fallback
+        self.restart_timeout_s = restart_timeout_s
         self.actors = [self._start_actor() for _ in range(num_engines)]
         self.version = 0
         self.restarts = 0  # every restart changes the fleet's membership (a native group must be rebuilt)
@@ -190,16 +208,81 @@ class EngineFleet:
         self.ready_at = time.monotonic()  # when every engine answered (the CLI's "engines up" line)
 
     def _start_actor(self):
-        return EngineActor.options(num_cpus=self.num_cpus_per_engine,
-                                   num_gpus=self.num_gpus_per_engine).remote(self.kind, self.engine_kwargs)
+        placement = {}
+        if self.node_labels:
+            placement["label_selector"] = dict(self.node_labels)
+            if self.node_fallback:  # an empty selector: any node
+                placement["fallback_strategy"] = [{"label_selector": {}}]
+        return EngineActor.options(num_cpus=self.num_cpus_per_engine, num_gpus=self.num_gpus_per_engine,
+                                   **placement).remote(self.kind, self.engine_kwargs)
+
+    def _dead_engines(self) -> list[int]:
+        """The engines whose actor is gone. A lost node takes every engine on it at once; asking
+        all of them (``progress`` answers even during a generation) restarts them together."""
+        calls = [a.progress.remote() for a in self.actors]
+        ray.wait(calls, num_returns=len(calls), timeout=self.sync_timeout_s)
+        dead = []
+        for engine, call in enumerate(calls):
+            try:
+                ray.get(call, timeout=0)
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                dead.append(engine)
+            except ray.exceptions.GetTimeoutError:
+                pass  # alive but busy: not ours to judge here
+        return dead
+
+    def _start_replacements(self, engines: list[int], step: int) -> dict[int, Any]:
+        """New engine actors for ``engines``, started together, each answering. Until Ray has
+        marked a lost node dead (its health check: seconds) it may place a replacement there,
+        where it dies before it runs: that one is placed again (up to 3 times; more is an engine
+        that cannot start, and its error is raised), all within ``restart_timeout_s``."""
+        deadline = time.monotonic() + self.restart_timeout_s
+        started = {e: self._start_actor() for e in engines}
+        pings = {e: a.weight_version.remote() for e, a in started.items()}
+        ready: dict[int, Any] = {}
+        deaths = dict.fromkeys(engines, 0)
+        while pings and time.monotonic() < deadline:
+            ray.wait(list(pings.values()), num_returns=1, timeout=min(1.0, max(deadline - time.monotonic(), 0.0)))
+            for e, ping in list(pings.items()):
+                try:
+                    ray.get(ping, timeout=0)
+                except ray.exceptions.GetTimeoutError:
+                    continue  # being placed, or starting
+                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                    deaths[e] += 1
+                    if deaths[e] > 3:
+                        raise
+                    started[e] = self._start_actor()
+                    pings[e] = started[e].weight_version.remote()
+                    continue
+                ready[e] = started.pop(e)
+                del pings[e]
+        if pings:
+            for a in (*started.values(), *ready.values()):
+                ray.kill(a)
+            raise EngineUnplaceable(self._unplaceable(next(iter(pings)), step))
+        return ready
+
+    def _unplaceable(self, engine: int, step: int) -> str:
+        needs = f"{self.num_cpus_per_engine:g} CPU" + (
+            f" + {self.num_gpus_per_engine:g} GPU" if self.num_gpus_per_engine else "")
+        hard = self.node_labels and not self.node_fallback
+        where = f"a node labelled {self.node_labels} (engine_node_labels) with {needs} free" if hard \
+            else f"a node with {needs} free"
+        return (f"engine {engine} died at step {step} and its replacement was not placed and started within "
+                f"{self.restart_timeout_s:g} s (resource_wait_timeout_s + weight_sync_timeout_s): it needs {where}; "
+                "add such a node, or raise resource_wait_timeout_s" + (", or set engine_node_fallback" if hard else ""))
 
     def _restart(self, engine: int, step: int) -> None:
-        """Replace a dead engine and load the current weights and version into it."""
-        try:
-            ray.kill(self.actors[engine])
-        except Exception:  # noqa: BLE001 - it is already gone
-            pass
-        actor = self._start_actor()
+        """Replace a dead engine, and every other engine found dead with it, and load the current
+        weights and version into the replacements."""
+        engines = [engine] + [e for e in self._dead_engines() if e != engine]
+        for e in engines:
+            try:
+                ray.kill(self.actors[e])
+            except Exception:  # noqa: BLE001 - it is already gone
+                pass
+        replacements = self._start_replacements(engines, step)
         if self._weights_ref is None and self.version > 0:
             if self.weights_source is None:
                 raise RuntimeError(f"engine {engine} restarted at step {step}, but the fleet has no weights_source "
@@ -207,12 +290,13 @@ class EngineFleet:
             weights, self.version = self.weights_source()
             self._weights_ref = ray.put(dict(weights))
         if self._weights_ref is not None:
-            call = actor.load_weights.remote(self._weights_ref, self.version)
-            wait_all([call], self.sync_timeout_s, f"restarted engine loading weights version {self.version} "
-                     f"at step {step}", engines=[engine])
-            ray.get(call)
-        self.actors[engine] = actor
-        self.restarts += 1
+            calls = [replacements[e].load_weights.remote(self._weights_ref, self.version) for e in engines]
+            wait_all(calls, self.sync_timeout_s, f"restarted engines loading weights version {self.version} "
+                     f"at step {step}", engines=engines)
+            ray.get(calls)
+        for e in engines:
+            self.actors[e] = replacements[e]
+        self.restarts += len(engines)
 
     def transfer_targets(self) -> "TransferTargets":
         """What a native weight push needs of this fleet: its actors, their ranks, the backend."""
@@ -231,6 +315,8 @@ class EngineFleet:
         mid-update (it comes back with ``version`` from ``weights_source``)."""
         self.version, self._weights_ref = version, None
         for engine, actor in enumerate(list(self.actors)):
+            if self.actors[engine] is not actor:  # replaced with an engine found dead before it
+                continue
             try:
                 healthy = ray.get(actor.abort_weight_update.remote(), timeout=self.sync_timeout_s)
             except (ray.exceptions.RayError, TimeoutError):
@@ -343,14 +429,16 @@ class EngineFleet:
         start = time.perf_counter()
         ref = ray.put(dict(weights))
         self._weights_ref = ref
-        calls = [actor.load_weights.remote(ref, version) for actor in self.actors]
+        actors = list(self.actors)
+        calls = [actor.load_weights.remote(ref, version) for actor in actors]
         wait_all(calls, self.sync_timeout_s, f"weight sync to version {version} at step {step}")
         self.version = version
         for engine, call in enumerate(calls):
             try:
                 ray.get(call)
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
-                self._restart(engine, step)  # a dead engine comes back with these weights
+                if self.actors[engine] is actors[engine]:  # not replaced with an engine found dead before it
+                    self._restart(engine, step)  # a dead engine comes back with these weights
         self._check_versions(version, step)
         return time.perf_counter() - start
 

@@ -31,7 +31,10 @@ def fleet_from_config(c: Any, tokenizer: Any,
         kind=c.engine, num_engines=c.num_engines, engine_kwargs=engine_kwargs,
         num_cpus_per_engine=c.num_cpus_per_engine, num_gpus_per_engine=c.num_gpus_per_engine,
         stall_timeout_s=c.stall_timeout_s, generate_timeout_s=c.generate_timeout_s,
-        sync_timeout_s=c.weight_sync_timeout_s, weights_source=weights_source)
+        sync_timeout_s=c.weight_sync_timeout_s, weights_source=weights_source,
+        node_labels=c.engine_node_labels, node_fallback=c.engine_node_fallback,
+        # a replacement waits for a node as the start waits for resources, then starts like a sync
+        restart_timeout_s=c.resource_wait_timeout_s + c.weight_sync_timeout_s)
     if c.weight_sync == "native" and fleet.native_backend is None:
         fleet.shutdown()
         raise ValueError("config field 'weight_sync' = 'native': the installed vLLM has no weight-transfer API "

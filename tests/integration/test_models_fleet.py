@@ -139,9 +139,10 @@ def test_a_killed_engine_is_restarted_and_its_groups_generated_again():
         prompts = [TOK.encode(f"{i}*2=") for i in range(6)]
         cfg = SamplingConfig(max_new_tokens=4)
 
-        def run(kill: bool):
+        def run(kill: bool, engines=(0,)):
             if kill:  # before the calls: killed after, a tiny generation may finish first (a race)
-                ray.kill(fleet.actors[0])
+                for e in engines:
+                    ray.kill(fleet.actors[e])
             pending = fleet.submit(prompts, 2, cfg, seed=11)
             out = {}
             while pending:
@@ -157,6 +158,9 @@ def test_a_killed_engine_is_restarted_and_its_groups_generated_again():
         ray.kill(fleet.actors[1])  # a dead engine during a weight sync comes back too
         fleet.sync_weights(state, version=4, step=2)
         assert fleet.restarts == 2 and fleet.version == 4
+        # both engines gone at once (their node lost): the first failure restarts both, together
+        assert run(kill=True, engines=(0, 1)) == {k: [(ids, 4) for ids, _ in g] for k, g in clean.items()}
+        assert fleet.restarts == 4
         fleet.shutdown()
     finally:
         ray.shutdown()

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from opefo_rllib.resources import InsufficientResources, shortfall, wait_for_resources
+from opefo_rllib.resources import InsufficientResources, labelled_shortfall, shortfall, wait_for_resources
 from opefo_rllib.run_config import apply_overrides, build_algo_config, load_run_config
 from paths import REPO_ROOT
 
@@ -63,3 +63,23 @@ def test_train_stops_naming_what_the_cluster_lacks(tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert "8 engines x 0.5 CPU + 1 driver/learner CPU = 5 CPUs; the cluster has 2" in last
     assert "Traceback" not in proc.stderr
+
+
+def _node(cpus, alive=True, **labels):
+    return {"Alive": alive, "Labels": labels, "Resources": {"CPU": float(cpus)}}
+
+
+def test_engines_with_node_labels_must_fit_on_the_labelled_nodes():
+    config = _config("num_engines=2", "engine_node_labels={opefo-role: engines}")
+    head, dead = _node(8), _node(4, alive=False, **{"opefo-role": "engines"})
+    assert labelled_shortfall(config, [head, dead]) == (
+        "2 engines x 0.5 CPU = 1 CPUs on nodes labelled {'opefo-role': 'engines'} (engine_node_labels); "
+        "those nodes have 0")
+    assert labelled_shortfall(config, [head, _node(1, **{"opefo-role": "engines"})]) is None
+    # with the fallback any node will do: the cluster's totals are the whole check
+    assert labelled_shortfall(_config("num_engines=2", "engine_node_labels={opefo-role: engines}",
+                                      "engine_node_fallback=true"), [head]) is None
+    assert labelled_shortfall(_config(), [head]) is None
+    with pytest.raises(InsufficientResources, match="on nodes labelled .* those nodes have 0.*resource_wait_timeout_s"):
+        wait_for_resources(config, timeout_s=0.2, cluster_resources=lambda: {"CPU": 8.0}, poll_s=0.05,
+                           nodes=lambda: [head])

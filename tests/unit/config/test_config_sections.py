@@ -39,6 +39,8 @@ BAD_VALUES = [
     ("max_turns=0", "max_turns"), ("max_episode_tokens=0", "max_episode_tokens"),
     ("episode_reward=mean", "episode_reward"), ("env_step_workers=0", "env_step_workers"),
     ("weights_check=sometimes", "weights_check"), ("weights_check_every=0", "weights_check_every"),
+    ("engine_node_labels={role: 1}", "engine_node_labels"), ("engine_node_labels=[a]", "engine_node_labels"),
+    ("engine_node_fallback=true", "engine_node_fallback"),
     ("fuse_flow_pass=maybe", "fuse_flow_pass"), ("offload_optimizer=true", "offload_optimizer"), ("env_config=[1]", "env_config"),
     ("imports=[1]", "imports"), ("imports=mymod", "imports"), ("model_path=5", "model_path"), ("model_dtype=float16", "model_dtype"),
     ("gradient_checkpointing=maybe", "gradient_checkpointing"), ("logits_chunk_size=0", "logits_chunk_size"),

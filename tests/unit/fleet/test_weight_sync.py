@@ -157,6 +157,34 @@ def test_the_trainers_store_listens_on_loopback_only():
     assert _listening_addresses(port) == set()  # the store closed the socket it was given
 
 
+@pytest.mark.slow  # the peer process imports vLLM (with gloo_transfer): ~20-40 s here
+def test_an_engine_that_dies_in_the_group_fails_the_broadcast_at_once_not_at_the_timeout():
+    """An engine's node lost after the group was built: the learner's next broadcast fails on the
+    closed connection (WeightSync then restarts the engines and rebuilds the group), no hang."""
+    import multiprocessing
+    import os
+    import signal
+    import time
+
+    from gloo_peer import join_then_wait
+    from opefo_rllib.fleet.gloo_transfer import _broadcast, _group
+
+    store = listening_store("127.0.0.1", 2, timeout_s=30)
+    ctx = multiprocessing.get_context("spawn")
+    ready = ctx.Event()
+    peer = ctx.Process(target=join_then_wait, args=(store.port, 2, ready))
+    peer.start()
+    group = _group(store, 0, 2, 30, "127.0.0.1")  # the group's timeout: 30 s
+    assert ready.wait(60)
+    os.kill(peer.pid, signal.SIGKILL)
+    peer.join()
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="Connection closed by peer"):
+        for _ in range(3):
+            _broadcast(group, torch.ones(1 << 20))
+    assert time.monotonic() - start < 10
+
+
 def test_a_reserved_port_is_held_until_vllms_nccl_store_listens_on_it():
     # vLLM's NCCL trainer endpoint binds the port itself (SO_REUSEADDR): we hold it meanwhile, so no
     # other process is handed it, and vLLM's store still binds it and listens on loopback only.
