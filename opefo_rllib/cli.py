@@ -44,12 +44,27 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 def _run_failures() -> tuple[type[BaseException], ...]:
     """Failures of a run on its way, each reported as one line and exit status 1: every deadline
     (engine stall, generate cap, weight sync, verifier: TimeoutError), a failed learner and a
-    run stopped by non-finite updates, an engine serving other weights than the learner's."""
+    run stopped by non-finite updates, an engine serving other weights than the learner's, and a
+    Ray actor killed where nothing restarts it (an engine while the fleet starts)."""
+    from ray.exceptions import RayActorError
+
     from opefo_rllib.algorithms.grpo.grpo import LearnerFailedError
     from opefo_rllib.fleet.weight_sync import WeightsMismatchError
     from opefo_rllib.training import TrainingStopped
 
-    return TimeoutError, LearnerFailedError, TrainingStopped, WeightsMismatchError
+    return TimeoutError, LearnerFailedError, TrainingStopped, WeightsMismatchError, RayActorError
+
+
+def _actor_death_line(error: BaseException) -> str:
+    """A dead actor's error in one line: which actor class and process, and why (Ray's message
+    spreads them over a dozen lines)."""
+    import re
+
+    text = str(error)
+    cls, pid = re.search(r"class_name: (\S+)", text), re.search(r"\bpid: (\d+)", text)
+    who = (cls[1].rsplit(".", 1)[-1] if cls else "a Ray actor") + (f" (pid {pid[1]})" if pid else "")
+    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(error).__name__)
+    return f"{who} died: {first}"
 
 
 def _causes(error: BaseException):
@@ -73,6 +88,10 @@ def failure_line(error: BaseException) -> str | None:
         if isinstance(getattr(e, "cause", None), BaseException):
             continue  # a Ray wrapper: its message holds the remote traceback; its cause is next
         if isinstance(e, failures):
+            from ray.exceptions import RayActorError
+
+            if isinstance(e, RayActorError):
+                return _actor_death_line(e)
             lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
             return lines[0] if lines else type(e).__name__
     return None

@@ -83,8 +83,11 @@ def _read_state(path: Path) -> DriverState | None:
 
 def recoverable(error: BaseException, causes: Callable[[BaseException], Sequence[BaseException]]) -> bool:
     """Whether a failure of the run may pass with a fresh driver: a learner failure (died, or no
-    answer by its deadline) or a deadline (an engine stall, a weight sync). Non-finite updates
-    and a served-weights mismatch are not: a deterministic rerun meets them again."""
+    answer by its deadline), a deadline (an engine stall, a weight sync) or a Ray actor killed
+    where nothing restarts it (an engine while the fleet starts). Non-finite updates and a
+    served-weights mismatch are not: a deterministic rerun meets them again."""
+    from ray.exceptions import RayActorError
+
     from opefo_rllib.algorithms.grpo.grpo import LearnerFailedError
     from opefo_rllib.fleet.weight_sync import WeightsMismatchError
     from opefo_rllib.training import TrainingStopped
@@ -92,7 +95,7 @@ def recoverable(error: BaseException, causes: Callable[[BaseException], Sequence
     found = list(causes(error))
     if any(isinstance(e, (TrainingStopped, WeightsMismatchError)) for e in found):
         return False
-    return any(isinstance(e, (LearnerFailedError, TimeoutError)) for e in found)
+    return any(isinstance(e, (LearnerFailedError, TimeoutError, RayActorError)) for e in found)
 
 
 def _checkpoint_iteration(checkpoint: Path) -> int:
