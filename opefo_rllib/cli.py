@@ -422,6 +422,10 @@ def main(argv: list[str] | None = None) -> int:
     from opefo_rllib.quiet import silence_known_notices
 
     silence_known_notices(args.verbose)  # before Ray, RLlib, transformers, DeepSpeed are imported
+    # Our commands start Ray themselves. Without this, an RLlib object collected after ray.shutdown()
+    # (a LearnerGroup half-built when its learner was killed) calls an actor, which starts a new Ray
+    # at interpreter exit and hangs there (benchmarks/chaos.py found it).
+    os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
     try:
         return args.func(args)
     except _user_errors() as e:
@@ -441,7 +445,11 @@ def main(argv: list[str] | None = None) -> int:
                     import traceback
 
                     traceback.print_exc()
-                return RECOVERABLE_EXIT
+                # Out at once: the supervisor restarts the run and ends what this driver started;
+                # the interpreter's exit would run the dead actors' finalizers, which can block.
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(RECOVERABLE_EXIT)
         if line is None or args.debug:
             raise
         print(f"opefo {args.command}: {line}", file=sys.stderr)
