@@ -14,6 +14,7 @@ import torch
 from ray.rllib.core import DEFAULT_MODULE_ID
 
 from learner_fixtures import build_learner, make_engine
+from sampled import keep_sampled_batches
 from opefo_rllib.algorithms.grpo.grpo_torch_learner import StaleBatchError
 from opefo_rllib.envs import ArithmeticEnv, RetryWithFeedback
 from opefo_rllib.fleet.engine import SamplingConfig
@@ -184,13 +185,15 @@ def test_the_tool_env_trains_smollm2_two_iterations(ray_session, smollm2_dir, tm
               .logging(tensorboard_dir=str(tmp_path / "tb")))
     algo = config.build_algo()
     try:
+        batches = keep_sampled_batches(algo)
         results = [algo.train() for _ in range(2)]
         tokenizer = algo.env_runner.tokenizer
-        called = []
-        for _ in range(3):  # a batch of iteration 2's weights with a tool call (~3 in 4 episodes call it)
-            called = [r for r in algo.env_runner.sample().rollouts if r.info["tool_calls"]]
+        assert len(batches) == 2  # one batch an iteration, through the sync pipeline
+        called = [r for b in batches for r in b.rollouts if r.info["tool_calls"]]
+        for _ in range(3):  # ~3 in 4 episodes call the tool: more batches only if the run's had none
             if called:
                 break
+            called = [r for r in algo.env_runner.sample().rollouts if r.info["tool_calls"]]
     finally:
         algo.stop()
     tolerance = {"hf": 1e-4, "vllm": 1e-3}[engine]  # fp32 both sides; vLLM's own CPU kernels

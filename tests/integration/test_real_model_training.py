@@ -16,6 +16,7 @@ import torch
 
 from opefo_rllib.models.gguf import SMOLLM2_GGUF
 from paths import SHARED_BENCHMARKS
+from sampled import keep_sampled_batches
 
 pytestmark = pytest.mark.slow
 
@@ -51,9 +52,11 @@ def test_smollm2_trains_two_iterations_on_chat_prompts_with_long_answers(ray_ses
               .logging(tensorboard_dir=str(tmp_path / "tb")))
     algo = config.build_algo()
     try:
+        batches = keep_sampled_batches(algo)
         results = [algo.train() for _ in range(2)]
         tokenizer = algo.env_runner.tokenizer
-        rollouts = algo.env_runner.sample().rollouts  # sampled with iteration 2's weights
+        assert len(batches) == 2  # one batch an iteration, through the sync pipeline
+        rollouts = batches[-1].rollouts  # iteration 2's batch
         if engine == "hf":
             moved = sum(r["learner/grad_norm"] for r in results) > 0  # GSM8K rewards are mostly 0: no gradient
             _check_export(algo, rollouts, smollm2_dir, tmp_path / "hf_policy", moved)
