@@ -346,7 +346,13 @@ class GRPO(Algorithm):
 
     @override(Algorithm)
     def restore_from_path(self, path, *args, **kwargs) -> None:
-        super().restore_from_path(path, *args, **kwargs)
+        try:
+            super().restore_from_path(path, *args, **kwargs)
+        except Exception:
+            # A learner that died during the restore surfaces from RLlib as an IndexError of its
+            # empty result list: name the learner instead (a LearnerFailedError the CLI retries).
+            self.run_on_learner(_no_op, what=f"restoring the checkpoint {path}")
+            raise
         self.sync_fleet_weights(self.training_iteration)  # engines start from the restored policy
         # TensorBoard continues after the restored iteration: hide any later events of the
         # interrupted run, so a curve never has two values at one step.
@@ -407,6 +413,10 @@ class GRPO(Algorithm):
             if getattr(self, "fleet", None) is not None:
                 self.fleet.shutdown()
                 self.fleet = None
+
+
+def _no_op(learner) -> None:
+    return None
 
 
 def _stage_state(learner) -> None:
