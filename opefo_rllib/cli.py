@@ -55,6 +55,9 @@ def _run_failures() -> tuple[type[BaseException], ...]:
     return TimeoutError, LearnerFailedError, TrainingStopped, WeightsMismatchError, RayActorError
 
 
+_ACTOR_ROLES = {"_WrappedExecutable": "a learner actor", "EngineActor": "an engine actor"}  # RLlib's learner class
+
+
 def _actor_death_line(error: BaseException) -> str:
     """A dead actor's error in one line: which actor class and process, and why (Ray's message
     spreads them over a dozen lines)."""
@@ -62,7 +65,8 @@ def _actor_death_line(error: BaseException) -> str:
 
     text = str(error)
     cls, pid = re.search(r"class_name: (\S+)", text), re.search(r"\bpid: (\d+)", text)
-    who = (cls[1].rsplit(".", 1)[-1] if cls else "a Ray actor") + (f" (pid {pid[1]})" if pid else "")
+    name = cls[1].rsplit(".", 1)[-1] if cls else ""
+    who = _ACTOR_ROLES.get(name, f"Ray actor {name}" if name else "a Ray actor") + (f" (pid {pid[1]})" if pid else "")
     first = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(error).__name__)
     return f"{who} died: {first}"
 

@@ -48,7 +48,7 @@ def test_a_deterministic_stop_wins_over_a_lost_actor_in_the_same_chain():
 
 def test_a_dead_actor_is_one_line_naming_its_class_and_process():
     assert failure_line(_wrapped(ENGINE_DIED)) == \
-        "EngineActor (pid 9096) died: The actor died unexpectedly before finishing this task."
+        "an engine actor (pid 9096) died: The actor died unexpectedly before finishing this task."
 
 
 def test_how_a_driver_ended_in_words():
