@@ -38,6 +38,7 @@ LAYERS = [
     "opefo_rllib.resources",       # what a config asks of the cluster
     "opefo_rllib.run_config",      # YAML run configs -> an AlgorithmConfig
     "opefo_rllib.training",        # train(): the library's training loop
+    "opefo_rllib.supervisor",      # opefo train's driver process, restarted from the latest checkpoint
     "opefo_rllib.study_state",     # done / resumable / restart / new, from a run directory
     "opefo_rllib.study_report",    # OUT/results.md and curves.png of opefo study
     "opefo_rllib.study",           # opefo study
