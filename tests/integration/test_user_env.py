@@ -43,17 +43,19 @@ def test_docs_reverse_env_trains_from_the_command_line(tmp_path, how):
     assert "iter    2/2" in proc.stdout and "my/Reverse-v0" in proc.stdout
 
 
-def test_an_unknown_env_says_how_to_import_a_module(tmp_path, capsys):
+def test_an_unknown_env_says_how_to_import_a_module(tmp_path, capfd):
     from opefo_rllib.cli import main
 
+    # capfd: opefo train opens the env in its driver process (the supervisor's child), whose stderr is fd 2
+
     assert main(["train", "--set", "env=my/Nowhere-v0"]) == 2
-    err = capsys.readouterr().err.strip()
+    err = capfd.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert "'my/Nowhere-v0'" in err and "opefo/Arithmetic-v0" in err and "module:env-id" in err
     assert main(["train", "--set", "env=nomodule_here:my/X-v0"]) == 2
-    assert "cannot import module 'nomodule_here'" in capsys.readouterr().err
+    assert "cannot import module 'nomodule_here'" in capfd.readouterr().err
     assert main(["config", "--set", "imports=[nomodule_here]"]) == 2
-    assert "imports: cannot import module 'nomodule_here'" in capsys.readouterr().err
+    assert "imports: cannot import module 'nomodule_here'" in capfd.readouterr().err
 
 
 def test_the_reverse_env_module_registers_its_env(tmp_path):
