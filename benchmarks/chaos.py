@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import threading
@@ -101,7 +102,7 @@ def main() -> None:
     args = parser.parse_args()
     root = Path(args.out).resolve()
     for name in ("undisturbed", "chaos"):
-        subprocess.run(["rm", "-rf", str(root / name)], check=True)
+        shutil.rmtree(root / name, ignore_errors=True)
     root.mkdir(parents=True, exist_ok=True)
 
     print(f"undisturbed: {args.iterations} iterations of the default run (sync, 1 learner actor) ...", flush=True)

@@ -33,13 +33,9 @@ def event_dir(run_dir: str | Path) -> Path:
 def read_scalars(run_dir: str | Path) -> Series:
     """Every scalar of a run, sorted by step, from its ``event_dir``; reading the folder as one
     log applies TensorBoard's own rule for a resumed run (later events purge a restarted step)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(event_dir(run_dir)), size_guidance={"scalars": 0})
-    acc.Reload()
     series: Series = {}
-    for tag in acc.Tags().get("scalars", []):
-        points = {e.step: e.value for e in acc.Scalars(tag)}  # a repeated step keeps its last value
+    for tag, events in _scalar_events(run_dir).items():
+        points = dict(events)  # a repeated step keeps its last value
         series[tag] = (sorted(points), [points[s] for s in sorted(points)])
     return series
 

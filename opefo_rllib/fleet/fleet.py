@@ -16,13 +16,9 @@ import ray
 
 from opefo_rllib.fleet.deadlines import EngineProgress, OnProgress, wait_progressing
 from opefo_rllib.fleet.engine import Engine, SamplingConfig
+from opefo_rllib.fleet.placement import EnginePlacement, EngineUnplaceable
 
 __all__ = ["EngineFleet", "EngineActor", "EngineUnplaceable", "TransferTargets", "make_engine", "wait_all"]
-
-
-class EngineUnplaceable(TimeoutError):
-    """A replacement engine was not placed and started in time (a deadline, reported as one line
-    like the others); the message says what it needs."""
 
 
 def make_engine(kind: str, **kwargs) -> Engine:
@@ -190,11 +186,11 @@ class EngineFleet:
         self.kind, self.engine_kwargs = kind, dict(engine_kwargs or {})
         self.generate_timeout_s, self.sync_timeout_s = generate_timeout_s, sync_timeout_s
         self.stall_timeout_s = stall_timeout_s
-        self.num_cpus_per_engine, self.num_gpus_per_engine = num_cpus_per_engine, num_gpus_per_engine
         self.memory_releases = 0
-        self.node_labels, self.node_fallback = dict(node_labels or {}), node_fallback
-        self.restart_timeout_s = restart_timeout_s
-        self.actors = [self._start_actor() for _ in range(num_engines)]
+        self.placement = EnginePlacement(EngineActor, kind, self.engine_kwargs, num_cpus_per_engine,
+                                         num_gpus_per_engine, dict(node_labels or {}), node_fallback,
+                                         restart_timeout_s)
+        self.actors = [self.placement.start() for _ in range(num_engines)]
         self.version = 0
         self.restarts = 0  # every restart changes the fleet's membership (a native group must be rebuilt)
         self._weights_ref = None  # the last object-store weights (of self.version), for engines that restart
@@ -206,15 +202,6 @@ class EngineFleet:
         # workers per engine (ranks in a transfer group); a restarted engine has the same
         self.world_sizes: list[int] = ray.get([a.world_size.remote() for a in self.actors])
         self.ready_at = time.monotonic()  # when every engine answered (the CLI's "engines up" line)
-
-    def _start_actor(self):
-        placement = {}
-        if self.node_labels:
-            placement["label_selector"] = dict(self.node_labels)
-            if self.node_fallback:  # an empty selector: any node
-                placement["fallback_strategy"] = [{"label_selector": {}}]
-        return EngineActor.options(num_cpus=self.num_cpus_per_engine, num_gpus=self.num_gpus_per_engine,
-                                   **placement).remote(self.kind, self.engine_kwargs)
 
     def _dead_engines(self) -> list[int]:
         """The engines whose actor is gone. A lost node takes every engine on it at once; asking
@@ -231,48 +218,6 @@ class EngineFleet:
                 pass  # alive but busy: not ours to judge here
         return dead
 
-    def _start_replacements(self, engines: list[int], step: int) -> dict[int, Any]:
-        """New engine actors for ``engines``, started together, each answering. Until Ray has
-        marked a lost node dead (its health check: seconds) it may place a replacement there,
-        where it dies before it runs: that one is placed again (up to 3 times; more is an engine
-        that cannot start, and its error is raised), all within ``restart_timeout_s``."""
-        deadline = time.monotonic() + self.restart_timeout_s
-        started = {e: self._start_actor() for e in engines}
-        pings = {e: a.weight_version.remote() for e, a in started.items()}
-        ready: dict[int, Any] = {}
-        deaths = dict.fromkeys(engines, 0)
-        while pings and time.monotonic() < deadline:
-            ray.wait(list(pings.values()), num_returns=1, timeout=min(1.0, max(deadline - time.monotonic(), 0.0)))
-            for e, ping in list(pings.items()):
-                try:
-                    ray.get(ping, timeout=0)
-                except ray.exceptions.GetTimeoutError:
-                    continue  # being placed, or starting
-                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
-                    deaths[e] += 1
-                    if deaths[e] > 3:
-                        raise
-                    started[e] = self._start_actor()
-                    pings[e] = started[e].weight_version.remote()
-                    continue
-                ready[e] = started.pop(e)
-                del pings[e]
-        if pings:
-            for a in (*started.values(), *ready.values()):
-                ray.kill(a)
-            raise EngineUnplaceable(self._unplaceable(next(iter(pings)), step))
-        return ready
-
-    def _unplaceable(self, engine: int, step: int) -> str:
-        needs = f"{self.num_cpus_per_engine:g} CPU" + (
-            f" + {self.num_gpus_per_engine:g} GPU" if self.num_gpus_per_engine else "")
-        hard = self.node_labels and not self.node_fallback
-        where = f"a node labelled {self.node_labels} (engine_node_labels) with {needs} free" if hard \
-            else f"a node with {needs} free"
-        return (f"engine {engine} died at step {step} and its replacement was not placed and started within "
-                f"{self.restart_timeout_s:g} s (resource_wait_timeout_s + weight_sync_timeout_s): it needs {where}; "
-                "add such a node, or raise resource_wait_timeout_s" + (", or set engine_node_fallback" if hard else ""))
-
     def _restart(self, engine: int, step: int) -> None:
         """Replace a dead engine, and every other engine found dead with it, and load the current
         weights and version into the replacements."""
@@ -282,7 +227,7 @@ class EngineFleet:
                 ray.kill(self.actors[e])
             except Exception:  # noqa: BLE001 - it is already gone
                 pass
-        replacements = self._start_replacements(engines, step)
+        replacements = self.placement.start_replacements(engines, step)
         if self._weights_ref is None and self.version > 0:
             if self.weights_source is None:
                 raise RuntimeError(f"engine {engine} restarted at step {step}, but the fleet has no weights_source "
