@@ -116,9 +116,9 @@ LAYOUT: tuple[Category, ...] = (
         Chart("engine busy / idle", (r"^fleet/engine_(busy_s|idle_frac)$",)),
     ), closed=True),
     Category("counters: data, fleet, faults", (
-        Chart("faults: non-finite steps, verifier errors and timeouts, engine restarts",
+        Chart("faults: non-finite steps, verifier errors and timeouts, engine restarts, run recoveries",
               (r"^learner/nonfinite_", r"^rollout/verify_(errors|timeouts|failures_masked)$",
-               r"^fleet/engine_restarts$")),
+               r"^fleet/engine_restarts$", r"^fault/recoveries$")),
         Chart("data: skipped rows and prompts, filtered groups, shortfall",
               (r"^data/", r"^rollout/(prompts_skipped_too_long|groups_filtered|batch_shortfall|refill_rounds)$")),
         Chart("staleness and dropped batches", (r"^rollout/(staleness_mean|staleness_max|dropped_stale)$",)),
