@@ -34,7 +34,7 @@ FORMAT = 2
 # evaluates, which sets it evaluates, and timeouts. Anything else (model, env, batch shape, objective, optimiser) would make the resumed
 # run a different experiment, so it is refused naming the field.
 SAFE_ON_RESUME = frozenset({
-    "iterations", "checkpoint_every", "max_failures", "logdir", "ray", "base", "tensorboard_dir", "log_text_every",
+    "iterations", "checkpoint_every", "keep_checkpoints", "max_failures", "logdir", "ray", "base", "tensorboard_dir", "log_text_every",
     "num_text_samples", "export_hf_on_checkpoint", "stall_timeout_s", "generate_timeout_s", "weight_sync_timeout_s",
     "resource_wait_timeout_s", "learner_timeout_s", "eval_every", "eval_before_train", "eval_tasks",
 })
@@ -77,8 +77,10 @@ def _check_finite(weights: dict) -> None:
         raise CheckpointError(f"refusing to checkpoint non-finite weights ({len(bad)} tensors, e.g. {bad[0]!r})")
 
 
-def save_checkpoint(algo, run_dir: Path, iteration: int, run_config: dict[str, Any]) -> Path:
-    """Write ``run_dir/checkpoints/iter_<iteration>`` atomically and point ``latest`` at it.
+def save_checkpoint(algo, run_dir: Path, iteration: int, run_config: dict[str, Any], keep: int = 0) -> Path:
+    """Write ``run_dir/checkpoints/iter_<iteration>`` atomically and point ``latest`` at it; then,
+    ``keep`` > 0, remove all but the ``keep`` newest complete checkpoints (after ``latest`` moved,
+    so a crash while removing leaves the newest whole).
 
     Refuses to overwrite an existing checkpoint and to save non-finite weights."""
     ckpt_root = Path(run_dir) / "checkpoints"
@@ -101,6 +103,10 @@ def save_checkpoint(algo, run_dir: Path, iteration: int, run_config: dict[str, A
     os.rename(tmp, final)
     _fsync_dir(ckpt_root)
     _write_atomic(ckpt_root / LATEST, final.name + "\n")
+    if keep > 0:
+        complete = sorted((p for p in ckpt_root.glob("iter_*") if p.is_dir()), key=lambda p: _iteration_of(p.name))
+        for old in complete[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 

@@ -98,6 +98,7 @@ LAYOUT: tuple[Category, ...] = (
         Chart("net entropy flow (plain, weighted)", (r"^entropy_flow/(net|weighted_net)$",)),
         Chart("realized entropy change per step", (r"^entropy_flow/realized_change$",)),
         Chart("predicted entropy change", (r"^predicted_entropy_change/", r"^entropy_flow/predicted_param_change")),
+        Chart("token-level corr(predicted δ_t, realized ΔH_t) per estimator", (r"^entropy_flow/token_corr/",)),
         Chart("token share raising / lowering entropy", (r"^entropy_flow/frac_(increase|decrease)$",)),
         Chart("token quadrants: sign of A, likely or rare", (r"^quadrant/",)),
         Chart("token weights w (mean, min, max)", (r"^entropy_flow/w_(mean|min|max)$",)),

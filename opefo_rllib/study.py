@@ -9,6 +9,8 @@ A study file names the runs, the seeds and the length of every run:
       opefo_closed_loop: {set: {balance_mode: closed_loop}}
     seeds: [0, 1, 2]
     iterations: 500
+    order: seed                          # optional: every run's seed 0 first, then seed 1, ...;
+                                         # default "run": each run's seeds one after the other
 
 Run (NAME, S) is ``opefo train --config BASE... --config CONFIG... --set KEY=VALUE...
 --set seed=S --set iterations=N --logdir OUT/NAME/seed_S``. A config is a file (relative to the
@@ -49,7 +51,8 @@ from opefo_rllib.study_state import DONE_FILE, RunState, run_state
 __all__ = ["Study", "StudyRun", "RunState", "load_study", "run_state", "train_command", "run_study", "DONE_FILE"]
 
 STDOUT_LOG, STDERR_LOG = "train.log", "train.stderr.log"
-STUDY_KEYS = ("runs", "seeds", "iterations", "base", "set")
+STUDY_KEYS = ("runs", "seeds", "iterations", "base", "set", "order")
+ORDERS = ("run", "seed")  # the grid's order: run by run, or seed by seed (a study stopped early has every run)
 RUN_KEYS = ("config", "set")
 SET_BY_THE_STUDY = ("seed", "iterations", "logdir")  # from seeds:, iterations: and the run's directory
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -76,11 +79,14 @@ class Study:
     runs: dict[str, tuple[tuple[Path, ...], dict[str, Any]]]  # name -> (configs, --set values)
     seeds: list[int]
     iterations: int
+    order: str = "run"
 
     def grid(self) -> list[StudyRun]:
-        """Every (run, seed), run by run in the file's order."""
-        return [StudyRun(name, seed, configs, tuple(sets.items()))
+        """Every (run, seed): run by run in the file's order, or (``order: seed``) every run's
+        first seed, then every run's second seed, ..."""
+        runs = [StudyRun(name, seed, configs, tuple(sets.items()))
                 for name, (configs, sets) in self.runs.items() for seed in self.seeds]
+        return sorted(runs, key=lambda r: self.seeds.index(r.seed)) if self.order == "seed" else runs
 
 
 # ------------------------------------------------------------------ the study file
@@ -175,6 +181,9 @@ def load_study(name: str | os.PathLike) -> Study:
     if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds) \
             or len(set(seeds)) != len(seeds):
         raise _fail(str(path), f"seeds: {data['seeds']!r}: must be distinct integers >= 0, at least one")
+    order = data.get("order", "run")
+    if order not in ORDERS:
+        raise _fail(str(path), f"order: {order!r}: must be one of {', '.join(ORDERS)}")
     if not isinstance(data["runs"], dict) or not data["runs"]:
         raise _fail(str(path), "runs: must map each run's name to {config: [...], set: {...}}")
     base = [_resolve_config(str(c), path.parent, f"{path}: base") for c in _as_list(data.get("base"), f"{path}: base")]
@@ -197,7 +206,7 @@ def load_study(name: str | os.PathLike) -> Study:
         except ConfigError as e:
             raise _fail(where, str(e)) from None
         runs[run_name] = (tuple(configs), sets)
-    return Study(path, runs, list(seeds), iterations)
+    return Study(path, runs, list(seeds), iterations, order)
 
 
 # ------------------------------------------------------------------ one run

@@ -239,7 +239,7 @@ def _loop(algo, setup: _Setup, iterations: int, every: int, recoveries: int) -> 
         if algo.evaluator is not None and algo.evaluator.due(i):
             print(_eval_line(result, i), flush=True)
         if (every and i % every == 0) or i == iterations:
-            checkpoint = save_checkpoint(algo, setup.run_dir, i, setup.data)
+            checkpoint = save_checkpoint(algo, setup.run_dir, i, setup.data, int(setup.data.get("keep_checkpoints") or 0))
             print(f"  checkpoint:  {checkpoint}")
     return checkpoint, result
 

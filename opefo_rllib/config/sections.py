@@ -498,6 +498,8 @@ class RunSettings:
     algorithm: str = setting("OPEFO", "OPEFO or GRPO", choices=("OPEFO", "GRPO", "opefo", "grpo"))
     iterations: int = setting(100, "train until the run has done this many iterations (a resumed run continues to it)", low=1)
     checkpoint_every: int = setting(0, "iterations between checkpoints (0: only at the end)", low=0)
+    keep_checkpoints: int = setting(0, "keep the newest N checkpoints of the run, removing older ones after each save "
+                                    "(0: keep all; a 135M-parameter model's is ~1.6 GB with its Adam state)", low=0)
     max_failures: int = setting(3, "`opefo train` restarts a run whose driver or learner died (or a deadline passed) "
                                 "from its latest checkpoint up to this many times (0: a failure ends the run)", low=0)
     logdir: str | None = setting(None, "run directory (None: opefo_runs/<time>)")

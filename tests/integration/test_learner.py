@@ -321,23 +321,37 @@ def test_learner_state_round_trips_under_every_zero_stage(engine, stage):
         torch.testing.assert_close(w_first[k], w_second[k], rtol=1e-6, atol=1e-8, msg=lambda m: f"{k}: {m}")
 
 
-def _mean_entropy(learner, batch) -> float:
+def _token_stats(learner, batch):
     module = learner._module[DEFAULT_MODULE_ID]
     with torch.no_grad():
-        stats = module.sequence_token_stats(batch["input_ids"], batch["attention_mask"], 1.0)
+        return module.sequence_token_stats(batch["input_ids"], batch["attention_mask"], 1.0)
+
+
+def _mean_entropy(learner, batch) -> float:
     mask = batch["response_mask"]
-    return float((stats.entropy * mask).sum() / mask.sum())
+    return float((_token_stats(learner, batch).entropy * mask).sum() / mask.sum())
 
 
 def test_realized_change_is_the_direct_before_after_difference(engine):
-    learner = build_learner(lr=1e-2)
+    from opefo_rllib.core.entropy_flow import ESTIMATORS, entropy_flow
+
+    learner = build_learner(lr=1e-2, max_tokens_per_micro_batch=None, micro_batch_size=3)  # several micro-batches
     batch = rollout_batch(engine)
+    stats_before = _token_stats(learner, batch)
     before = _mean_entropy(learner, batch)
     metrics = learner.update_from_rollouts(batch, step=0).metrics
     after = _mean_entropy(learner, batch)
     assert abs(after - before) > 1e-4, "the step should move the entropy"
     assert metrics["entropy_flow/realized_change"] == pytest.approx(after - before, abs=1e-6)
     assert metrics["entropy_flow/entropy_after_step"] == pytest.approx(after, abs=1e-6)
+    # token by token: each estimator's delta_t against H_t after minus H_t before, over the response tokens
+    mask = batch["response_mask"].bool()
+    realized = (_token_stats(learner, batch).entropy - stats_before.entropy)[mask].double().numpy()
+    for est in ESTIMATORS:
+        delta = entropy_flow(stats_before.logp, stats_before.entropy, batch["advantages"].float(), est,
+                             stats_before.expected_s)[mask].double().numpy()
+        expected = float(np.corrcoef(delta, realized)[0, 1])
+        assert metrics[f"entropy_flow/token_corr/{est}"] == pytest.approx(expected, abs=1e-4), est
     off = build_learner(measure_realized_change=False).update_from_rollouts(rollout_batch(engine), step=0).metrics
     assert "entropy_flow/realized_change" not in off
 

@@ -81,6 +81,8 @@ def test_two_learners_make_the_one_learner_update(ray_session, stage):
     # the difference of two mean entropies of ~1 nat: float32 sums in another order move it by ~1e-7
     assert m2["entropy_flow/realized_change"] == pytest.approx(m1["entropy_flow/realized_change"], rel=1e-3, abs=1e-6)
     assert abs(m1["entropy_flow/realized_change"]) > 1e-5  # the step did change the entropy
+    for est in ("exact", "single_logit", "paper"):  # each learner's token sums, reduced before the correlation
+        assert m2[f"entropy_flow/token_corr/{est}"] == pytest.approx(m1[f"entropy_flow/token_corr/{est}"], abs=1e-4)
     assert m2["learner/optimizer_steps"] == 1
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-6)

@@ -50,12 +50,15 @@ def test_a_study_file_names_its_configs_and_values_and_bad_keys_are_refused(tmp_
     run_dir = tmp_path / "out" / "closed" / "seed_1"
     assert cmd[-6:] == ["--set", "seed=1", "--set", "iterations=3", "--logdir", str(run_dir)]
     assert "balance_mode=closed_loop" in cmd and 'env_config={"max_digits": 1}' in cmd
+    by_seed = load_study(_study(tmp_path, (tmp_path / "study.yaml").read_text() + "order: seed\n", "by_seed.yaml"))
+    assert [(r.name, r.seed) for r in by_seed.grid()] == [("strict", 0), ("closed", 0), ("strict", 1), ("closed", 1)]
     tail = "seeds: [0]\niterations: 2\n"
     for body, words in [("runs: {a: {}}\n" + tail + "seed: 1\n", "unknown key 'seed' (did you mean 'seeds'?)"),
                         ("runs: {a: {set: {seed: 3}}}\n" + tail, "'seed' is set by the study"),
                         ("runs: {a: {set: {grup_size: 3}}}\n" + tail, "run 'a'"),
                         ("runs: {a: {config: [overlays/nope]}}\n" + tail, "overlays/nope"),
-                        ("runs: {a: {}}\nseeds: [0, 0]\niterations: 2\n", "seeds")]:
+                        ("runs: {a: {}}\nseeds: [0, 0]\niterations: 2\n", "seeds"),
+                        ("runs: {a: {}}\n" + tail + "order: seeds\n", "order: 'seeds': must be one of run, seed")]:
         with pytest.raises(ConfigError) as e:
             load_study(_study(tmp_path, body, "bad.yaml"))
         assert words in str(e.value), str(e.value)

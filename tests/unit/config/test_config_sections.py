@@ -26,7 +26,7 @@ TINY = REPO_ROOT / "configs" / "tiny_cpu.yaml"
 # One bad value per validation rule, and the field its error must name.
 BAD_VALUES = [
     ("algorithm=ppo", "algorithm"), ("iterations=-1", "iterations"), ("iterations=0", "iterations"),
-    ("checkpoint_every=-1", "checkpoint_every"), ("max_failures=-1", "max_failures"), ("logdir=5", "logdir"), ("ray=[2]", "ray"), ("ray={1: 2}", "ray"),
+    ("checkpoint_every=-1", "checkpoint_every"), ("keep_checkpoints=-1", "keep_checkpoints"), ("max_failures=-1", "max_failures"), ("logdir=5", "logdir"), ("ray=[2]", "ray"), ("ray={1: 2}", "ray"),
     ("lr=abc", "lr"), ("lr=-1", "lr"), ("grad_clip=0", "grad_clip"), ("seed=abc", "seed"),
     ("num_learners=-1", "num_learners"), ("num_cpus_per_learner=-1", "num_cpus_per_learner"),
     ("num_cpus_per_learner=lots", "num_cpus_per_learner"), ("num_gpus_per_learner=-1", "num_gpus_per_learner"),
