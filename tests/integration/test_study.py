@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from opefo_rllib.cli import main
+from opefo_rllib.run_config import load_run_config
 from opefo_rllib.config import ConfigError
 from opefo_rllib.study import DONE_FILE, load_study, run_state, train_command
 from opefo_rllib.study_report import DASH, seed_summary, write_report
@@ -74,6 +75,21 @@ def test_the_shipped_entropy_rules_study_is_33_runs_of_500_iterations():
     assert study.runs["opefo_closed_loop"][1] == {"pipeline": "sync", "balance_mode": "closed_loop",
                                                   "max_abs_lambda": None}
     assert study.runs["opefo_exact"][1] == {"pipeline": "sync", "max_abs_lambda": None}  # uncapped, the old default
+
+
+def test_the_shipped_smollm2_study_is_4_rules_by_3_seeds_of_100_iterations_seed_by_seed():
+    study = load_study("studies/smollm2_entropy_rules")
+    assert list(study.runs) == ["grpo_strict", "opefo_guard", "opefo_exact", "opefo_paper"]
+    assert study.iterations == 100 and study.seeds == [0, 1, 2]
+    assert [(r.name, r.seed) for r in study.grid()[:5]] == [("grpo_strict", 0), ("opefo_guard", 0), ("opefo_exact", 0),
+                                                            ("opefo_paper", 0), ("grpo_strict", 1)]
+    configs = {name: load_run_config(list(cfgs)) for name, (cfgs, _) in study.runs.items()}
+    assert all(Path(str(c["model_path"])).name == "SmolLM2-135M-Instruct.Q4_1.gguf" for c in configs.values())
+    assert configs["grpo_strict"]["balance_mode"] == "none"
+    assert configs["opefo_guard"]["max_abs_lambda"] == 0.3 and "max_abs_lambda" not in study.runs["opefo_guard"][1]
+    assert study.runs["opefo_exact"][1]["max_abs_lambda"] is None
+    assert configs["opefo_paper"]["entropy_flow_estimator"] == "paper" and configs["opefo_paper"]["max_abs_lambda"] is None
+    assert configs["opefo_guard"]["eval_every"] == 25 and configs["opefo_guard"]["eval_tasks"][0]["pass_k"] == [1, 4]
 
 
 def test_a_run_is_done_resumable_restarted_or_new_from_its_directory_only(tmp_path, capsys):
@@ -192,6 +208,54 @@ def test_a_study_reports_a_failing_run_goes_on_resumes_and_never_reruns_a_finish
     assert (out / "results.md").read_text() == table
 
 
+@pytest.mark.slow
+def test_a_study_stopped_mid_run_resumes_where_it_stopped(tmp_path, capsys):
+    """Two runs of 3 iterations, a checkpoint each iteration (only the newest kept): Ctrl-C once the
+    first run has its checkpoint at iteration 1; the same command again resumes that run there,
+    then starts the second, and every step is in the curves once."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from opefo_rllib.evaluation.compare import read_scalars
+
+    out = tmp_path / "out"
+    study = _study(tmp_path, f"base: [tiny_cpu]\n{TINY}runs:\n  grpo_strict: {{config: [overlays/grpo_strict]}}\n"
+                             "  opefo_guard: {}\nseeds: [0]\niterations: 3\norder: seed\n"
+                             "set: {checkpoint_every: 1, keep_checkpoints: 1, max_failures: 0}\n")
+    first = out / "grpo_strict" / "seed_0"
+    proc = subprocess.Popen([sys.executable, "-m", "opefo_rllib.cli", "study", str(study), "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not (first / "checkpoints" / "latest").is_file() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert (first / "checkpoints" / "latest").is_file(), "the first run wrote no checkpoint"
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the study and its run
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0 and "interrupted; run the same command again to resume" in stderr
+    stopped_at = (first / "checkpoints" / "latest").read_text().strip()
+    assert stopped_at in ("iter_000001", "iter_000002"), stopped_at  # stopped mid-run
+    assert not (first / DONE_FILE).exists() and not (out / "opefo_guard").exists()
+
+    assert main(["study", str(study), "--out", str(out)]) == 0
+    log = capsys.readouterr().out
+    assert f"start  grpo_strict seed 0 (resume from {stopped_at})" in log
+    assert "start  opefo_guard seed 0 (new)" in log
+    for run in (first, out / "opefo_guard" / "seed_0"):
+        assert (run / DONE_FILE).is_file()
+        assert read_scalars(run)["rollout/reward_mean"][0] == [1, 2, 3]  # each step once
+        assert sorted(p.name for p in (run / "checkpoints").glob("iter_*")) == ["iter_000003"]  # keep_checkpoints: 1
+    assert f"resumed from {first / 'checkpoints' / stopped_at}" in (first / "train.log").read_text()
+    table = (out / "results.md").read_text()
+    assert _row(table, "grpo_strict", 2)[1] == _row(table, "opefo_guard", 2)[1] == "1 (1)"
+
+
 def test_an_attempt_without_a_checkpoint_is_kept_aside_and_the_run_starts_again(tmp_path, capsys):
     out = tmp_path / "out"
     attempt = out / "broken" / "seed_0"
@@ -205,3 +269,44 @@ def test_an_attempt_without_a_checkpoint_is_kept_aside_and_the_run_starts_again(
     assert len(kept) == 1 and (kept[0] / "train.log").read_text() == "an earlier attempt\n"
     assert "an earlier attempt" not in (attempt / "train.log").read_text()
     assert "| broken | 1 (0) | — | — |" in (out / "results.md").read_text()
+
+
+def test_the_real_lm_study_tables_come_from_the_run_files(tmp_path, capsys):
+    """benchmarks/real_lm_study.py on two hand-made seeds: the N > P share, λ* percentiles, the
+    per-batch and per-token correlations, and held-out values averaged over seeds with intervals."""
+    import importlib.util
+    import sys
+
+    from paths import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("real_lm_study", REPO_ROOT / "benchmarks" / "real_lm_study.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "study"
+    predicted = [0.01, -0.02, 0.03, -0.04]
+    for seed, (n_values, token_corr) in enumerate([([2.0, 2.0, 0.5, 2.0], 0.2), ([0.5, 0.5, 0.5, 2.0], 0.4)]):
+        run = out / "opefo" / f"seed_{seed}"
+        _fake_run(run, {"entropy_flow/P": [1.0] * 4, "entropy_flow/N": n_values,
+                        "entropy_flow/lambda_star": [0.1, 0.2, math.nan, 0.5],
+                        "predicted_entropy_change/exact": predicted,
+                        "entropy_flow/realized_change": [3 * p for p in predicted],  # corr +1
+                        "entropy_flow/token_corr/exact": [token_corr] * 4,
+                        "policy/entropy": [1.0] * 4, "rollout/reward_mean": [0.5] * 4,
+                        "rollout/response_length_mean": [10.0] * 4})
+        rows = [{"id": "p1", "rewards": [1.0, 0.0], "greedy_reward": 1.0},
+                {"id": "p2", "rewards": [0.0, 0.0], "greedy_reward": float(seed)}]
+        (run / "eval").mkdir()
+        (run / "eval" / "iter_000004.problems.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    sys.argv = ["real_lm_study.py", str(out), "--window", "2"]
+    module.main()
+    text = capsys.readouterr().out
+    diag = next(line for line in text.splitlines() if line.startswith("| opefo | 2 |"))
+    assert "| 50% ± 35% |" in diag  # seed 0: 3 of 4 steps N > P, seed 1: 1 of 4
+    assert "| 25% ± 0% |" in diag  # one NaN λ* in 4 steps, both seeds
+    assert "0.200 ± 0.000 / " in diag  # λ* median of [0.1, 0.2, 0.5]
+    pred = next(line for line in text.split("### Prediction")[1].splitlines() if line.startswith("| opefo |"))
+    cells = [c.strip() for c in pred.strip("|").split("|")]
+    assert cells[4] == "1.00 ± 0.00" and cells[7] == "0.30 ± 0.14"  # per-batch exact, per-token exact
+    held = next(line for line in text.split("### Held-out")[1].splitlines() if line.startswith("| opefo | 4 |"))
+    # greedy: p1 1.0, p2 (0 + 1) / 2; avg@2: p1 0.5, p2 0; pass@2: p1 1, p2 0
+    assert held.startswith("| opefo | 4 | 2 | 0.750 [") and "| 0.250 [" in held and "| 0.500 [0.00, 1.00] |" in held

@@ -1,0 +1,199 @@
+"""The tables of a finished (or partly finished) entropy-rules study, for docs/results.md.
+
+    python benchmarks/real_lm_study.py study_runs/smollm2_entropy_rules [--window 25]
+
+Read from the run directories only (RUN/tensorboard, RUN/eval/iter_*.problems.jsonl); a seed that
+has not started is left out, one that stopped early counts with the iterations it logged. Prints
+markdown: for each rule (a run name of the study), over its seeds,
+
+1. the diagnosis: the share of steps with N > P (all two-sided batches), the lambda* distribution
+   (10th / 50th / 90th percentile, the share above the 0.3 cap, the one-sided share) and P and N
+   over training (means per window of iterations);
+2. prediction against reality, for each estimator (exact, single_logit, paper): the per-batch
+   Pearson correlation over steps of the predicted change (``predicted_entropy_change/EST``, sum
+   over the batch's tokens of delta_t) and the realized change of the batch's mean entropy, and the
+   mean over steps of the per-token correlation (``entropy_flow/token_corr/EST``);
+3. entropy, reward and response length per window;
+4. held-out greedy, avg@k and pass@k at each evaluation, with 95% bootstrap intervals: each
+   problem's value averaged over the seeds, problems resampled (``bootstrap_ci``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from opefo_rllib.core.entropy_flow import ESTIMATORS
+from opefo_rllib.evaluation.compare import read_scalars
+from opefo_rllib.evaluation.metrics import bootstrap_ci, pass_at_k
+
+REALIZED = "entropy_flow/realized_change"
+
+
+def _seeds(run: Path) -> list[Path]:
+    return [d for d in sorted(run.glob("seed_*")) if any(d.rglob("events.out.tfevents.*"))]
+
+
+def _values(series: dict, tag: str, finite: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    if tag not in series:
+        return np.array([], dtype=int), np.array([])
+    steps, values = np.asarray(series[tag][0]), np.asarray(series[tag][1], dtype=float)
+    keep = np.isfinite(values) if finite else np.ones_like(values, dtype=bool)
+    return steps[keep], values[keep]
+
+
+def _corr(x: np.ndarray, y: np.ndarray) -> float:
+    if len(x) < 3 or np.std(x) == 0 or np.std(y) == 0:
+        return math.nan
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+def _paired(series: dict, a: str, b: str) -> tuple[np.ndarray, np.ndarray]:
+    sa, va = _values(series, a)
+    sb, vb = _values(series, b)
+    common = np.intersect1d(sa, sb)
+    return va[np.isin(sa, common)], vb[np.isin(sb, common)]
+
+
+def _fmt(x: float, digits: int = 3) -> str:
+    if x is None or not math.isfinite(x):
+        return "—"
+    return f"{x:.2e}" if x != 0 and abs(x) < 10 ** -(digits - 1) else f"{x:.{digits}f}"
+
+
+def _mean_sd(values: list[float], digits: int = 3, pct: bool = False) -> str:
+    a = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=float)
+    if a.size == 0:
+        return "—"
+    f = (lambda v: f"{100 * v:.0f}%") if pct else (lambda v: _fmt(v, digits))
+    return f(a.mean()) + (f" ± {f(a.std(ddof=1))}" if a.size > 1 else "")
+
+
+def windows(last: int, width: int) -> list[tuple[int, int]]:
+    return [(lo, min(lo + width - 1, last)) for lo in range(1, last + 1, width)]
+
+
+def window_mean(series: dict, tag: str, lo: int, hi: int) -> float:
+    steps, values = _values(series, tag)
+    sel = values[(steps >= lo) & (steps <= hi)]
+    return float(sel.mean()) if sel.size else math.nan
+
+
+def diagnosis(runs: dict[str, list[dict]]) -> list[str]:
+    lines = ["### The diagnosis: N > P, λ*", "",
+             "| rule | seeds | iterations | steps N > P | one-sided steps | λ* p10 / p50 / p90 | |λ*| > 0.3 | mean λ used |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, seeds in runs.items():
+        share, one_sided, p10, p50, p90, capped, lam, iters = [], [], [], [], [], [], [], []
+        for s in seeds:
+            n, p = _paired(s, "entropy_flow/N", "entropy_flow/P")
+            two_sided = (n > 0) & (p > 0)
+            share.append(float(np.mean(n[two_sided] > p[two_sided])) if two_sided.any() else math.nan)
+            _, star_all = _values(s, "entropy_flow/lambda_star", finite=False)
+            star = star_all[np.isfinite(star_all)]
+            one_sided.append(float(np.mean(~np.isfinite(star_all))) if star_all.size else math.nan)
+            if star.size:
+                q = np.percentile(star, [10, 50, 90])
+                p10.append(q[0]), p50.append(q[1]), p90.append(q[2])
+                capped.append(float(np.mean(np.abs(star) > 0.3)))
+            lam.append(float(np.mean(_values(s, "entropy_flow/lambda")[1])) if "entropy_flow/lambda" in s else math.nan)
+            iters.append(len(_values(s, "rollout/reward_mean")[0]))
+        lines.append(f"| {name} | {len(seeds)} | {'/'.join(map(str, iters))} | {_mean_sd(share, pct=True)} "
+                     f"| {_mean_sd(one_sided, pct=True)} | {_mean_sd(p10)} / {_mean_sd(p50)} / {_mean_sd(p90)} "
+                     f"| {_mean_sd(capped, pct=True)} | {_mean_sd(lam)} |")
+    return lines
+
+
+def over_training(runs: dict[str, list[dict]], width: int, tags: list[tuple[str, str, int]], title: str) -> list[str]:
+    last = max((int(_values(s, "rollout/reward_mean")[0].max(initial=0)) for seeds in runs.values() for s in seeds),
+               default=0)
+    spans = windows(last, width)
+    lines = [f"### {title}", "", "| rule | " + " | ".join(h for _, h, _ in tags) + " |",
+             "|---|" + "---|" * len(tags)]
+    for name, seeds in runs.items():
+        cells = []
+        for tag, _, digits in tags:
+            per_window = [_mean_sd([window_mean(s, tag, lo, hi) for s in seeds], digits) for lo, hi in spans]
+            cells.append(" → ".join(per_window))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.insert(2, "Means over iterations " + ", ".join(f"{lo}-{hi}" for lo, hi in spans)
+                 + " (each: mean ± sd over seeds).\n")
+    return lines
+
+
+def prediction(runs: dict[str, list[dict]]) -> list[str]:
+    heads = [f"per-batch {e}" for e in ESTIMATORS] + [f"per-token {e}" for e in ESTIMATORS]
+    lines = ["### Prediction against reality", "",
+             "Per batch: Pearson correlation over a run's steps of Σ_t δ_t (each estimator) and the realized change "
+             "of the batch's mean entropy; per token: the mean over steps of the correlation over the batch's "
+             "response tokens of δ_t and the realized change of H_t. Mean ± sd over seeds.", "",
+             "| rule | realized ΔH / step | " + " | ".join(heads) + " |", "|---|---|" + "---|" * len(heads)]
+    for name, seeds in runs.items():
+        realized = [float(np.mean(_values(s, REALIZED)[1])) if REALIZED in s else math.nan for s in seeds]
+        batch = [_mean_sd([_corr(*_paired(s, f"predicted_entropy_change/{e}", REALIZED)) for s in seeds], 2)
+                 for e in ESTIMATORS]
+        token = [_mean_sd([float(np.mean(v)) if (v := _values(s, f"entropy_flow/token_corr/{e}")[1]).size else math.nan
+                           for s in seeds], 2) for e in ESTIMATORS]
+        lines.append(f"| {name} | {_mean_sd(realized)} | " + " | ".join(batch + token) + " |")
+    return lines
+
+
+def _problems(path: Path) -> dict[str, dict]:
+    return {row["id"]: row for row in map(json.loads, path.read_text().splitlines()) if row.get("id")}
+
+
+def heldout(study: Path, names: list[str]) -> list[str]:
+    lines = ["### Held-out accuracy with 95% bootstrap intervals", "",
+             "Each problem's value averaged over the seeds that reached the iteration, the problems resampled "
+             "(2,000 resamples).", "", "| rule | iteration | seeds | greedy | avg@k | pass@k |", "|---|---|---|---|---|---|"]
+    for name in names:
+        by_iter: dict[int, list[dict[str, dict]]] = {}
+        for seed in sorted((study / name).glob("seed_*")):
+            for f in sorted((seed / "eval").glob("iter_*.problems.jsonl")):
+                by_iter.setdefault(int(f.name.split("_")[1].split(".")[0]), []).append(_problems(f))
+        for iteration, seeds in sorted(by_iter.items()):
+            ids = sorted(set.intersection(*(set(s) for s in seeds)))
+            k = len(seeds[0][ids[0]]["rewards"]) if ids else 0
+            cols = []
+            for metric in ("greedy", "avg", "pass"):
+                per_problem = []
+                for pid in ids:
+                    vals = []
+                    for s in seeds:
+                        row = s[pid]
+                        correct = np.asarray(row["rewards"], dtype=float) >= 1.0
+                        vals.append(float(row.get("greedy_reward", math.nan)) >= 1.0 if metric == "greedy"
+                                    else correct.mean() if metric == "avg" else float(pass_at_k(k, int(correct.sum()), k)))
+                    per_problem.append(float(np.mean(vals)))
+                lo, hi = bootstrap_ci(np.asarray(per_problem))
+                cols.append(f"{np.mean(per_problem):.3f} [{lo:.2f}, {hi:.2f}]")
+            lines.append(f"| {name} | {iteration} | {len(seeds)} | " + " | ".join(cols) + " |")
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("study_dir", type=Path)
+    ap.add_argument("--window", type=int, default=25, help="iterations per window of the over-training tables")
+    args = ap.parse_args()
+    names = [d.name for d in sorted(args.study_dir.iterdir()) if d.is_dir() and _seeds(d)]
+    if not names:
+        raise SystemExit(f"{args.study_dir}: no run has logged yet")
+    runs = {name: [read_scalars(s) for s in _seeds(args.study_dir / name)] for name in names}
+    out = diagnosis(runs) + [""]
+    out += over_training(runs, args.window, [("entropy_flow/P", "P", 3), ("entropy_flow/N", "N", 3)],
+                         "P and N over training") + [""]
+    out += prediction(runs) + [""]
+    out += over_training(runs, args.window, [("policy/entropy", "entropy", 3), ("rollout/reward_mean", "reward", 3),
+                                             ("rollout/response_length_mean", "answer tokens", 1)],
+                         "Entropy, reward and answer length over training") + [""]
+    out += heldout(args.study_dir, names)
+    print("\n".join(out))
+
+
+if __name__ == "__main__":
+    main()
