@@ -6,9 +6,9 @@ Read from the run directories only (RUN/tensorboard, RUN/eval/iter_*.problems.js
 has not started is left out, one that stopped early counts with the iterations it logged. Prints
 markdown: for each rule (a run name of the study), over its seeds,
 
-1. the diagnosis: the share of steps with N > P (all two-sided batches), the lambda* distribution
-   (10th / 50th / 90th percentile, the share above the 0.3 cap, the one-sided share) and P and N
-   over training (means per window of iterations);
+1. the diagnosis: the shares of steps without signal (P = N = 0) and one-sided; over the
+   two-sided steps, the share with N > P and the lambda* distribution (10th / 50th / 90th
+   percentile, the share above the 0.3 cap); P and N over training (means per window);
 2. prediction against reality, for each estimator (exact, single_logit, paper): the per-batch
    Pearson correlation over steps of the predicted change (``predicted_entropy_change/EST``, sum
    over the batch's tokens of delta_t) and the realized change of the batch's mean entropy, and the
@@ -84,27 +84,39 @@ def window_mean(series: dict, tag: str, lo: int, hi: int) -> float:
 
 
 def diagnosis(runs: dict[str, list[dict]]) -> list[str]:
+    """Steps without signal (P = N = 0: every group all right or all wrong), one-sided steps (one
+    of P, N is 0: lambda* NaN), and over the two-sided steps the share with N > P and the lambda*
+    distribution."""
     lines = ["### The diagnosis: N > P, λ*", "",
-             "| rule | seeds | iterations | steps N > P | one-sided steps | λ* p10 / p50 / p90 | |λ*| > 0.3 | mean λ used |",
-             "|---|---|---|---|---|---|---|---|"]
+             "Over the steps with both flows (P > 0 and N > 0); P = N = 0 when every group is all right or all "
+             "wrong (no advantage), one-sided when one of them is 0.", "",
+             "| rule | seeds | iterations | no signal | one-sided | N > P | λ* p10 / p50 / p90 | |λ*| > 0.3 | mean λ used |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, seeds in runs.items():
-        share, one_sided, p10, p50, p90, capped, lam, iters = [], [], [], [], [], [], [], []
+        cols: dict[str, list[float]] = {k: [] for k in ("none", "one", "share", "p10", "p50", "p90", "capped", "lam")}
+        iters = []
         for s in seeds:
             n, p = _paired(s, "entropy_flow/N", "entropy_flow/P")
+            steps, _ = _values(s, "entropy_flow/N")
+            star_steps, star_values = _values(s, "entropy_flow/lambda_star", finite=False)
+            star = dict(zip(star_steps.tolist(), star_values.tolist()))
             two_sided = (n > 0) & (p > 0)
-            share.append(float(np.mean(n[two_sided] > p[two_sided])) if two_sided.any() else math.nan)
-            _, star_all = _values(s, "entropy_flow/lambda_star", finite=False)
-            star = star_all[np.isfinite(star_all)]
-            one_sided.append(float(np.mean(~np.isfinite(star_all))) if star_all.size else math.nan)
-            if star.size:
-                q = np.percentile(star, [10, 50, 90])
-                p10.append(q[0]), p50.append(q[1]), p90.append(q[2])
-                capped.append(float(np.mean(np.abs(star) > 0.3)))
-            lam.append(float(np.mean(_values(s, "entropy_flow/lambda")[1])) if "entropy_flow/lambda" in s else math.nan)
+            cols["none"].append(float(np.mean((n == 0) & (p == 0))) if n.size else math.nan)
+            cols["one"].append(float(np.mean((n == 0) != (p == 0))) if n.size else math.nan)
+            cols["share"].append(float(np.mean(n[two_sided] > p[two_sided])) if two_sided.any() else math.nan)
+            values = np.array([star.get(t, math.nan) for t in steps[two_sided].tolist()], dtype=float)
+            values = values[np.isfinite(values)]
+            q = np.percentile(values, [10, 50, 90]) if values.size else [math.nan] * 3
+            for key, v in zip(("p10", "p50", "p90"), q):
+                cols[key].append(float(v))
+            cols["capped"].append(float(np.mean(np.abs(values) > 0.3)) if values.size else math.nan)
+            lam = _values(s, "entropy_flow/lambda")[1]
+            cols["lam"].append(float(np.mean(lam)) if lam.size else math.nan)
             iters.append(len(_values(s, "rollout/reward_mean")[0]))
-        lines.append(f"| {name} | {len(seeds)} | {'/'.join(map(str, iters))} | {_mean_sd(share, pct=True)} "
-                     f"| {_mean_sd(one_sided, pct=True)} | {_mean_sd(p10)} / {_mean_sd(p50)} / {_mean_sd(p90)} "
-                     f"| {_mean_sd(capped, pct=True)} | {_mean_sd(lam)} |")
+        lines.append(f"| {name} | {len(seeds)} | {'/'.join(map(str, iters))} | {_mean_sd(cols['none'], pct=True)} "
+                     f"| {_mean_sd(cols['one'], pct=True)} | {_mean_sd(cols['share'], pct=True)} "
+                     f"| {_mean_sd(cols['p10'])} / {_mean_sd(cols['p50'])} / {_mean_sd(cols['p90'])} "
+                     f"| {_mean_sd(cols['capped'], pct=True)} | {_mean_sd(cols['lam'])} |")
     return lines
 
 

@@ -284,9 +284,9 @@ def test_the_real_lm_study_tables_come_from_the_run_files(tmp_path, capsys):
     spec.loader.exec_module(module)
     out = tmp_path / "study"
     predicted = [0.01, -0.02, 0.03, -0.04]
-    for seed, (n_values, token_corr) in enumerate([([2.0, 2.0, 0.5, 2.0], 0.2), ([0.5, 0.5, 0.5, 2.0], 0.4)]):
+    for seed, (n_values, token_corr) in enumerate([([2.0, 2.0, 0.0, 2.0], 0.2), ([0.5, 0.5, 0.0, 2.0], 0.4)]):
         run = out / "opefo" / f"seed_{seed}"
-        _fake_run(run, {"entropy_flow/P": [1.0] * 4, "entropy_flow/N": n_values,
+        _fake_run(run, {"entropy_flow/P": [1.0, 1.0, 0.0, 1.0], "entropy_flow/N": n_values,  # step 3: no signal
                         "entropy_flow/lambda_star": [0.1, 0.2, math.nan, 0.5],
                         "predicted_entropy_change/exact": predicted,
                         "entropy_flow/realized_change": [3 * p for p in predicted],  # corr +1
@@ -301,8 +301,7 @@ def test_the_real_lm_study_tables_come_from_the_run_files(tmp_path, capsys):
     module.main()
     text = capsys.readouterr().out
     diag = next(line for line in text.splitlines() if line.startswith("| opefo | 2 |"))
-    assert "| 50% ± 35% |" in diag  # seed 0: 3 of 4 steps N > P, seed 1: 1 of 4
-    assert "| 25% ± 0% |" in diag  # one NaN λ* in 4 steps, both seeds
+    assert "| 25% ± 0% | 0% ± 0% | 67% ± 47% |" in diag  # no signal, one-sided, N > P (3 of 3, 1 of 3)
     assert "0.200 ± 0.000 / " in diag  # λ* median of [0.1, 0.2, 0.5]
     pred = next(line for line in text.split("### Prediction")[1].splitlines() if line.startswith("| opefo |"))
     cells = [c.strip() for c in pred.strip("|").split("|")]
