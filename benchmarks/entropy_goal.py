@@ -5,7 +5,8 @@
 
 A study still running (or stopped) is read as it stands: the "iterations" column gives each
 seed's logged iterations and the iteration of its last held-out evaluation, which the held-out
-goals compare; compare rules only where those agree.
+goals compare; compare rules only where those agree (``--finished``: only the seeds the study
+marked done).
 
 For each run (mean over its seeds, from the run directories via the study report's own
 ``seed_summary``), against the reference (strict GRPO):
@@ -27,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from opefo_rllib.study_report import REALIZED, _scalars, seed_summary
+from opefo_rllib.study_state import DONE_FILE
 
 
 def _metric(summary: dict, suffix: str) -> float:
@@ -34,9 +36,11 @@ def _metric(summary: dict, suffix: str) -> float:
     return summary[sorted(keys)[-1]] if keys else float("nan")
 
 
-def run_means(run: Path) -> dict[str, float]:
-    seeds = sorted(run.glob("seed_*"))
-    sums = [seed_summary(d) for d in seeds]
+def run_means(run: Path, finished: bool = False) -> dict[str, float]:
+    # A seed counts once it has trained an iteration (a run just started has only its iteration-0 eval).
+    sums_by_seed = {d: seed_summary(d) for d in sorted(run.glob("seed_*")) if not finished or (d / DONE_FILE).exists()}
+    seeds = [d for d, s in sums_by_seed.items() if s["logged_iterations"] > 0]
+    sums = [sums_by_seed[d] for d in seeds]
     abs_change = [float(np.mean(np.abs(_scalars(d)[REALIZED][1]))) for d in seeds if REALIZED in _scalars(d)]
     mean = lambda xs: statistics.fmean(xs) if xs else float("nan")  # noqa: E731
     progress = "/".join(f"{s['logged_iterations']:.0f}@{s['eval_iteration']:.0f}" for s in sums)
@@ -51,8 +55,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("study_dir")
     ap.add_argument("--reference", default="grpo_strict")
+    ap.add_argument("--finished", action="store_true", help="only the seeds the study marked done")
     args = ap.parse_args()
-    runs = {d.name: run_means(d) for d in sorted(Path(args.study_dir).iterdir()) if any(d.glob("seed_*"))}
+    runs = {d.name: run_means(d, args.finished) for d in sorted(Path(args.study_dir).iterdir()) if any(d.glob("seed_*"))}
+    runs = {name: r for name, r in runs.items() if r["seeds"]}
     ref = runs[args.reference]
     ok = lambda flag: "yes" if flag else "**no**"  # noqa: E731
     print(f"reference {args.reference}: greedy {ref['greedy']:.3f}, avg {ref['avg']:.3f}, pass {ref['pass']:.3f}, "

@@ -1,14 +1,16 @@
 """The tables of a finished (or partly finished) entropy-rules study, for docs/results.md.
 
-    python benchmarks/real_lm_study.py study_runs/smollm2_entropy_rules [--window 25]
+    python benchmarks/real_lm_study.py study_runs/smollm2_entropy_rules [--window 25] [--finished]
 
 Read from the run directories only (RUN/tensorboard, RUN/eval/iter_*.problems.jsonl); a seed that
-has not started is left out, one that stopped early counts with the iterations it logged. Prints
+has not trained an iteration is left out, one that stopped early counts with the iterations it
+logged (``--finished``: only the seeds the study marked done, so that every seed of every rule
+covers the same iterations). Prints
 markdown: for each rule (a run name of the study), over its seeds,
 
 1. the diagnosis: the shares of steps without signal (P = N = 0) and one-sided; over the
    two-sided steps, the share with N > P and the lambda* distribution (10th / 50th / 90th
-   percentile, the share above the 0.3 cap); P and N over training (means per window);
+   percentile, their mean, the share above the 0.3 cap); P and N over training (means per window);
 2. prediction against reality, for each estimator (exact, single_logit, paper): the per-batch
    Pearson correlation over steps of the predicted change (``predicted_entropy_change/EST``, sum
    over the batch's tokens of delta_t) and the realized change of the batch's mean entropy, and the
@@ -30,12 +32,14 @@ import numpy as np
 from opefo_rllib.core.entropy_flow import ESTIMATORS
 from opefo_rllib.evaluation.compare import read_scalars
 from opefo_rllib.evaluation.metrics import bootstrap_ci, pass_at_k
+from opefo_rllib.study_state import DONE_FILE
 
 REALIZED = "entropy_flow/realized_change"
 
 
-def _seeds(run: Path) -> list[Path]:
-    return [d for d in sorted(run.glob("seed_*")) if any(d.rglob("events.out.tfevents.*"))]
+def _seeds(run: Path, finished: bool) -> list[Path]:
+    return [d for d in sorted(run.glob("seed_*")) if any(d.rglob("events.out.tfevents.*"))
+            and (not finished or (d / DONE_FILE).exists())]
 
 
 def _values(series: dict, tag: str, finite: bool = True) -> tuple[np.ndarray, np.ndarray]:
@@ -90,10 +94,10 @@ def diagnosis(runs: dict[str, list[dict]]) -> list[str]:
     lines = ["### The diagnosis: N > P, λ*", "",
              "Over the steps with both flows (P > 0 and N > 0); P = N = 0 when every group is all right or all "
              "wrong (no advantage), one-sided when one of them is 0.", "",
-             "| rule | seeds | iterations | no signal | one-sided | N > P | λ* p10 / p50 / p90 | |λ*| > 0.3 | mean λ used |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| rule | seeds | iterations | no signal | one-sided | N > P | λ* p10 / p50 / p90 | mean λ* | |λ*| > 0.3 | mean λ used |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, seeds in runs.items():
-        cols: dict[str, list[float]] = {k: [] for k in ("none", "one", "share", "p10", "p50", "p90", "capped", "lam")}
+        cols: dict[str, list[float]] = {k: [] for k in ("none", "one", "share", "p10", "p50", "p90", "mean", "capped", "lam")}
         iters = []
         for s in seeds:
             n, p = _paired(s, "entropy_flow/N", "entropy_flow/P")
@@ -109,6 +113,7 @@ def diagnosis(runs: dict[str, list[dict]]) -> list[str]:
             q = np.percentile(values, [10, 50, 90]) if values.size else [math.nan] * 3
             for key, v in zip(("p10", "p50", "p90"), q):
                 cols[key].append(float(v))
+            cols["mean"].append(float(values.mean()) if values.size else math.nan)
             cols["capped"].append(float(np.mean(np.abs(values) > 0.3)) if values.size else math.nan)
             lam = _values(s, "entropy_flow/lambda")[1]
             cols["lam"].append(float(np.mean(lam)) if lam.size else math.nan)
@@ -116,7 +121,7 @@ def diagnosis(runs: dict[str, list[dict]]) -> list[str]:
         lines.append(f"| {name} | {len(seeds)} | {'/'.join(map(str, iters))} | {_mean_sd(cols['none'], pct=True)} "
                      f"| {_mean_sd(cols['one'], pct=True)} | {_mean_sd(cols['share'], pct=True)} "
                      f"| {_mean_sd(cols['p10'])} / {_mean_sd(cols['p50'])} / {_mean_sd(cols['p90'])} "
-                     f"| {_mean_sd(cols['capped'], pct=True)} | {_mean_sd(cols['lam'])} |")
+                     f"| {_mean_sd(cols['mean'])} | {_mean_sd(cols['capped'], pct=True)} | {_mean_sd(cols['lam'])} |")
     return lines
 
 
@@ -158,13 +163,13 @@ def _problems(path: Path) -> dict[str, dict]:
     return {row["id"]: row for row in map(json.loads, path.read_text().splitlines()) if row.get("id")}
 
 
-def heldout(study: Path, names: list[str]) -> list[str]:
+def heldout(seed_dirs: dict[str, list[Path]]) -> list[str]:
     lines = ["### Held-out accuracy with 95% bootstrap intervals", "",
              "Each problem's value averaged over the seeds that reached the iteration, the problems resampled "
              "(2,000 resamples).", "", "| rule | iteration | seeds | greedy | avg@k | pass@k |", "|---|---|---|---|---|---|"]
-    for name in names:
+    for name, seeds_of_rule in seed_dirs.items():
         by_iter: dict[int, list[dict[str, dict]]] = {}
-        for seed in sorted((study / name).glob("seed_*")):
+        for seed in seeds_of_rule:
             for f in sorted((seed / "eval").glob("iter_*.problems.jsonl")):
                 by_iter.setdefault(int(f.name.split("_")[1].split(".")[0]), []).append(_problems(f))
         for iteration, seeds in sorted(by_iter.items()):
@@ -191,11 +196,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("study_dir", type=Path)
     ap.add_argument("--window", type=int, default=25, help="iterations per window of the over-training tables")
+    ap.add_argument("--finished", action="store_true", help="only the seeds the study marked done")
     args = ap.parse_args()
-    names = [d.name for d in sorted(args.study_dir.iterdir()) if d.is_dir() and _seeds(d)]
-    if not names:
-        raise SystemExit(f"{args.study_dir}: no run has logged yet")
-    runs = {name: [read_scalars(s) for s in _seeds(args.study_dir / name)] for name in names}
+    # A seed counts once it has trained an iteration (a run just started has only its iteration-0 eval).
+    seed_dirs, runs = {}, {}
+    for run in sorted(d for d in args.study_dir.iterdir() if d.is_dir()):
+        trained = [(d, s) for d, s in ((d, read_scalars(d)) for d in _seeds(run, args.finished))
+                   if "rollout/reward_mean" in s]
+        if trained:
+            seed_dirs[run.name], runs[run.name] = [d for d, _ in trained], [s for _, s in trained]
+    if not runs:
+        raise SystemExit(f"{args.study_dir}: no run has trained yet")
     out = diagnosis(runs) + [""]
     out += over_training(runs, args.window, [("entropy_flow/P", "P", 3), ("entropy_flow/N", "N", 3)],
                          "P and N over training") + [""]
@@ -203,7 +214,7 @@ def main() -> None:
     out += over_training(runs, args.window, [("policy/entropy", "entropy", 3), ("rollout/reward_mean", "reward", 3),
                                              ("rollout/response_length_mean", "answer tokens", 1)],
                          "Entropy, reward and answer length over training") + [""]
-    out += heldout(args.study_dir, names)
+    out += heldout(seed_dirs)
     print("\n".join(out))
 
 

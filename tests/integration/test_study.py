@@ -297,15 +297,60 @@ def test_the_real_lm_study_tables_come_from_the_run_files(tmp_path, capsys):
                 {"id": "p2", "rewards": [0.0, 0.0], "greedy_reward": float(seed)}]
         (run / "eval").mkdir()
         (run / "eval" / "iter_000004.problems.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    sys.argv = ["real_lm_study.py", str(out), "--window", "2"]
+    # A seed just started: its iteration-0 eval only. It is no seed of the training tables yet.
+    _fake_run(out / "opefo" / "seed_2", {}, eval_tags={0: {"eval/t/greedy_acc": 0.0}})
+    sys.argv = ["real_lm_study.py", str(out), "--window", "2", "--finished"]
+    with pytest.raises(SystemExit, match="no run has trained yet"):
+        module.main()  # no seed marked done
+    sys.argv = sys.argv[:-1]
     module.main()
     text = capsys.readouterr().out
     diag = next(line for line in text.splitlines() if line.startswith("| opefo | 2 |"))
     assert "| 25% ± 0% | 0% ± 0% | 67% ± 47% |" in diag  # no signal, one-sided, N > P (3 of 3, 1 of 3)
     assert "0.200 ± 0.000 / " in diag  # λ* median of [0.1, 0.2, 0.5]
+    assert "| 0.267 ± 0.000 |" in diag  # λ* mean of the same
     pred = next(line for line in text.split("### Prediction")[1].splitlines() if line.startswith("| opefo |"))
     cells = [c.strip() for c in pred.strip("|").split("|")]
     assert cells[4] == "1.00 ± 0.00" and cells[7] == "0.30 ± 0.14"  # per-batch exact, per-token exact
     held = next(line for line in text.split("### Held-out")[1].splitlines() if line.startswith("| opefo | 4 |"))
     # greedy: p1 1.0, p2 (0 + 1) / 2; avg@2: p1 0.5, p2 0; pass@2: p1 1, p2 0
     assert held.startswith("| opefo | 4 | 2 | 0.750 [") and "| 0.250 [" in held and "| 0.500 [0.00, 1.00] |" in held
+
+
+def test_entropy_goal_reads_a_study_as_it_stands(tmp_path, capsys):
+    """benchmarks/entropy_goal.py on a study stopped early: the goals against strict GRPO, each run
+    the mean of the seeds that have trained; a seed with only its iteration-0 eval is left out."""
+    import importlib.util
+    import sys
+
+    from paths import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("entropy_goal", REPO_ROOT / "benchmarks" / "entropy_goal.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "study"
+    held_out = {2: {"t": {"greedy_acc": 0.9, "avg@4": 0.8, "pass@4": 1.0}}}
+    _fake_run(out / "grpo_strict" / "seed_0", {"policy/entropy": [1.0, 0.5], "rollout/reward_mean": [0.5, 0.9],
+                                               "entropy_flow/realized_change": [-0.1, -0.1]}, evals=held_out)
+    _fake_run(out / "grpo_strict" / "seed_1", {}, evals={0: {"t": {"greedy_acc": 0.1, "avg@4": 0.1, "pass@4": 0.1}}},
+              eval_tags={0: {"eval/t/greedy_acc": 0.1}})
+    _fake_run(out / "opefo" / "seed_0", {"policy/entropy": [1.0, 0.95], "rollout/reward_mean": [0.5, 0.9],
+                                         "entropy_flow/realized_change": [0.004, -0.002]}, evals=held_out)
+    # A seed stopped at iteration 1 (no held-out eval yet): counted as it stands, left out by --finished.
+    _fake_run(out / "opefo" / "seed_1", {"policy/entropy": [1.0], "rollout/reward_mean": [0.5],
+                                         "entropy_flow/realized_change": [0.5]})
+    sys.argv = ["entropy_goal.py", str(out)]
+    module.main()
+    as_it_stands = _row("### " + capsys.readouterr().out, "opefo", 1)
+    assert as_it_stands[1:3] == ["2", "2@2/1@nan"]
+    for seed in (out / "grpo_strict" / "seed_0", out / "opefo" / "seed_0"):
+        (seed / DONE_FILE).write_text("{}")
+    sys.argv = ["entropy_goal.py", str(out), "--finished"]
+    module.main()
+    text = capsys.readouterr().out
+    assert text.startswith("reference grpo_strict: greedy 0.900, avg 0.800, pass 1.000, mean |realized change| 1.00e-01")
+    grpo = _row("### " + text, "grpo_strict", 1)
+    assert grpo[1:4] == ["1", "2@2", "1.000 → 0.500 (-50%) **no**"] and grpo[-1] == "3/5"
+    opefo = _row("### " + text, "opefo", 1)
+    # entropy -5%, held-out equal to GRPO's, |mean realized change| 1e-3 = 1% of GRPO's mean |change|
+    assert opefo[1:4] == ["1", "2@2", "1.000 → 0.950 (-5%) yes"] and opefo[-2].startswith("+1.00e-03 (1%") and opefo[-1] == "5/5"
