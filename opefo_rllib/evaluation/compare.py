@@ -115,21 +115,24 @@ def _num(x: float) -> str:
     return "nan" if math.isnan(x) else f"{x:.4g}"
 
 
-def _label(path: Path) -> str:
-    """A run's label: its run directory's name (``OPEFO-<model>-seed<N>-<time>`` by default),
-    whether given as RUN, RUN/tensorboard or RUN/tensorboard/NAME."""
+def _run_dir(path: Path) -> Path:
+    """The run directory (``OPEFO-<model>-seed<N>-<time>`` by default), whether given as RUN,
+    RUN/tensorboard or RUN/tensorboard/NAME."""
     if path.name == "tensorboard":
-        return path.parent.name
+        return path.parent
     if path.parent.name == "tensorboard":
-        return path.parent.parent.name
-    return path.name
+        return path.parent.parent
+    return path
 
 
 def _names(dirs: Sequence[str]) -> list[str]:
-    """Short labels (``_label``), numbered where two runs share one."""
+    """Short labels: the run directory's name; PARENT/NAME where runs share a name (a study's
+    RULE/seed_0 runs); numbered where even that is shared (one run given twice)."""
+    run_dirs = [_run_dir(Path(d).expanduser().resolve()) for d in dirs]
+    shared = {r.name for r in run_dirs if sum(o.name == r.name for o in run_dirs) > 1}
     names = []
-    for d in dirs:
-        label = _label(Path(d).expanduser().resolve())
+    for r in run_dirs:
+        label = f"{r.parent.name}/{r.name}" if r.name in shared else r.name
         names.append(label if label not in names else f"{label} ({len(names)})")
     return names
 

@@ -147,7 +147,11 @@ def test_compare_validation_and_the_study_report_find_a_named_run(tmp_path):
     tb = _named_run(run)
     assert event_dir(run) == tb
     assert read_scalars(run)["rollout/reward_mean"] == ([1, 2], pytest.approx([0.1, 0.2]))
-    assert _names([str(run), str(run / "tensorboard"), str(tb)]) == [run.name, f"{run.name} (1)", f"{run.name} (2)"]
+    both = f"{tmp_path.name}/{run.name}"  # one run given three ways: named by its parent too, then numbered
+    assert _names([str(run), str(run / "tensorboard"), str(tb)]) == [both, f"{both} (1)", f"{both} (2)"]
+    # a study's runs: RULE/seed_0 for every rule
+    assert _names([str(tmp_path / "grpo" / "seed_0"), str(tmp_path / "opefo" / "seed_0" / "tensorboard"),
+                   str(tmp_path / "opefo" / "seed_1")]) == ["grpo/seed_0", "opefo/seed_0", "seed_1"]
     assert eval_dir(tb) == run / "eval"
     assert eval_dir(run / "tensorboard") == run / "eval"  # a run from before run names
     assert eval_dir(tmp_path / "tb") == tmp_path / "tb" / "eval"  # a Python-API tensorboard_dir
