@@ -63,8 +63,8 @@ def main() -> None:
     ok = lambda flag: "yes" if flag else "**no**"  # noqa: E731
     print(f"reference {args.reference}: greedy {ref['greedy']:.3f}, avg {ref['avg']:.3f}, pass {ref['pass']:.3f}, "
           f"mean |realized change| {ref['abs_realized']:.2e}\n")
-    print("| run | seeds | iterations (logged@eval) | entropy start → end (change) | greedy | avg@k | pass@k | realized ΔH mean (/ GRPO mean |ΔH|; "
-          "/ |GRPO mean ΔH|) | goals met |")
+    print("| run | seeds | iterations (logged@eval) | entropy start → end (change) | greedy | avg@k | pass@k | realized ΔH mean (/ GRPO mean \\|ΔH\\|; "
+          "/ \\|GRPO mean ΔH\\|) | goals met |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, r in runs.items():
         change = r["entropy_end"] / r["entropy_start"] - 1

@@ -63,17 +63,18 @@ def _paired(series: dict, a: str, b: str) -> tuple[np.ndarray, np.ndarray]:
     return va[np.isin(sa, common)], vb[np.isin(sb, common)]
 
 
-def _fmt(x: float, digits: int = 3) -> str:
+def _fmt(x: float, digits: int = 3, fixed: bool = False) -> str:
+    """``fixed``: always ``digits`` decimals (correlations); otherwise small values in e-notation."""
     if x is None or not math.isfinite(x):
         return "—"
-    return f"{x:.2e}" if x != 0 and abs(x) < 10 ** -(digits - 1) else f"{x:.{digits}f}"
+    return f"{x:.2e}" if not fixed and x != 0 and abs(x) < 10 ** -(digits - 1) else f"{x:.{digits}f}"
 
 
-def _mean_sd(values: list[float], digits: int = 3, pct: bool = False) -> str:
+def _mean_sd(values: list[float], digits: int = 3, pct: bool = False, fixed: bool = False) -> str:
     a = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=float)
     if a.size == 0:
         return "—"
-    f = (lambda v: f"{100 * v:.0f}%") if pct else (lambda v: _fmt(v, digits))
+    f = (lambda v: f"{100 * v:.0f}%") if pct else (lambda v: _fmt(v, digits, fixed))
     return f(a.mean()) + (f" ± {f(a.std(ddof=1))}" if a.size > 1 else "")
 
 
@@ -91,10 +92,10 @@ def diagnosis(runs: dict[str, list[dict]]) -> list[str]:
     """Steps without signal (P = N = 0: every group all right or all wrong), one-sided steps (one
     of P, N is 0: lambda* NaN), and over the two-sided steps the share with N > P and the lambda*
     distribution."""
-    lines = ["### The diagnosis: N > P, λ*", "",
+    lines = ["### The diagnosis: N > P, λ\\*", "",
              "Over the steps with both flows (P > 0 and N > 0); P = N = 0 when every group is all right or all "
              "wrong (no advantage), one-sided when one of them is 0.", "",
-             "| rule | seeds | iterations | no signal | one-sided | N > P | λ* p10 / p50 / p90 | mean λ* | |λ*| > 0.3 | mean λ used |",
+             "| rule | seeds | iterations | no signal | one-sided | N > P | λ\\* p10 / p50 / p90 | mean λ\\* | \\|λ\\*\\| > 0.3 | mean λ used |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for name, seeds in runs.items():
         cols: dict[str, list[float]] = {k: [] for k in ("none", "one", "share", "p10", "p50", "p90", "mean", "capped", "lam")}
@@ -151,10 +152,10 @@ def prediction(runs: dict[str, list[dict]]) -> list[str]:
              "| rule | realized ΔH / step | " + " | ".join(heads) + " |", "|---|---|" + "---|" * len(heads)]
     for name, seeds in runs.items():
         realized = [float(np.mean(_values(s, REALIZED)[1])) if REALIZED in s else math.nan for s in seeds]
-        batch = [_mean_sd([_corr(*_paired(s, f"predicted_entropy_change/{e}", REALIZED)) for s in seeds], 2)
+        batch = [_mean_sd([_corr(*_paired(s, f"predicted_entropy_change/{e}", REALIZED)) for s in seeds], 2, fixed=True)
                  for e in ESTIMATORS]
         token = [_mean_sd([float(np.mean(v)) if (v := _values(s, f"entropy_flow/token_corr/{e}")[1]).size else math.nan
-                           for s in seeds], 2) for e in ESTIMATORS]
+                           for s in seeds], 2, fixed=True) for e in ESTIMATORS]
         lines.append(f"| {name} | {_mean_sd(realized)} | " + " | ".join(batch + token) + " |")
     return lines
 

@@ -92,6 +92,18 @@ def test_the_shipped_smollm2_study_is_4_rules_by_3_seeds_of_100_iterations_seed_
     assert configs["opefo_guard"]["eval_every"] == 25 and configs["opefo_guard"]["eval_tasks"][0]["pass_k"] == [1, 4]
 
 
+def test_the_tiny_four_rules_study_runs_the_smollm2_studys_rules_on_the_tiny_model():
+    """The toy side of docs/results.md's toy-vs-real table: the same four rules, the same overlays
+    and overrides, on the tiny default (sync, as the full toy study)."""
+    tiny, real = load_study("studies/tiny_four_rules"), load_study("studies/smollm2_entropy_rules")
+    assert list(tiny.runs) == list(real.runs) and tiny.iterations == 500 and tiny.seeds == [0]
+    for name, (cfgs, overrides) in tiny.runs.items():
+        real_cfgs, real_overrides = real.runs[name]
+        assert [Path(c).name for c in cfgs[1:]] == [Path(c).name for c in real_cfgs[1:]]  # the rule's overlays
+        assert Path(cfgs[0]).name == "tiny_cpu.yaml" and overrides.pop("pipeline") == "sync"
+        assert overrides == {k: v for k, v in real_overrides.items() if k in ("max_abs_lambda",)}
+
+
 def test_a_run_is_done_resumable_restarted_or_new_from_its_directory_only(tmp_path, capsys):
     run = tmp_path / "out" / "a" / "seed_0"
     assert run_state(run, 2).kind == "new"
