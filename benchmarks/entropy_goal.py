@@ -6,7 +6,7 @@
 A study still running (or stopped) is read as it stands: the "iterations" column gives each
 seed's logged iterations and the iteration of its last held-out evaluation, which the held-out
 goals compare; compare rules only where those agree (``--finished``: only the seeds the study
-marked done).
+marked done; ``--seeds 0 1``: only these seeds).
 
 For each run (mean over its seeds, from the run directories via the study report's own
 ``seed_summary``), against the reference (strict GRPO):
@@ -36,9 +36,10 @@ def _metric(summary: dict, suffix: str) -> float:
     return summary[sorted(keys)[-1]] if keys else float("nan")
 
 
-def run_means(run: Path, finished: bool = False) -> dict[str, float]:
+def run_means(run: Path, finished: bool = False, only: list[int] | None = None) -> dict[str, float]:
     # A seed counts once it has trained an iteration (a run just started has only its iteration-0 eval).
-    sums_by_seed = {d: seed_summary(d) for d in sorted(run.glob("seed_*")) if not finished or (d / DONE_FILE).exists()}
+    sums_by_seed = {d: seed_summary(d) for d in sorted(run.glob("seed_*"))
+                    if (not finished or (d / DONE_FILE).exists()) and (only is None or d.name in {f"seed_{n}" for n in only})}
     seeds = [d for d, s in sums_by_seed.items() if s["logged_iterations"] > 0]
     sums = [sums_by_seed[d] for d in seeds]
     abs_change = [float(np.mean(np.abs(_scalars(d)[REALIZED][1]))) for d in seeds if REALIZED in _scalars(d)]
@@ -56,9 +57,13 @@ def main() -> None:
     ap.add_argument("study_dir")
     ap.add_argument("--reference", default="grpo_strict")
     ap.add_argument("--finished", action="store_true", help="only the seeds the study marked done")
+    ap.add_argument("--seeds", type=int, nargs="+", help="only these seeds (default: all)")
     args = ap.parse_args()
-    runs = {d.name: run_means(d, args.finished) for d in sorted(Path(args.study_dir).iterdir()) if any(d.glob("seed_*"))}
+    runs = {d.name: run_means(d, args.finished, args.seeds) for d in sorted(Path(args.study_dir).iterdir()) if any(d.glob("seed_*"))}
     runs = {name: r for name, r in runs.items() if r["seeds"]}
+    if args.reference not in runs:
+        raise SystemExit(f"{args.study_dir}: the reference run {args.reference} has no trained seed"
+                         + (" among the seeds asked for" if args.seeds or args.finished else ""))
     ref = runs[args.reference]
     ok = lambda flag: "yes" if flag else "**no**"  # noqa: E731
     print(f"reference {args.reference}: greedy {ref['greedy']:.3f}, avg {ref['avg']:.3f}, pass {ref['pass']:.3f}, "

@@ -1,11 +1,11 @@
 """The tables of a finished (or partly finished) entropy-rules study, for docs/results.md.
 
-    python benchmarks/real_lm_study.py study_runs/smollm2_entropy_rules [--window 25] [--finished]
+    python benchmarks/real_lm_study.py study_runs/smollm2_entropy_rules [--window 25] [--finished] [--seeds 0 1]
 
 Read from the run directories only (RUN/tensorboard, RUN/eval/iter_*.problems.jsonl); a seed that
 has not trained an iteration is left out, one that stopped early counts with the iterations it
 logged (``--finished``: only the seeds the study marked done, so that every seed of every rule
-covers the same iterations). Prints
+covers the same iterations; ``--seeds``: only these seeds). Prints
 markdown: for each rule (a run name of the study), over its seeds,
 
 1. the diagnosis: the shares of steps without signal (P = N = 0) and one-sided; over the
@@ -37,9 +37,9 @@ from opefo_rllib.study_state import DONE_FILE
 REALIZED = "entropy_flow/realized_change"
 
 
-def _seeds(run: Path, finished: bool) -> list[Path]:
+def _seeds(run: Path, finished: bool, only: list[int] | None = None) -> list[Path]:
     return [d for d in sorted(run.glob("seed_*")) if any(d.rglob("events.out.tfevents.*"))
-            and (not finished or (d / DONE_FILE).exists())]
+            and (not finished or (d / DONE_FILE).exists()) and (only is None or d.name in {f"seed_{n}" for n in only})]
 
 
 def _values(series: dict, tag: str, finite: bool = True) -> tuple[np.ndarray, np.ndarray]:
@@ -198,11 +198,12 @@ def main() -> None:
     ap.add_argument("study_dir", type=Path)
     ap.add_argument("--window", type=int, default=25, help="iterations per window of the over-training tables")
     ap.add_argument("--finished", action="store_true", help="only the seeds the study marked done")
+    ap.add_argument("--seeds", type=int, nargs="+", help="only these seeds (default: all)")
     args = ap.parse_args()
     # A seed counts once it has trained an iteration (a run just started has only its iteration-0 eval).
     seed_dirs, runs = {}, {}
     for run in sorted(d for d in args.study_dir.iterdir() if d.is_dir()):
-        trained = [(d, s) for d, s in ((d, read_scalars(d)) for d in _seeds(run, args.finished))
+        trained = [(d, s) for d, s in ((d, read_scalars(d)) for d in _seeds(run, args.finished, args.seeds))
                    if "rollout/reward_mean" in s]
         if trained:
             seed_dirs[run.name], runs[run.name] = [d for d, _ in trained], [s for _, s in trained]

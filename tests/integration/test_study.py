@@ -314,7 +314,10 @@ def test_the_real_lm_study_tables_come_from_the_run_files(tmp_path, capsys):
     sys.argv = ["real_lm_study.py", str(out), "--window", "2", "--finished"]
     with pytest.raises(SystemExit, match="no run has trained yet"):
         module.main()  # no seed marked done
-    sys.argv = sys.argv[:-1]
+    sys.argv = ["real_lm_study.py", str(out), "--window", "2", "--seeds", "1"]
+    module.main()
+    assert next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| opefo | 1 | 4 |"))
+    sys.argv = ["real_lm_study.py", str(out), "--window", "2"]
     module.main()
     text = capsys.readouterr().out
     diag = next(line for line in text.splitlines() if line.startswith("| opefo | 2 |"))
@@ -357,6 +360,9 @@ def test_entropy_goal_reads_a_study_as_it_stands(tmp_path, capsys):
     assert as_it_stands[1:3] == ["2", "2@2/1@nan"]
     for seed in (out / "grpo_strict" / "seed_0", out / "opefo" / "seed_0"):
         (seed / DONE_FILE).write_text("{}")
+    sys.argv = ["entropy_goal.py", str(out), "--seeds", "1"]  # GRPO's seed 1 has not trained yet
+    with pytest.raises(SystemExit, match="the reference run grpo_strict has no trained seed among the seeds asked for"):
+        module.main()
     sys.argv = ["entropy_goal.py", str(out), "--finished"]
     module.main()
     text = capsys.readouterr().out
