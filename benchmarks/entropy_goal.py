@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from opefo_rllib.study_report import REALIZED, _scalars, seed_summary
-from opefo_rllib.study_state import DONE_FILE
+from opefo_rllib.study_state import seed_dirs
 
 
 def _metric(summary: dict, suffix: str) -> float:
@@ -38,11 +38,11 @@ def _metric(summary: dict, suffix: str) -> float:
 
 def run_means(run: Path, finished: bool = False, only: list[int] | None = None) -> dict[str, float]:
     # A seed counts once it has trained an iteration (a run just started has only its iteration-0 eval).
-    sums_by_seed = {d: seed_summary(d) for d in sorted(run.glob("seed_*"))
-                    if (not finished or (d / DONE_FILE).exists()) and (only is None or d.name in {f"seed_{n}" for n in only})}
+    sums_by_seed = {d: seed_summary(d) for d in seed_dirs(run, finished, only)}
     seeds = [d for d, s in sums_by_seed.items() if s["logged_iterations"] > 0]
     sums = [sums_by_seed[d] for d in seeds]
-    abs_change = [float(np.mean(np.abs(_scalars(d)[REALIZED][1]))) for d in seeds if REALIZED in _scalars(d)]
+    realized = [series[REALIZED][1] for series in map(_scalars, seeds) if REALIZED in series]
+    abs_change = [float(np.mean(np.abs(values))) for values in realized]
     mean = lambda xs: statistics.fmean(xs) if xs else float("nan")  # noqa: E731
     progress = "/".join(f"{s['logged_iterations']:.0f}@{s['eval_iteration']:.0f}" for s in sums)
     return {"seeds": len(seeds), "progress": progress, "entropy_start": mean([s["entropy_start"] for s in sums]),

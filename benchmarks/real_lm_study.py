@@ -32,14 +32,13 @@ import numpy as np
 from opefo_rllib.core.entropy_flow import ESTIMATORS
 from opefo_rllib.evaluation.compare import read_scalars
 from opefo_rllib.evaluation.metrics import bootstrap_ci, pass_at_k
-from opefo_rllib.study_state import DONE_FILE
+from opefo_rllib.study_state import seed_dirs
 
 REALIZED = "entropy_flow/realized_change"
 
 
 def _seeds(run: Path, finished: bool, only: list[int] | None = None) -> list[Path]:
-    return [d for d in sorted(run.glob("seed_*")) if any(d.rglob("events.out.tfevents.*"))
-            and (not finished or (d / DONE_FILE).exists()) and (only is None or d.name in {f"seed_{n}" for n in only})]
+    return [d for d in seed_dirs(run, finished, only) if any(d.rglob("events.out.tfevents.*"))]
 
 
 def _values(series: dict, tag: str, finite: bool = True) -> tuple[np.ndarray, np.ndarray]:
@@ -201,12 +200,12 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", help="only these seeds (default: all)")
     args = ap.parse_args()
     # A seed counts once it has trained an iteration (a run just started has only its iteration-0 eval).
-    seed_dirs, runs = {}, {}
+    trained_dirs, runs = {}, {}
     for run in sorted(d for d in args.study_dir.iterdir() if d.is_dir()):
         trained = [(d, s) for d, s in ((d, read_scalars(d)) for d in _seeds(run, args.finished, args.seeds))
                    if "rollout/reward_mean" in s]
         if trained:
-            seed_dirs[run.name], runs[run.name] = [d for d, _ in trained], [s for _, s in trained]
+            trained_dirs[run.name], runs[run.name] = [d for d, _ in trained], [s for _, s in trained]
     if not runs:
         raise SystemExit(f"{args.study_dir}: no run has trained yet")
     out = diagnosis(runs) + [""]
@@ -216,7 +215,7 @@ def main() -> None:
     out += over_training(runs, args.window, [("policy/entropy", "entropy", 3), ("rollout/reward_mean", "reward", 3),
                                              ("rollout/response_length_mean", "answer tokens", 1)],
                          "Entropy, reward and answer length over training") + [""]
-    out += heldout(seed_dirs)
+    out += heldout(trained_dirs)
     print("\n".join(out))
 
 

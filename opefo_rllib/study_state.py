@@ -6,18 +6,21 @@
     restart     the directory holds an attempt without a checkpoint
     new         no directory yet
 
-Below both ``study`` (which acts on the state) and ``study_report`` (which counts the done runs).
+``seed_dirs`` lists a run's seed directories, optionally only the done ones or only some seeds
+(the study tables of benchmarks/ read a study part-way). Below both ``study`` (which acts on the
+state) and ``study_report`` (which counts the done runs).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 from opefo_rllib.checkpoints import latest_checkpoint
 
-__all__ = ["DONE_FILE", "RunState", "run_state"]
+__all__ = ["DONE_FILE", "RunState", "run_state", "seed_dirs"]
 
 DONE_FILE = "study_done.json"  # written by the study when a run's `opefo train` exits 0
 
@@ -33,6 +36,14 @@ class RunState:
 
 def _checkpoint_iteration(ckpt: Path) -> int:
     return int(ckpt.name.rsplit("_", 1)[-1])
+
+
+def seed_dirs(run: Path, finished: bool = False, seeds: Iterable[int] | None = None) -> list[Path]:
+    """A study run's RUN/seed_N directories, sorted; ``finished``: only those the study marked done
+    (DONE_FILE); ``seeds``: only these seeds."""
+    names = None if seeds is None else {f"seed_{n}" for n in seeds}
+    return [d for d in sorted(run.glob("seed_*"))
+            if (not finished or (d / DONE_FILE).exists()) and (names is None or d.name in names)]
 
 
 def run_state(run_dir: Path, iterations: int) -> RunState:

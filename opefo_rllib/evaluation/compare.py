@@ -9,6 +9,7 @@ training reward, policy entropy, lambda and the eval accuracies (``eval/NAME/gre
 from __future__ import annotations
 
 import math
+from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
@@ -129,10 +130,10 @@ def _names(dirs: Sequence[str]) -> list[str]:
     """Short labels: the run directory's name; PARENT/NAME where runs share a name (a study's
     RULE/seed_0 runs); numbered where even that is shared (one run given twice)."""
     run_dirs = [_run_dir(Path(d).expanduser().resolve()) for d in dirs]
-    shared = {r.name for r in run_dirs if sum(o.name == r.name for o in run_dirs) > 1}
+    uses = Counter(r.name for r in run_dirs)
     names = []
     for r in run_dirs:
-        label = f"{r.parent.name}/{r.name}" if r.name in shared else r.name
+        label = f"{r.parent.name}/{r.name}" if uses[r.name] > 1 else r.name
         names.append(label if label not in names else f"{label} ({len(names)})")
     return names
 
