@@ -21,8 +21,16 @@ def raise_error(message):
     raise RuntimeError(message)
 
 
-def pid():
-    return os.getpid()
+def meet(folder, workers, timeout_s):
+    """Check in (a file named by this worker's pid in ``folder``), then wait until ``workers``
+    distinct workers have checked in: (pid, True) only when they ran at the same time."""
+    open(os.path.join(folder, str(os.getpid())), "w").close()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if len(os.listdir(folder)) >= workers:
+            return os.getpid(), True
+        time.sleep(0.01)
+    return os.getpid(), False
 
 
 def failure(kind, message):
