@@ -26,7 +26,8 @@ def _ray_running() -> bool:
 
 @pytest.mark.slow
 def test_train_runs_two_iterations_returns_its_checkpoint_and_resumes_from_it(tmp_path, capsys):
-    result = train(TINY, overrides=SMALL, logdir=tmp_path / "run")
+    # The README's call (a shipped config by name), which test_readme leaves to this test.
+    result = train("tiny_cpu", overrides=SMALL, logdir=tmp_path / "run")
     assert isinstance(result, TrainResult)
     assert result.run_dir == (tmp_path / "run").resolve() and result.iterations == 2
     assert result.checkpoint == result.run_dir / "checkpoints" / "iter_000002" and result.checkpoint.is_dir()
