@@ -17,7 +17,10 @@ markdown: for each rule (a run name of the study), over its seeds,
    mean over steps of the per-token correlation (``entropy_flow/token_corr/EST``);
 3. entropy, reward and response length per window;
 4. held-out greedy, avg@k and pass@k at each evaluation, with 95% bootstrap intervals: each
-   problem's value averaged over the seeds, problems resampled (``bootstrap_ci``).
+   problem's value averaged over the seeds, problems resampled (``bootstrap_ci``);
+5. each rule against the reference (``--reference``, strict GRPO by default) at the last
+   evaluation both reached with every seed: the per-problem difference of the seed means, with its
+   interval, and each seed's avg@k.
 """
 
 from __future__ import annotations
@@ -163,32 +166,80 @@ def _problems(path: Path) -> dict[str, dict]:
     return {row["id"]: row for row in map(json.loads, path.read_text().splitlines()) if row.get("id")}
 
 
+METRICS = ("greedy", "avg", "pass")
+
+
+def _evals(seeds_of_rule: list[Path]) -> dict[int, dict[str, dict[str, dict]]]:
+    """Each evaluated iteration: {seed directory name: {problem id: row}} of the seeds that reached it."""
+    by_iter: dict[int, dict[str, dict[str, dict]]] = {}
+    for seed in seeds_of_rule:
+        for f in sorted((seed / "eval").glob("iter_*.problems.jsonl")):
+            by_iter.setdefault(int(f.name.split("_")[1].split(".")[0]), {})[seed.name] = _problems(f)
+    return by_iter
+
+
+def _per_problem(seeds: list[dict[str, dict]], ids: list[str], metric: str) -> np.ndarray:
+    """A metric (greedy, avg@k or pass@k with k = the samples) of each problem, averaged over the seeds."""
+    out = []
+    for pid in ids:
+        vals = []
+        for s in seeds:
+            row = s[pid]
+            correct = np.asarray(row["rewards"], dtype=float) >= 1.0
+            k = len(correct)
+            vals.append(float(row.get("greedy_reward", math.nan)) >= 1.0 if metric == "greedy"
+                        else correct.mean() if metric == "avg" else float(pass_at_k(k, int(correct.sum()), k)))
+        out.append(float(np.mean(vals)))
+    return np.asarray(out)
+
+
+def _ci(x: np.ndarray) -> str:
+    lo, hi = bootstrap_ci(x)
+    f2 = lambda v: f"{v + 0.0:.2f}" if abs(v) >= 0.005 else "0.00"  # noqa: E731 (no "-0.00")
+    return f"{np.mean(x) + 0.0:.3f} [{f2(lo)}, {f2(hi)}]"
+
+
 def heldout(seed_dirs: dict[str, list[Path]]) -> list[str]:
     lines = ["### Held-out accuracy with 95% bootstrap intervals", "",
              "Each problem's value averaged over the seeds that reached the iteration, the problems resampled "
              "(2,000 resamples).", "", "| rule | iteration | seeds | greedy | avg@k | pass@k |", "|---|---|---|---|---|---|"]
     for name, seeds_of_rule in seed_dirs.items():
-        by_iter: dict[int, list[dict[str, dict]]] = {}
-        for seed in seeds_of_rule:
-            for f in sorted((seed / "eval").glob("iter_*.problems.jsonl")):
-                by_iter.setdefault(int(f.name.split("_")[1].split(".")[0]), []).append(_problems(f))
-        for iteration, seeds in sorted(by_iter.items()):
+        for iteration, by_seed in sorted(_evals(seeds_of_rule).items()):
+            seeds = list(by_seed.values())
             ids = sorted(set.intersection(*(set(s) for s in seeds)))
-            k = len(seeds[0][ids[0]]["rewards"]) if ids else 0
-            cols = []
-            for metric in ("greedy", "avg", "pass"):
-                per_problem = []
-                for pid in ids:
-                    vals = []
-                    for s in seeds:
-                        row = s[pid]
-                        correct = np.asarray(row["rewards"], dtype=float) >= 1.0
-                        vals.append(float(row.get("greedy_reward", math.nan)) >= 1.0 if metric == "greedy"
-                                    else correct.mean() if metric == "avg" else float(pass_at_k(k, int(correct.sum()), k)))
-                    per_problem.append(float(np.mean(vals)))
-                lo, hi = bootstrap_ci(np.asarray(per_problem))
-                cols.append(f"{np.mean(per_problem):.3f} [{lo:.2f}, {hi:.2f}]")
+            cols = [_ci(_per_problem(seeds, ids, metric)) for metric in METRICS]
             lines.append(f"| {name} | {iteration} | {len(seeds)} | " + " | ".join(cols) + " |")
+    return lines
+
+
+def against(seed_dirs: dict[str, list[Path]], reference: str) -> list[str]:
+    """Each rule minus the reference, like for like: the seeds both have, at the last evaluation all
+    of them reached. Per problem, the rule's seed mean minus the reference's (paired by problem),
+    problems resampled; then each seed's avg@k (rule, reference), the seed-to-seed spread that
+    the problem intervals leave out."""
+    ref = _evals(seed_dirs[reference])
+    lines = [f"### Held-out against {reference}, like for like", "",
+             f"The seeds both rules have, at the last evaluation all of them reached. Per problem: the rule's "
+             f"value averaged over those seeds minus {reference}'s, the problems resampled (2,000 resamples); "
+             "then avg@k of each seed, the rule's and the reference's.", "",
+             "| rule | iteration | seeds | greedy − ref | avg@k − ref | pass@k − ref | avg@k per seed: rule; ref |",
+             "|---|---|---|---|---|---|---|"]
+    for name, seeds_of_rule in seed_dirs.items():
+        if name == reference:
+            continue
+        mine = _evals(seeds_of_rule)
+        common = [(i, sorted(set(mine[i]) & set(ref[i]))) for i in sorted(set(mine) & set(ref))]
+        names = sorted({d.name for d in seeds_of_rule} & {d.name for d in seed_dirs[reference]})
+        reached = [i for i, both in common if names and both == names]
+        if not reached:
+            continue
+        i = reached[-1]
+        rule_seeds, ref_seeds = [mine[i][n] for n in names], [ref[i][n] for n in names]
+        ids = sorted(set.intersection(*(set(s) for s in rule_seeds + ref_seeds)))
+        cols = [_ci(_per_problem(rule_seeds, ids, m) - _per_problem(ref_seeds, ids, m)) for m in METRICS]
+        spread = "; ".join(", ".join(f"{_per_problem([s], ids, 'avg').mean():.3f}" for s in seeds)
+                           for seeds in (rule_seeds, ref_seeds))
+        lines.append(f"| {name} | {i} | {len(names)} | " + " | ".join(cols) + f" | {spread} |")
     return lines
 
 
@@ -198,6 +249,8 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=25, help="iterations per window of the over-training tables")
     ap.add_argument("--finished", action="store_true", help="only the seeds the study marked done")
     ap.add_argument("--seeds", type=int, nargs="+", help="only these seeds (default: all)")
+    ap.add_argument("--reference", default="grpo_strict",
+                    help="the rule the held-out differences are taken against (default grpo_strict)")
     args = ap.parse_args()
     # A seed counts once it has trained an iteration (a run just started has only its iteration-0 eval).
     trained_dirs, runs = {}, {}
@@ -216,6 +269,8 @@ def main() -> None:
                                              ("rollout/response_length_mean", "answer tokens", 1)],
                          "Entropy, reward and answer length over training") + [""]
     out += heldout(trained_dirs)
+    if args.reference in trained_dirs:
+        out += [""] + against(trained_dirs, args.reference)
     print("\n".join(out))
 
 

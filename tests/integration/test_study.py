@@ -311,6 +311,13 @@ def test_the_real_lm_study_tables_come_from_the_run_files(tmp_path, capsys):
         (run / "eval" / "iter_000004.problems.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     # A seed just started: its iteration-0 eval only. It is no seed of the training tables yet.
     _fake_run(out / "opefo" / "seed_2", {}, eval_tags={0: {"eval/t/greedy_acc": 0.0}})
+    # The reference rule, seed 0 only: the differences pair opefo's seed 0 with it.
+    ref = out / "grpo_strict" / "seed_0"
+    _fake_run(ref, {"entropy_flow/P": [1.0] * 4, "entropy_flow/N": [2.0] * 4, "rollout/reward_mean": [0.5] * 4})
+    (ref / "eval").mkdir()
+    (ref / "eval" / "iter_000004.problems.jsonl").write_text(
+        json.dumps({"id": "p1", "rewards": [1.0, 1.0], "greedy_reward": 1.0}) + "\n"
+        + json.dumps({"id": "p2", "rewards": [1.0, 0.0], "greedy_reward": 1.0}) + "\n")
     sys.argv = ["real_lm_study.py", str(out), "--window", "2", "--finished"]
     with pytest.raises(SystemExit, match="no run has trained yet"):
         module.main()  # no seed marked done
@@ -330,6 +337,12 @@ def test_the_real_lm_study_tables_come_from_the_run_files(tmp_path, capsys):
     held = next(line for line in text.split("### Held-out")[1].splitlines() if line.startswith("| opefo | 4 |"))
     # greedy: p1 1.0, p2 (0 + 1) / 2; avg@2: p1 0.5, p2 0; pass@2: p1 1, p2 0
     assert held.startswith("| opefo | 4 | 2 | 0.750 [") and "| 0.250 [" in held and "| 0.500 [0.00, 1.00] |" in held
+    # Against the reference, seed 0 with seed 0: greedy (1 - 1, 0 - 1), avg@2 (0.5 - 1, 0 - 0.5),
+    # pass@2 (1 - 1, 0 - 1) per problem; then avg@2 of each seed, opefo's and the reference's.
+    vs = next(line for line in text.split("### Held-out against grpo_strict")[1].splitlines()
+              if line.startswith("| opefo |"))
+    assert vs.startswith("| opefo | 4 | 1 | -0.500 [") and vs.count("| -0.500 [") == 3, vs
+    assert vs.endswith("| 0.250; 0.750 |"), vs
 
 
 def test_entropy_goal_reads_a_study_as_it_stands(tmp_path, capsys):
