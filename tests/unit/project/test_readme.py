@@ -8,6 +8,7 @@ needs a GPU, a cluster, a network): put the line `<!-- not-run: REASON -->` righ
 ```python fence. The reason is required, and the block must still parse.
 """
 
+import os
 import re
 import subprocess
 import sys
@@ -51,7 +52,11 @@ def test_python_block_runs(page, code, reason, tmp_path):
         return
     script = tmp_path / "block.py"
     script.write_text(code)
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
+    # A block's bare ray.init() starts a Ray of its own even beside a `ray start` cluster of another
+    # test (test_two_nodes, under pytest -n 2), which it would otherwise join and fail on num_cpus.
+    env = {**os.environ, "RAY_ADDRESS": "local"}
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, cwd=REPO_ROOT,
+                          env=env)
     assert proc.returncode == 0, f"{_rel(page)} block failed:\n{code}\n{proc.stderr[-3000:]}"
 
 
@@ -62,9 +67,9 @@ def _outside_code(text):
 
 
 def _anchor(heading):
-    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces to hyphens."""
-    text = re.sub(r"[`*_]", "", heading.strip().lower())
-    text = "".join(c for c in text if c in " -" or unicodedata.category(c)[0] in "LN")
+    """GitHub's anchor of a heading: lower case, punctuation but "_" dropped, spaces to hyphens."""
+    text = re.sub(r"[`*]", "", heading.strip().lower())
+    text = "".join(c for c in text if c in " -_" or unicodedata.category(c)[0] in "LN")
     return text.replace(" ", "-")
 
 
@@ -77,6 +82,7 @@ def test_anchor_rule():
     assert _anchor("Streaming (strict on-policy): how it works") == "streaming-strict-on-policy-how-it-works"
     assert _anchor("The study in full: 11 rules × 3 seeds") == "the-study-in-full-11-rules--3-seeds"
     assert _anchor("`opefo config`, and errors") == "opefo-config-and-errors"
+    assert _anchor("Held-out against grpo_strict, like for like") == "held-out-against-grpo_strict-like-for-like"
 
 
 @pytest.mark.parametrize("page", PAGES, ids=_rel)
