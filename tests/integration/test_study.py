@@ -238,8 +238,11 @@ def test_a_study_stopped_mid_run_resumes_where_it_stopped(tmp_path, capsys):
                              "  opefo_guard: {}\nseeds: [0]\niterations: 3\norder: seed\n"
                              "set: {checkpoint_every: 1, keep_checkpoints: 1, max_failures: 0}\n")
     first = out / "grpo_strict" / "seed_0"
+    # Ctrl-C as a terminal gives it: SIGINT at its default, even where pytest's process ignores it
+    # (pytest-xdist's workers do, and a child inherits an ignored signal: Python would not raise).
     proc = subprocess.Popen([sys.executable, "-m", "opefo_rllib.cli", "study", str(study), "--out", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 300
         while not (first / "checkpoints" / "latest").is_file() and proc.poll() is None and time.time() < deadline:
