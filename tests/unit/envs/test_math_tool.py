@@ -122,7 +122,7 @@ def test_hostile_programs_are_contained_and_the_episode_goes_on(env, tmp_path, m
             start = time.monotonic()
             obs, reward, terminated, truncated, info = env.step(_code(code))  # never raises
             took = time.monotonic() - start
-            assert took < LIMITS["timeout_s"] + 3, (name, took)
+            assert took < LIMITS["timeout_s"] + 10, (name, took)  # slack for a loaded machine (the loop would never end)
             assert len(obs) <= OBS_MAX and obs.startswith("```output\n"), (name, len(obs), obs[:200])
             assert check(obs, info), (name, obs, info)
             assert (reward, terminated, truncated) == (0.0, False, False) and info["tool_call"], name

@@ -125,7 +125,9 @@ def test_limits_stop_hostile_programs_and_nothing_is_left(backend):
         start = time.monotonic()
         result = run_python(code, FAST)
         took = time.monotonic() - start
-        assert took < FAST.timeout_s + 3, (name, took)
+        # The 60 s sleep and the endless loop end at the limit; the slack is for starting the sandbox
+        # on a loaded machine (2 test workers on 2 cores), far below the 60 s the limit cuts short.
+        assert took < FAST.timeout_s + 10, (name, took)
         assert expected(result), (name, result)
         assert len(result.stdout) + len(result.stderr) <= FAST.max_output_chars + 100, (name, result)
     assert leftovers(before) == set()
