@@ -228,10 +228,9 @@ def against(seed_dirs: dict[str, list[Path]], reference: str) -> list[str]:
         if name == reference:
             continue
         mine = _evals(seeds_of_rule)
-        common = [(i, sorted(set(mine[i]) & set(ref[i]))) for i in sorted(set(mine) & set(ref))]
         names = sorted({d.name for d in seeds_of_rule} & {d.name for d in seed_dirs[reference]})
-        reached = [i for i, both in common if names and both == names]
-        if not reached:
+        reached = [i for i in sorted(set(mine) & set(ref)) if set(names) <= set(mine[i]) & set(ref[i])]
+        if not names or not reached:
             continue
         i = reached[-1]
         rule_seeds, ref_seeds = [mine[i][n] for n in names], [ref[i][n] for n in names]
