@@ -20,7 +20,10 @@ markdown: for each rule (a run name of the study), over its seeds,
    problem's value averaged over the seeds, problems resampled (``bootstrap_ci``);
 5. each rule against the reference (``--reference``, strict GRPO by default) at the last
    evaluation both reached with every seed: the per-problem difference of the seed means, with its
-   interval, and each seed's avg@k.
+   interval, and each seed's avg@k;
+6. seed by seed, for the rules with more than one: N > P, lambda*, the realized change, the
+   per-token correlation (exact), entropy and reward over the last window, held-out at the seed's
+   last evaluation.
 """
 
 from __future__ import annotations
@@ -90,6 +93,27 @@ def window_mean(series: dict, tag: str, lo: int, hi: int) -> float:
     return float(sel.mean()) if sel.size else math.nan
 
 
+def _diagnose(s: dict) -> dict[str, float]:
+    """One seed's flows: the shares of steps without signal and one-sided; over the two-sided steps
+    the share with N > P, the lambda* percentiles, mean and share above the 0.3 cap; the mean lambda used."""
+    n, p = _paired(s, "entropy_flow/N", "entropy_flow/P")
+    steps, _ = _values(s, "entropy_flow/N")
+    star_steps, star_values = _values(s, "entropy_flow/lambda_star", finite=False)
+    star = dict(zip(star_steps.tolist(), star_values.tolist()))
+    two_sided = (n > 0) & (p > 0)
+    values = np.array([star.get(t, math.nan) for t in steps[two_sided].tolist()], dtype=float)
+    values = values[np.isfinite(values)]
+    q = np.percentile(values, [10, 50, 90]) if values.size else [math.nan] * 3
+    lam = _values(s, "entropy_flow/lambda")[1]
+    return {"none": float(np.mean((n == 0) & (p == 0))) if n.size else math.nan,
+            "one": float(np.mean((n == 0) != (p == 0))) if n.size else math.nan,
+            "share": float(np.mean(n[two_sided] > p[two_sided])) if two_sided.any() else math.nan,
+            **{key: float(v) for key, v in zip(("p10", "p50", "p90"), q)},
+            "mean": float(values.mean()) if values.size else math.nan,
+            "capped": float(np.mean(np.abs(values) > 0.3)) if values.size else math.nan,
+            "lam": float(np.mean(lam)) if lam.size else math.nan}
+
+
 def diagnosis(runs: dict[str, list[dict]]) -> list[str]:
     """Steps without signal (P = N = 0: every group all right or all wrong), one-sided steps (one
     of P, N is 0: lambda* NaN), and over the two-sided steps the share with N > P and the lambda*
@@ -100,31 +124,13 @@ def diagnosis(runs: dict[str, list[dict]]) -> list[str]:
              "| rule | seeds | iterations | no signal | one-sided | N > P | λ\\* p10 / p50 / p90 | mean λ\\* | \\|λ\\*\\| > 0.3 | mean λ used |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for name, seeds in runs.items():
-        cols: dict[str, list[float]] = {k: [] for k in ("none", "one", "share", "p10", "p50", "p90", "mean", "capped", "lam")}
-        iters = []
-        for s in seeds:
-            n, p = _paired(s, "entropy_flow/N", "entropy_flow/P")
-            steps, _ = _values(s, "entropy_flow/N")
-            star_steps, star_values = _values(s, "entropy_flow/lambda_star", finite=False)
-            star = dict(zip(star_steps.tolist(), star_values.tolist()))
-            two_sided = (n > 0) & (p > 0)
-            cols["none"].append(float(np.mean((n == 0) & (p == 0))) if n.size else math.nan)
-            cols["one"].append(float(np.mean((n == 0) != (p == 0))) if n.size else math.nan)
-            cols["share"].append(float(np.mean(n[two_sided] > p[two_sided])) if two_sided.any() else math.nan)
-            values = np.array([star.get(t, math.nan) for t in steps[two_sided].tolist()], dtype=float)
-            values = values[np.isfinite(values)]
-            q = np.percentile(values, [10, 50, 90]) if values.size else [math.nan] * 3
-            for key, v in zip(("p10", "p50", "p90"), q):
-                cols[key].append(float(v))
-            cols["mean"].append(float(values.mean()) if values.size else math.nan)
-            cols["capped"].append(float(np.mean(np.abs(values) > 0.3)) if values.size else math.nan)
-            lam = _values(s, "entropy_flow/lambda")[1]
-            cols["lam"].append(float(np.mean(lam)) if lam.size else math.nan)
-            iters.append(len(_values(s, "rollout/reward_mean")[0]))
-        lines.append(f"| {name} | {len(seeds)} | {'/'.join(map(str, iters))} | {_mean_sd(cols['none'], pct=True)} "
-                     f"| {_mean_sd(cols['one'], pct=True)} | {_mean_sd(cols['share'], pct=True)} "
-                     f"| {_mean_sd(cols['p10'])} / {_mean_sd(cols['p50'])} / {_mean_sd(cols['p90'])} "
-                     f"| {_mean_sd(cols['mean'])} | {_mean_sd(cols['capped'], pct=True)} | {_mean_sd(cols['lam'])} |")
+        per_seed = [_diagnose(s) for s in seeds]
+        col = lambda key: [d[key] for d in per_seed]  # noqa: E731
+        iters = [len(_values(s, "rollout/reward_mean")[0]) for s in seeds]
+        lines.append(f"| {name} | {len(seeds)} | {'/'.join(map(str, iters))} | {_mean_sd(col('none'), pct=True)} "
+                     f"| {_mean_sd(col('one'), pct=True)} | {_mean_sd(col('share'), pct=True)} "
+                     f"| {_mean_sd(col('p10'))} / {_mean_sd(col('p50'))} / {_mean_sd(col('p90'))} "
+                     f"| {_mean_sd(col('mean'))} | {_mean_sd(col('capped'), pct=True)} | {_mean_sd(col('lam'))} |")
     return lines
 
 
@@ -242,6 +248,41 @@ def against(seed_dirs: dict[str, list[Path]], reference: str) -> list[str]:
     return lines
 
 
+def seed_by_seed(runs: dict[str, list[dict]], seed_dirs: dict[str, list[Path]], width: int) -> list[str]:
+    """One row a seed (the rules with more than one): the spread that the tables' means over seeds
+    summarize. Held-out values at the seed's last evaluation."""
+    lines = ["### Seed by seed", "",
+             f"The rules with more than one seed. Entropy and reward: means over the last {width} iterations; "
+             "held-out: the seed's last evaluation.", "",
+             "| rule | seed | N > P | λ\\* median | \\|λ\\*\\| > 0.3 | realized ΔH / step | per-token corr (exact) "
+             f"| entropy, last {width} | reward, last {width} | held-out iteration | greedy | avg@k | pass@k |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, seeds in runs.items():
+        if len(seeds) < 2:
+            continue
+        for series, seed_dir in zip(seeds, seed_dirs[name]):
+            d = _diagnose(series)
+            last = int(_values(series, "rollout/reward_mean")[0].max(initial=0))
+            lo = max(1, last - width + 1)
+            token = _values(series, "entropy_flow/token_corr/exact")[1]
+            cells = [f"{100 * d['share']:.0f}%" if math.isfinite(d["share"]) else "—", _fmt(d["p50"]),
+                     f"{100 * d['capped']:.0f}%" if math.isfinite(d["capped"]) else "—",
+                     _fmt(float(np.mean(_values(series, REALIZED)[1])) if REALIZED in series else math.nan),
+                     _fmt(float(np.mean(token)) if token.size else math.nan, 2, fixed=True),
+                     _fmt(window_mean(series, "policy/entropy", lo, last)),
+                     _fmt(window_mean(series, "rollout/reward_mean", lo, last))]
+            evals = _evals([seed_dir])
+            if evals:
+                iteration = max(evals)
+                rows = evals[iteration][seed_dir.name]
+                ids = sorted(rows)
+                cells += [str(iteration)] + [f"{_per_problem([rows], ids, m).mean():.3f}" for m in METRICS]
+            else:
+                cells += ["—"] * 4
+            lines.append(f"| {name} | {seed_dir.name.removeprefix('seed_')} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("study_dir", type=Path)
@@ -270,6 +311,7 @@ def main() -> None:
     out += heldout(trained_dirs)
     if args.reference in trained_dirs:
         out += [""] + against(trained_dirs, args.reference)
+    out += [""] + seed_by_seed(runs, trained_dirs, args.window)
     print("\n".join(out))
 
 

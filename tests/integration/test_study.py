@@ -346,6 +346,13 @@ def test_the_real_lm_study_tables_come_from_the_run_files(tmp_path, capsys):
               if line.startswith("| opefo |"))
     assert vs.startswith("| opefo | 4 | 1 | -0.500 [") and vs.count("| -0.500 [") == 3, vs
     assert vs.endswith("| 0.250; 0.750 |"), vs
+    # Seed by seed (opefo only: grpo_strict has one seed): N > P, λ* median, |λ*| > 0.3, realized
+    # change (3 × the mean of ``predicted``), per-token corr, entropy and reward over the last 2,
+    # held-out at iteration 4 (greedy, avg@2, pass@2).
+    seeds = text.split("### Seed by seed")[1]
+    assert "| grpo_strict |" not in seeds
+    assert "| opefo | 0 | 100% | 0.200 | 33% | -0.015 | 0.20 | 1.000 | 0.500 | 4 | 0.500 | 0.250 | 0.500 |" in seeds
+    assert "| opefo | 1 | 33% | 0.200 | 33% | -0.015 | 0.40 | 1.000 | 0.500 | 4 | 1.000 | 0.250 | 0.500 |" in seeds
 
 
 def test_entropy_goal_reads_a_study_as_it_stands(tmp_path, capsys):
