@@ -87,6 +87,12 @@ def windows(last: int, width: int) -> list[tuple[int, int]]:
     return [(lo, min(lo + width - 1, last)) for lo in range(1, last + 1, width)]
 
 
+def _tag_mean(series: dict, tag: str) -> float:
+    """The mean of a tag's finite values over the run, NaN if it logged none."""
+    values = _values(series, tag)[1]
+    return float(values.mean()) if values.size else math.nan
+
+
 def window_mean(series: dict, tag: str, lo: int, hi: int) -> float:
     steps, values = _values(series, tag)
     sel = values[(steps >= lo) & (steps <= hi)]
@@ -104,14 +110,13 @@ def _diagnose(s: dict) -> dict[str, float]:
     values = np.array([star.get(t, math.nan) for t in steps[two_sided].tolist()], dtype=float)
     values = values[np.isfinite(values)]
     q = np.percentile(values, [10, 50, 90]) if values.size else [math.nan] * 3
-    lam = _values(s, "entropy_flow/lambda")[1]
     return {"none": float(np.mean((n == 0) & (p == 0))) if n.size else math.nan,
             "one": float(np.mean((n == 0) != (p == 0))) if n.size else math.nan,
             "share": float(np.mean(n[two_sided] > p[two_sided])) if two_sided.any() else math.nan,
             **{key: float(v) for key, v in zip(("p10", "p50", "p90"), q)},
             "mean": float(values.mean()) if values.size else math.nan,
             "capped": float(np.mean(np.abs(values) > 0.3)) if values.size else math.nan,
-            "lam": float(np.mean(lam)) if lam.size else math.nan}
+            "lam": _tag_mean(s, "entropy_flow/lambda")}
 
 
 def diagnosis(runs: dict[str, list[dict]]) -> list[str]:
@@ -159,11 +164,11 @@ def prediction(runs: dict[str, list[dict]]) -> list[str]:
              "response tokens of δ_t and the realized change of H_t. Mean ± sd over seeds.", "",
              "| rule | realized ΔH / step | " + " | ".join(heads) + " |", "|---|---|" + "---|" * len(heads)]
     for name, seeds in runs.items():
-        realized = [float(np.mean(_values(s, REALIZED)[1])) if REALIZED in s else math.nan for s in seeds]
+        realized = [_tag_mean(s, REALIZED) for s in seeds]
         batch = [_mean_sd([_corr(*_paired(s, f"predicted_entropy_change/{e}", REALIZED)) for s in seeds], 2, fixed=True)
                  for e in ESTIMATORS]
-        token = [_mean_sd([float(np.mean(v)) if (v := _values(s, f"entropy_flow/token_corr/{e}")[1]).size else math.nan
-                           for s in seeds], 2, fixed=True) for e in ESTIMATORS]
+        token = [_mean_sd([_tag_mean(s, f"entropy_flow/token_corr/{e}") for s in seeds], 2, fixed=True)
+                 for e in ESTIMATORS]
         lines.append(f"| {name} | {_mean_sd(realized)} | " + " | ".join(batch + token) + " |")
     return lines
 
@@ -264,11 +269,8 @@ def seed_by_seed(runs: dict[str, list[dict]], seed_dirs: dict[str, list[Path]], 
             d = _diagnose(series)
             last = int(_values(series, "rollout/reward_mean")[0].max(initial=0))
             lo = max(1, last - width + 1)
-            token = _values(series, "entropy_flow/token_corr/exact")[1]
-            cells = [f"{100 * d['share']:.0f}%" if math.isfinite(d["share"]) else "—", _fmt(d["p50"]),
-                     f"{100 * d['capped']:.0f}%" if math.isfinite(d["capped"]) else "—",
-                     _fmt(float(np.mean(_values(series, REALIZED)[1])) if REALIZED in series else math.nan),
-                     _fmt(float(np.mean(token)) if token.size else math.nan, 2, fixed=True),
+            cells = [_mean_sd([d["share"]], pct=True), _fmt(d["p50"]), _mean_sd([d["capped"]], pct=True),
+                     _fmt(_tag_mean(series, REALIZED)), _fmt(_tag_mean(series, "entropy_flow/token_corr/exact"), 2, fixed=True),
                      _fmt(window_mean(series, "policy/entropy", lo, last)),
                      _fmt(window_mean(series, "rollout/reward_mean", lo, last))]
             evals = _evals([seed_dir])
