@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,11 @@ def test_a_resumed_writer_purges_the_restarted_steps_and_keeps_the_layout(tmp_pa
     for step in (1, 2, 3):
         first.scalars({"rollout/reward_mean": float(step)}, step)
     first.close()
+    # A resume is a later process: its file must sort after the first. Two writers of one process in
+    # one second are named by a per-process counter, which sorts as text (…9 after …10): flaky.
+    start = int(time.time())
+    while int(time.time()) == start:
+        time.sleep(0.05)
     resumed = TensorBoardLogger(str(tmp_path), purge_step=3)
     resumed.scalars({"rollout/reward_mean": 30.0}, 3)
     resumed.close()
